@@ -1,0 +1,1 @@
+"""JAX/Flax research framework for language-model pretraining."""

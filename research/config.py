@@ -1,0 +1,183 @@
+"""Config loading, command-line overrides, validation and the workdir record of a run.
+
+Configs are Python files with `get_config(variant)` returning a locked ConfigDict. On the command
+line they arrive through absl flags + ml_collections `config_flags`:
+  --config configs/decoder.py:tiny --config.optim.lr=1e-3
+"""
+
+import difflib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG_FLAG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file and variant, e.g. configs/decoder.py:tiny.', lock_config=True)
+
+
+class ConfigError(ValueError):
+  """A config problem, described in one sentence that says what to change."""
+
+
+def _flat_keys(config, prefix=''):
+  keys = []
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(_flat_keys(value, path + '.'))
+    else:
+      keys.append(path)
+  return keys
+
+
+def _closest_keys(bad_key, valid_keys):
+  matches = difflib.get_close_matches(bad_key, valid_keys, n=3, cutoff=0.5)
+  if not matches:  # Fall back to keys under the same parent section.
+    parent = bad_key.rsplit('.', 1)[0] + '.'
+    matches = [k for k in valid_keys if k.startswith(parent)][:6]
+  return matches
+
+
+def load_config_file(spec):
+  """Loads `path.py:variant` without absl, for programmatic use and tests."""
+  path, _, arg = spec.partition(':')
+  if not os.path.exists(path):
+    raise ConfigError(f'Config file {path!r} does not exist; pass --config configs/<family>.py:VARIANT.')
+  module_spec = importlib.util.spec_from_file_location('_research_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_flags(argv):
+  """Parses absl flags; a bad `--config.*` override becomes one ConfigError sentence."""
+  try:
+    flags.FLAGS(argv)
+    return _CONFIG_FLAG.value
+  except Exception as error:  # absl wraps the config's KeyError in several layers.
+    overrides = [a[len('--config.'):].split('=', 1) for a in argv if a.startswith('--config.')]
+    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    if spec is None and '--config' in argv:
+      spec = argv[argv.index('--config') + 1]
+    if spec is None:
+      raise ConfigError('No config given; pass --config configs/<family>.py:VARIANT.') from None
+    base = load_config_file(spec)
+    valid = _flat_keys(base)
+    for override in overrides:
+      key = override[0]
+      if key not in valid:
+        close = ', '.join(_closest_keys(key, valid)) or 'none'
+        raise ConfigError(f'Unknown config key {key!r}; closest valid keys: {close}.') from None
+    message = str(error).split('\n')[0].strip('"\' ')
+    raise ConfigError(f'Could not apply the command-line config: {message}.') from None
+
+
+def _resolve_mesh_shape(mesh, num_devices):
+  sizes = {'data': mesh.data, 'fsdp': mesh.fsdp, 'tensor': mesh.tensor}
+  auto = [name for name, size in sizes.items() if size == -1]
+  if len(auto) > 1:
+    raise ConfigError(f'Only one mesh axis may be -1, got {auto}; set the others to explicit sizes.')
+  if any(size == 0 or size < -1 for size in sizes.values()):
+    raise ConfigError(f'Mesh axis sizes must be positive or -1, got {sizes}.')
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if auto:
+    if num_devices % fixed:
+      raise ConfigError(f'The mesh axes {sizes} leave no whole size for {auto[0]!r} on {num_devices} '
+                        f'devices; make the fixed axes multiply to a divisor of {num_devices}.')
+    sizes[auto[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f'The mesh {sizes} has {math.prod(sizes.values())} devices but '
+                      f'{num_devices} are available; make data*fsdp*tensor equal {num_devices} '
+                      'or set one axis to -1.')
+  return sizes
+
+
+def validate(config, num_devices):
+  """Checks a config against itself and the device count; returns the resolved mesh shape."""
+  m, o, t = config.model, config.optim, config.train
+  choices = {
+      'model.style': (m.style, ('gpt2', 'llama')),
+      'model.dtype': (m.dtype, ('float32', 'bfloat16')),
+      'model.param_dtype': (m.param_dtype, ('float32', 'bfloat16')),
+      'model.remat': (m.remat, ('none', 'full', 'dots')),
+      'model.attention': (m.attention, ('auto', 'xla', 'cudnn')),
+      'optim.name': (o.name, ('adamw', 'adafactor', 'lion')),
+      'optim.decay': (o.decay, ('cosine', 'linear', 'rsqrt', 'constant')),
+  }
+  for key, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ConfigError(f'config.{key}={value!r} is not one of {list(allowed)}.')
+  positive = {'model.num_layers': m.num_layers, 'model.num_heads': m.num_heads,
+              'model.emb_dim': m.emb_dim, 'model.mlp_dim': m.mlp_dim,
+              'model.vocab_size': m.vocab_size, 'train.batch_size': t.batch_size,
+              'train.seq_len': t.seq_len, 'train.num_steps': t.num_steps,
+              'optim.grad_accum_steps': o.grad_accum_steps}
+  for key, value in positive.items():
+    if value <= 0:
+      raise ConfigError(f'config.{key} must be positive, got {value}.')
+  if m.head_dim == 0 and m.emb_dim % m.num_heads:
+    raise ConfigError(f'model.num_heads={m.num_heads} must divide model.emb_dim={m.emb_dim} '
+                      '(or set model.head_dim explicitly).')
+  kv_heads = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv_heads:
+    raise ConfigError(f'model.num_kv_heads={kv_heads} must divide model.num_heads={m.num_heads}.')
+  if m.style == 'gpt2' and m.num_kv_heads not in (0, m.num_heads):
+    raise ConfigError('GPT-2 style uses multi-head attention; set model.num_kv_heads=0 or use '
+                      "model.style='llama' for grouped-query attention.")
+  if t.seq_len > m.max_len:
+    raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={m.max_len}; shorten the '
+                      'sequences or raise max_len.')
+  if o.warmup_steps < 0:
+    raise ConfigError(f'optim.warmup_steps={o.warmup_steps} must not be negative.')
+  mesh = _resolve_mesh_shape(config.mesh, num_devices)
+  batch_shards = mesh['data'] * mesh['fsdp']
+  if t.batch_size % (batch_shards * o.grad_accum_steps):
+    raise ConfigError(f'train.batch_size={t.batch_size} must divide evenly over the data axes '
+                      f'(data*fsdp={batch_shards}) times optim.grad_accum_steps='
+                      f'{o.grad_accum_steps}; use a multiple of {batch_shards * o.grad_accum_steps}.')
+  if m.num_heads % mesh['tensor'] or kv_heads % mesh['tensor']:
+    raise ConfigError(f'mesh.tensor={mesh["tensor"]} must divide model.num_heads={m.num_heads} and '
+                      f'the KV heads ({kv_heads}).')
+  return mesh
+
+
+def _git_revision():
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    rev = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain'], cwd=here, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    return rev + ('-dirty' if dirty else '')
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def _package_versions():
+  names = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml-collections', 'numpy',
+           'tensorboardX')
+  versions = {}
+  for name in names:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return versions
+
+
+def record_run(config, workdir):
+  """Writes the resolved config, package versions and git revision into the workdir."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  environment = dict(python=sys.version, platform=platform.platform(), git=_git_revision(),
+                     packages=_package_versions(), argv=sys.argv)
+  with open(os.path.join(workdir, 'environment.json'), 'w') as f:
+    json.dump(environment, f, indent=2, sort_keys=True)

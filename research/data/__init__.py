@@ -1,0 +1,1 @@
+"""Data: sources -> tokenizer -> objective transform -> packing -> global batches on the mesh."""

@@ -1,0 +1,35 @@
+"""Multi-host start-up and the device mesh (data, fsdp, tensor)."""
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def maybe_initialize_distributed():
+  """Joins a multi-process job when the launcher says there is one.
+
+  SLURM and TPU pods are detected by `jax.distributed.initialize()` itself; a plain multi-process
+  launch (launch/local.sh) sets RESEARCH_COORDINATOR, RESEARCH_NUM_PROCESSES, RESEARCH_PROCESS_ID.
+  """
+  coordinator = os.environ.get('RESEARCH_COORDINATOR')
+  if coordinator:
+    jax.distributed.initialize(coordinator, int(os.environ['RESEARCH_NUM_PROCESSES']),
+                               int(os.environ['RESEARCH_PROCESS_ID']))
+  elif 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    jax.distributed.initialize()
+
+
+def make_mesh(shape, devices=None):
+  """Builds a Mesh from the resolved {'data', 'fsdp', 'tensor'} sizes (see config.validate)."""
+  devices = jax.devices() if devices is None else devices
+  dims = tuple(shape[axis] for axis in MESH_AXES)
+  try:
+    grid = mesh_utils.create_device_mesh(dims, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(dims)  # Topology-unaware fallback (e.g. CPU subsets).
+  return Mesh(grid, MESH_AXES)

@@ -1,0 +1,127 @@
+"""Model FLOPs, MFU and metric writers (TensorBoard, JSONL, console progress bar).
+
+Training FLOPs per token (forward + backward = 3x forward, multiply-add = 2 FLOPs):
+  6 * N_matmul + 6 * L * T * A
+where N_matmul counts the weights of every matrix product (attention projections, MLP, output
+projection; not embedding look-ups, norms or biases), L is the number of layers, T the sequence
+length and A = heads * head_dim. The second term is attention scores and weighted values,
+12 * L * T * A for full attention, halved because causal attention needs only half the products.
+MFU = achieved model FLOPs/s / device peak FLOPs/s.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Published dense peaks per chip in FLOP/s, by (device-kind substring, compute dtype).
+_PUBLISHED_PEAKS = (
+    ('H200', 'bfloat16', 989e12), ('H100', 'bfloat16', 989e12),
+    ('H200', 'float32', 67e12), ('H100', 'float32', 67e12),
+    ('A100', 'bfloat16', 312e12), ('A100', 'float32', 19.5e12),
+    ('TPU v6', 'bfloat16', 918e12), ('TPU v5p', 'bfloat16', 459e12),
+    ('TPU v5 lite', 'bfloat16', 197e12), ('TPU v5e', 'bfloat16', 197e12),
+    ('TPU v4', 'bfloat16', 275e12),
+)
+
+
+def matmul_params(spec):
+  attention = spec.emb_dim * spec.head_dim * (2 * spec.num_heads + 2 * spec.num_kv_heads)
+  mlp = (2 if spec.is_gpt2 else 3) * spec.emb_dim * spec.mlp_dim
+  return spec.num_layers * (attention + mlp) + spec.emb_dim * spec.vocab_size
+
+
+def train_flops_per_token(spec, seq_len):
+  attention = 6 * spec.num_layers * seq_len * spec.num_heads * spec.head_dim
+  return 6 * matmul_params(spec) + attention
+
+
+_measured_cpu_peak = None
+
+
+def measured_matmul_peak(size=2048, repeats=5):
+  """FLOP/s of a large float32 matrix product on the default device (used for CPUs)."""
+  global _measured_cpu_peak
+  if _measured_cpu_peak is None:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
+    product = jax.jit(lambda x: x @ x)
+    product(a).block_until_ready()
+    best = float('inf')
+    for _ in range(repeats):
+      start = time.perf_counter()
+      product(a).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    _measured_cpu_peak = 2 * size ** 3 / best
+  return _measured_cpu_peak
+
+
+def device_peak(dtype_name):
+  """(peak FLOP/s per device, label) for the first local device."""
+  device = jax.local_devices()[0]
+  if device.platform == 'cpu':
+    return measured_matmul_peak() / jax.local_device_count(), 'measured float32 matmul peak'
+  for kind, dtype, peak in _PUBLISHED_PEAKS:
+    if kind in device.device_kind and dtype == dtype_name:
+      return peak, f'published {dtype} dense peak of {device.device_kind}'
+  return None, f'unknown peak for {device.device_kind}'
+
+
+class MetricWriter:
+  """Writes scalars to <workdir>/metrics.jsonl and TensorBoard (tensorboardX, no TensorFlow)."""
+
+  def __init__(self, workdir, tensorboard=True):
+    self.is_writer = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if self.is_writer:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step, scalars):
+    if not self.is_writer:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps(dict(step=int(step), **scalars)) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      for name, value in scalars.items():
+        self._tb.add_scalar(name, value, step)
+
+  def close(self):
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
+
+
+class Throughput:
+  """Tokens/s, step time and MFU over the steps since the last report."""
+
+  def __init__(self, flops_per_token, peak_flops_total):
+    self.flops_per_token = flops_per_token
+    self.peak = peak_flops_total
+    self.reset()
+
+  def reset(self):
+    self.start = time.perf_counter()
+    self.steps = 0
+    self.tokens = 0.0
+
+  def add(self, tokens):
+    self.steps += 1
+    self.tokens += tokens
+
+  def report(self):
+    elapsed = max(time.perf_counter() - self.start, 1e-9)
+    tokens_per_s = self.tokens / elapsed
+    result = dict(tokens_per_s=tokens_per_s, step_time_s=elapsed / max(self.steps, 1))
+    if self.peak:
+      result['mfu'] = tokens_per_s * self.flops_per_token / self.peak
+    self.reset()
+    return result

@@ -1,0 +1,1 @@
+"""Model families: decoder-only (decoder.py); encoder and encoder-decoder slot in beside it."""

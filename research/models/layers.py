@@ -1,0 +1,207 @@
+"""Transformer building blocks shared by every model family.
+
+Each layer takes explicit arguments (sizes, dtypes, init scales); family files translate their
+config into these. Parameters carry logical axis names (see research/partitioning.py); `sharding`
+constrains activations when the model runs on a mesh and is None otherwise.
+"""
+
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from research.partitioning import constrain
+
+Dtype = Any
+
+
+def normal_init(std):
+  return nn.initializers.normal(stddev=std)
+
+
+class DenseGeneral(nn.Module):
+  """Contracts the last `contract_dims` input dimensions with a kernel of shape in + features."""
+  features: Sequence[int]
+  kernel_axes: Sequence[str]  # Logical names of the kernel's (input..., output...) dimensions.
+  contract_dims: int = 1
+  use_bias: bool = False
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = tuple(self.features)
+    in_shape = x.shape[x.ndim - self.contract_dims:]
+    kernel = self.param('kernel', nn.with_logical_partitioning(normal_init(self.init_std),
+                                                               tuple(self.kernel_axes)),
+                        in_shape + features, self.param_dtype)
+    contract = (tuple(range(x.ndim - self.contract_dims, x.ndim)), tuple(range(self.contract_dims)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, tuple(self.kernel_axes[self.contract_dims:])), features,
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Token (or position) embedding table; `attend` gives tied output logits."""
+  num_embeddings: int
+  features: int
+  axes: Sequence[str] = ('vocab', 'embed')
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(normal_init(self.init_std), tuple(self.axes)),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    return jnp.einsum('...d,vd->...v', x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with statistics in float32 (GPT-2, BERT)."""
+  eps: float = 1e-5
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centered = x32 - mean
+    var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+    y = centered * jax.lax.rsqrt(var + self.eps)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (features,), self.param_dtype)
+    y = y * scale.astype(jnp.float32)
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                        (features,), self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with statistics in float32 (Llama, T5)."""
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), self.param_dtype)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary_embedding(x, positions, theta):
+  """Rotary position embedding in the rotate-half layout used by Llama checkpoints.
+
+  x: [batch, length, heads, head_dim]; positions: [batch, length].
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim / 2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(segment_ids):
+  """[batch, 1, q, k] mask allowing attention within a segment only (causality added separately).
+
+  Padding carries segment id 0 and attends only to other padding, which keeps its softmax finite.
+  """
+  if segment_ids is None:
+    return None
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
+
+
+def causal_attention(q, k, v, segment_ids, implementation):
+  """Causal scaled dot-product attention through `jax.nn.dot_product_attention`.
+
+  q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim] (grouped-query
+  attention when kv_heads < heads). `implementation` None lets JAX pick cuDNN where it can.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids), is_causal=True,
+                                      implementation=implementation)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query causal self-attention."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  use_bias: bool
+  rope_theta: Optional[float]  # None: no rotary embedding (positions added at the input).
+  init_std: float
+  out_init_std: float
+  implementation: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  sharding: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    def project(heads, head_axis, name):
+      return DenseGeneral((heads, self.head_dim), ('embed', head_axis, 'head_dim'),
+                          use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)(x)
+
+    q = project(self.num_heads, 'heads', 'query')
+    k = project(self.num_kv_heads, 'kv_heads', 'key')
+    v = project(self.num_kv_heads, 'kv_heads', 'value')
+    if self.rope_theta is not None:
+      q = rotary_embedding(q, positions, self.rope_theta)
+      k = rotary_embedding(k, positions, self.rope_theta)
+    q = constrain(q, self.sharding, ('batch', 'length', 'act_heads', 'head_dim'))
+    k = constrain(k, self.sharding, ('batch', 'length', 'act_kv_heads', 'head_dim'))
+    v = constrain(v, self.sharding, ('batch', 'length', 'act_kv_heads', 'head_dim'))
+    out = causal_attention(q, k, v, segment_ids, self.implementation)
+    return DenseGeneral((x.shape[-1],), ('heads', 'head_dim', 'embed'), contract_dims=2,
+                        use_bias=self.use_bias, init_std=self.out_init_std, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name='out')(out)
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT-2) or gated SiLU MLP (SwiGLU, Llama)."""
+  hidden_dim: int
+  gated: bool
+  use_bias: bool
+  init_std: float
+  out_init_std: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  sharding: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x):
+    def dense(features, axes, std, name):
+      return DenseGeneral((features,), axes, use_bias=self.use_bias, init_std=std,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    if self.gated:
+      gate = dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'gate')(x)
+      up = dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'up')(x)
+      h = nn.silu(gate) * up
+    else:
+      h = nn.gelu(dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'fc')(x),
+                  approximate=True)
+    h = constrain(h, self.sharding, ('batch', 'length', 'act_mlp'))
+    return dense(x.shape[-1], ('mlp', 'embed'), self.out_init_std, 'proj')(h)

@@ -1,0 +1,1 @@
+"""Pretraining objectives: each file holds the data-side transform and the loss side by side."""

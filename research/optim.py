@@ -1,0 +1,73 @@
+"""Optimiser from config: warm-up + decay schedule, weight-decay mask, clipping.
+
+Gradient accumulation lives in train_step.py, where the loss is normalised by the token count of
+the whole global batch; the optimiser only ever sees the final, already normalised gradient.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_NO_DECAY_LEAVES = ('scale', 'bias')  # Norm scales and biases.
+_EMBEDDING_LEAVES = ('embedding',)
+
+
+def learning_rate_schedule(optim, num_steps):
+  """Linear warm-up from 0 to `lr` over `warmup_steps`, then the chosen decay.
+
+  Closed forms for s >= W (W = warmup_steps, T = num_steps, r = end_lr_ratio):
+    cosine:   lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (T - W))) / 2)
+    linear:   lr * (1 - (1 - r) * (s - W) / (T - W))
+    rsqrt:    lr * sqrt(max(W, 1) / max(s, W, 1))
+    constant: lr
+  """
+  lr, warmup = optim.lr, optim.warmup_steps
+  end = lr * optim.end_lr_ratio
+  decay_steps = max(num_steps - warmup, 1)
+  if optim.decay == 'cosine':
+    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=optim.end_lr_ratio)
+  elif optim.decay == 'linear':
+    decay = optax.linear_schedule(lr, end, decay_steps)
+  elif optim.decay == 'rsqrt':
+    base = max(warmup, 1)
+    decay = lambda count: lr * jnp.sqrt(base / jnp.maximum(count + warmup, base))
+  else:
+    decay = optax.constant_schedule(lr)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def weight_decay_mask(params, decay_embeddings=False, decay_norms_and_biases=False):
+  """True for leaves that receive weight decay: kernels always, others only when asked."""
+  def decide(path, _):
+    leaf = getattr(path[-1], 'key', str(path[-1]))
+    if leaf in _NO_DECAY_LEAVES:
+      return decay_norms_and_biases
+    if leaf in _EMBEDDING_LEAVES:
+      return decay_embeddings
+    return True
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def make_optimizer(optim, num_steps):
+  """Returns (optax transformation, schedule)."""
+  schedule = learning_rate_schedule(optim, num_steps)
+  mask = lambda params: weight_decay_mask(params, optim.decay_embeddings,
+                                          optim.decay_norms_and_biases)
+  if optim.name == 'adamw':
+    core = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay, mask=mask)
+  elif optim.name == 'lion':
+    core = optax.lion(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
+                      mask=mask)
+  else:
+    core = optax.adafactor(schedule, weight_decay_rate=optim.weight_decay or None,
+                           weight_decay_mask=mask)
+  if optim.clip_norm > 0:
+    core = optax.chain(optax.clip_by_global_norm(optim.clip_norm), core)
+  return core, schedule
+
+
+def global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

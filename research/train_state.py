@@ -1,0 +1,61 @@
+"""Training state born sharded: abstract shapes via jax.eval_shape -> shardings -> jitted init."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from research import partitioning
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def _follow_params(abstract_opt_state, param_shardings, mesh):
+  """Optimizer-state leaves that mirror a parameter (same path suffix and shape) share its sharding."""
+  by_path = {}
+  for path, (shape, sharding) in jax.tree_util.tree_leaves_with_path(param_shardings,
+                                                                     is_leaf=lambda x: isinstance(x, tuple)):
+    by_path[tuple(path)] = (shape, sharding)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def leaf_sharding(path, leaf):
+    for start in range(len(path)):
+      match = by_path.get(tuple(path[start:]))
+      if match and match[0] == leaf.shape:
+        return match[1]
+    return replicated
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt_state)
+
+
+def create(model, tx, mesh, example_tokens, rng):
+  """Initialises params and optimizer state directly into their shardings.
+
+  Returns (state, state_shardings); `state_shardings` is what the train step is jitted with.
+  """
+  def init_params(key):
+    return model.init(key, example_tokens)['params']
+
+  boxed = jax.eval_shape(init_params, rng)
+  param_shardings = partitioning.tree_shardings(boxed, mesh)
+  abstract_params = nn.meta.unbox(boxed)
+  shapes_and_shardings = jax.tree.map(lambda a, s: (a.shape, s), abstract_params, param_shardings)
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+  state_shardings = TrainState(
+      step=NamedSharding(mesh, PartitionSpec()),
+      params=param_shardings,
+      opt_state=_follow_params(abstract_opt_state, shapes_and_shardings, mesh))
+
+  def init_state(key):
+    params = nn.meta.unbox(init_params(key))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+  return state, state_shardings

@@ -1,0 +1,167 @@
+"""Named variants, config validation sentences, schedules and the weight-decay mask."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax import linen as nn
+from ml_collections import ConfigDict
+
+from research import config as config_lib
+from research import optim
+from research.models import decoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# transformers' GPT2LMHeadModel / LlamaForCausalLM num_parameters() for the same shapes.
+HF_PARAM_COUNTS = {
+    'gpt2_small': 124_439_808,
+    'gpt2_medium': 354_823_168,
+    'gpt2_large': 774_030_080,
+    'gpt2_xl': 1_557_611_200,
+    'llama_1b': 1_235_814_400,
+    'llama2_7b': 6_738_415_616,
+}
+
+
+def _closed_form_count(m):
+  """Independent count from the architecture definition (HF module by module)."""
+  d, f, v, layers = m.emb_dim, m.mlp_dim, m.vocab_size, m.num_layers
+  head_dim = d // m.num_heads
+  kv = (m.num_kv_heads or m.num_heads) * head_dim
+  if m.style == 'gpt2':
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+    return v * d + m.max_len * d + layers * block + 2 * d
+  block = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * f
+  return v * d + layers * block + d + (0 if m.tie_embeddings else d * v)
+
+
+@pytest.mark.parametrize('variant', ['tiny', 'nanogpt_cpu'] + sorted(HF_PARAM_COUNTS))
+def test_parameter_counts(decoder_config, variant):
+  config = decoder_config(variant)
+  count = decoder.count_params(config.model)
+  assert count == _closed_form_count(config.model)
+  if variant in HF_PARAM_COUNTS:
+    assert count == HF_PARAM_COUNTS[variant]
+
+
+def _assert_one_sentence(error, *fragments):
+  message = str(error)
+  assert '\n' not in message and message.endswith('.'), message
+  for fragment in fragments:
+    assert fragment in message, message
+
+
+@pytest.mark.parametrize('edit, num_devices, fragments', [
+    (dict(model=dict(num_heads=5)), 1, ('num_heads=5', 'emb_dim=64')),
+    (dict(model=dict(num_kv_heads=3)), 1, ('num_kv_heads=3',)),
+    (dict(mesh=dict(data=2, fsdp=2, tensor=1)), 8, ('data*fsdp*tensor equal 8',)),
+    (dict(mesh=dict(data=-1, fsdp=3, tensor=1)), 8, ('no whole size',)),
+    (dict(mesh=dict(data=-1, fsdp=-1)), 8, ('Only one mesh axis',)),
+    (dict(train=dict(batch_size=12)), 8, ('batch_size=12', 'multiple of 8')),
+    (dict(optim=dict(grad_accum_steps=4), train=dict(batch_size=16)), 8, ('multiple of 32',)),
+    (dict(mesh=dict(data=1, tensor=8)), 8, ('mesh.tensor=8',)),
+    (dict(model=dict(style='gpt3')), 1, ("'gpt3'", 'gpt2')),
+    (dict(optim=dict(decay='exp')), 1, ('optim.decay',)),
+    (dict(train=dict(seq_len=1024)), 1, ('max_len=128',)),
+])
+def test_validation_errors_are_one_sentence(decoder_config, edit, num_devices, fragments):
+  config = decoder_config('tiny')
+  for section, values in edit.items():
+    for key, value in values.items():
+      config[section][key] = value
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, num_devices)
+  _assert_one_sentence(error.value, *fragments)
+
+
+def test_valid_config_resolves_the_auto_axis(decoder_config):
+  config = decoder_config('tiny')
+  config.mesh.tensor = 2
+  assert config_lib.validate(config, 8) == dict(data=4, fsdp=1, tensor=2)
+
+
+def test_config_is_locked_against_new_keys(decoder_config):
+  config = decoder_config('tiny')
+  with pytest.raises(AttributeError):
+    config.model.num_layrs = 3
+
+
+def _train_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'research.train', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_misspelt_command_line_key_names_the_closest_valid_keys(tmp_path):
+  result = _train_cli('--config', 'configs/decoder.py:tiny', '--workdir', str(tmp_path),
+                      '--config.model.num_layrs=3')
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert lines == ["error: Unknown config key 'model.num_layrs'; closest valid keys: "
+                   'model.num_layers, model.scan_layers, model.num_heads.'], result.stderr
+  assert not os.listdir(tmp_path)  # Nothing is written by a run that fails at start.
+
+
+def test_bad_command_line_value_is_one_sentence(tmp_path):
+  result = _train_cli('--config', 'configs/decoder.py:tiny', '--workdir', str(tmp_path),
+                      '--config.train.batch_size=many')
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and 'batch_size' in lines[0], lines
+
+
+def _schedule_config(decay, lr=1.0, warmup=10, end_lr_ratio=0.1):
+  return ConfigDict(dict(lr=lr, warmup_steps=warmup, decay=decay, end_lr_ratio=end_lr_ratio))
+
+
+@pytest.mark.parametrize('decay, closed_form', [
+    ('cosine', lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 90))),
+    ('linear', lambda s: 1 - 0.9 * (s - 10) / 90),
+    ('rsqrt', lambda s: math.sqrt(10 / s)),
+    ('constant', lambda s: 1.0),
+])
+def test_schedules_match_closed_forms(decay, closed_form):
+  schedule = optim.learning_rate_schedule(_schedule_config(decay), num_steps=100)
+  for step in (0, 5):  # Linear warm-up from zero.
+    assert float(schedule(step)) == pytest.approx(step / 10, abs=1e-6)
+  for step in (10, 11, 37, 64, 99, 100):
+    assert float(schedule(step)) == pytest.approx(closed_form(step), rel=1e-5), step
+
+
+def test_weight_decay_mask_leaves_norms_biases_and_embeddings_alone(decoder_config):
+  config = decoder_config('nanogpt_cpu')
+  model = decoder.build(config.model)
+  params = nn.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params'])
+  mask = optim.weight_decay_mask(params)
+  flat = {jax.tree_util.keystr(path): value
+          for path, value in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat["['layers']['mlp']['fc']['kernel']"] is True
+  assert flat["['layers']['attn']['query']['kernel']"] is True
+  for name in ("['layers']['mlp']['fc']['bias']", "['layers']['attn_norm']['scale']",
+               "['final_norm']['bias']", "['token_embed']['embedding']",
+               "['position_embed']['embedding']"):
+    assert flat[name] is False, name
+  opted_in = optim.weight_decay_mask(params, decay_embeddings=True, decay_norms_and_biases=True)
+  assert all(jax.tree.leaves(opted_in))
+
+
+def test_weight_decay_mask_is_applied_by_adamw(decoder_config):
+  config = decoder_config('tiny')
+  config.optim.weight_decay = 0.5
+  tx, _ = optim.make_optimizer(config.optim, num_steps=100)
+  params = dict(mlp=dict(kernel=jnp.ones((2, 2)), bias=jnp.ones(2)), norm=dict(scale=jnp.ones(2)))
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  state = tx.init(params)
+  for _ in range(config.optim.warmup_steps + 1):
+    updates, state = tx.update(zero_grads, state, params)
+  assert np.all(np.asarray(updates['mlp']['kernel']) < 0)  # Decayed towards zero.
+  np.testing.assert_array_equal(updates['mlp']['bias'], 0.0)
+  np.testing.assert_array_equal(updates['norm']['scale'], 0.0)
+
