@@ -57,8 +57,8 @@ def _model_defaults():
       dtype='bfloat16',  # Compute dtype; softmax and loss always run in float32.
       param_dtype='float32',
       scan_layers=True,
-      remat='none',  # none | full | dots (save matmul outputs, recompute the rest).
-      attention='auto',  # auto (cuDNN where available) | xla | cudnn.
+      remat='dots',  # none | full | dots (save weight-matmul outputs, recompute the rest).
+      attention='auto',  # auto | explicit | xla | cudnn (research/models/attention.py).
   ))
 
 

@@ -1,10 +1,12 @@
 """Benchmarks.
 
-  python -m research.bench train --config configs/decoder.py:nanogpt_cpu
+  python -m research.bench train --config configs/decoder.py:nanogpt_cpu [--peer=torch]
 
 `train` times full training steps (host batch creation and transfer, forward, backward, optimizer)
 on synthetic full-length token batches after warm-up, and reports the median over several timed
-windows of tokens/s, step time and MFU, plus the compile time.
+windows of tokens/s, step time and MFU, plus the compile time. With --peer=torch it also trains
+the same model in PyTorch (research/peers/torch_gpt.py, nanoGPT-equivalent), alternating timed
+windows between the two so that both see the same machine, and reports the ratio.
 """
 
 import json
@@ -24,8 +26,9 @@ from research.data import global_batch
 from research.models import decoder
 
 _WARMUP = flags.DEFINE_integer('warmup_steps', 5, 'Untimed steps after compilation.')
-_WINDOWS = flags.DEFINE_integer('windows', 5, 'Number of timed windows.')
+_WINDOWS = flags.DEFINE_integer('windows', 7, 'Number of timed windows.')
 _WINDOW_STEPS = flags.DEFINE_integer('window_steps', 20, 'Training steps per timed window.')
+_PEER = flags.DEFINE_enum('peer', None, ['torch'], 'Also time this peer implementation.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 
 
@@ -38,51 +41,74 @@ def synthetic_batch(rng, batch_size, seq_len, vocab_size):
               segment_ids=np.ones((batch_size, seq_len), np.int32))
 
 
+class _JaxTrainer:
+  """Our train step on synthetic batches; run_steps(n) returns the tokens it trained on."""
+
+  def __init__(self, config):
+    t = config.train
+    mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
+    self.trainer = train.setup(config, mesh)
+    self.state = self.trainer.state
+    self.rng = np.random.default_rng(0)
+    self.shape = (t.batch_size, t.seq_len, config.model.vocab_size)
+    start = time.perf_counter()
+    self.run_steps(1)
+    self.compile_s = time.perf_counter() - start
+
+  def run_steps(self, count):
+    tokens = 0.0
+    for _ in range(count):
+      batch = synthetic_batch(self.rng, *self.shape)
+      self.state, self.metrics = self.trainer.train_step(
+          self.state, global_batch.to_global(batch, self.trainer.batch_shardings),
+          self.trainer.dropout_rng)
+      tokens += float(batch['weights'].sum())
+    jax.block_until_ready((self.state, self.metrics))
+    return tokens
+
+
+def _timed_rate(run_steps):
+  start = time.perf_counter()
+  tokens = run_steps(_WINDOW_STEPS.value)
+  return tokens / (time.perf_counter() - start)
+
+
 def bench_train(config):
   t = config.train
-  mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
-  trainer = train.setup(config, mesh)
-  rng = np.random.default_rng(0)
-
-  def next_batch():
-    batch = synthetic_batch(rng, t.batch_size, t.seq_len, config.model.vocab_size)
-    return global_batch.to_global(batch, trainer.batch_shardings), float(batch['weights'].sum())
-
-  state = trainer.state
-  start = time.perf_counter()
-  batch, _ = next_batch()
-  state, metrics = trainer.train_step(state, batch, trainer.dropout_rng)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  for _ in range(_WARMUP.value):
-    batch, _ = next_batch()
-    state, metrics = trainer.train_step(state, batch, trainer.dropout_rng)
-  jax.block_until_ready(state)
-
-  rates = []
-  for _ in range(_WINDOWS.value):
-    tokens = 0.0
-    start = time.perf_counter()
-    for _ in range(_WINDOW_STEPS.value):
-      batch, count = next_batch()
-      state, metrics = trainer.train_step(state, batch, trainer.dropout_rng)
-      tokens += count
-    jax.block_until_ready((state, metrics))
-    rates.append(tokens / (time.perf_counter() - start))
+  ours = _JaxTrainer(config)
+  runners = {'ours': ours.run_steps}
+  if _PEER.value == 'torch':
+    from research.peers import torch_gpt
+    if config.model.style != 'gpt2':
+      raise config_lib.ConfigError('The torch peer implements the GPT-2 style only; use a gpt2 '
+                                   'variant such as nanogpt_cpu.')
+    runners['torch'] = torch_gpt.make_trainer(config.model, t.batch_size, t.seq_len,
+                                              config.optim.lr, config.optim.weight_decay,
+                                              config.optim.clip_norm)
+  for run_steps in runners.values():
+    run_steps(_WARMUP.value)
+  rates = {name: [] for name in runners}
+  for _ in range(_WINDOWS.value):  # Alternate windows so that all runners see the same machine.
+    for name, run_steps in runners.items():
+      rates[name].append(_timed_rate(run_steps))
 
   spec = decoder.DecoderSpec.from_config(config.model)
-  tokens_per_s = statistics.median(rates)
+  tokens_per_s = statistics.median(rates['ours'])
   flops_per_token = metrics_lib.train_flops_per_token(spec, t.seq_len)
   peak, peak_label = metrics_lib.device_peak(config.model.dtype)
   results = dict(
       variant=config.variant, devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
-      tokens_per_s=tokens_per_s, tokens_per_s_windows=rates,
+      tokens_per_s=tokens_per_s, tokens_per_s_windows=rates['ours'],
       step_time_ms=1000 * t.batch_size * t.seq_len / tokens_per_s,
-      compile_s=compile_s, model_tflops_per_s=tokens_per_s * flops_per_token / 1e12,
-      flops_per_token=flops_per_token, final_loss=float(metrics['loss']))
+      compile_s=ours.compile_s, model_tflops_per_s=tokens_per_s * flops_per_token / 1e12,
+      flops_per_token=flops_per_token, final_loss=float(ours.metrics['loss']))
   if peak:
     results.update(mfu=tokens_per_s * flops_per_token / (peak * jax.device_count()),
                    peak_tflops_per_s=peak * jax.device_count() / 1e12, peak_source=peak_label)
+  if 'torch' in rates:
+    peer = statistics.median(rates['torch'])
+    results.update(torch_tokens_per_s=peer, torch_tokens_per_s_windows=rates['torch'],
+                   ratio_to_torch=tokens_per_s / peer)
   return results
 
 
@@ -92,13 +118,16 @@ def main(argv):
     return 2
   try:
     config = config_lib.parse_flags([argv[0]] + argv[2:])
+    mesh_lib.configure_cpu_devices()
     results = bench_train(config)
   except config_lib.ConfigError as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
   for key, value in results.items():
+    if isinstance(value, list):
+      value = '[' + ', '.join(f'{v:,.0f}' for v in value) + ']'
     shown = f'{value:,.4g}' if isinstance(value, float) else value
-    print(f'{key:>22}: {shown}')
+    print(f'{key:>26}: {shown}')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(results, f, indent=2)

@@ -107,7 +107,7 @@ def validate(config, num_devices):
       'model.dtype': (m.dtype, ('float32', 'bfloat16')),
       'model.param_dtype': (m.param_dtype, ('float32', 'bfloat16')),
       'model.remat': (m.remat, ('none', 'full', 'dots')),
-      'model.attention': (m.attention, ('auto', 'xla', 'cudnn')),
+      'model.attention': (m.attention, ('auto', 'explicit', 'xla', 'cudnn')),
       'optim.name': (o.name, ('adamw', 'adafactor', 'lion')),
       'optim.decay': (o.decay, ('cosine', 'linear', 'rsqrt', 'constant')),
   }

@@ -4,10 +4,21 @@ import os
 
 import jax
 import numpy as np
+from absl import flags
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', 0, 'On a CPU-only host, split the CPU into this many JAX devices (e.g. one '
+    'per core) so that the mesh can shard over them; 0 keeps JAX\'s default of one device.')
+
+
+def configure_cpu_devices():
+  """Applies --cpu_devices; call after flag parsing and before the first use of a device."""
+  if _CPU_DEVICES.value > 0:
+    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
 
 
 def maybe_initialize_distributed():

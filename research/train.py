@@ -153,6 +153,7 @@ def main(argv):
     config = config_lib.parse_flags(argv)
     if not _WORKDIR.value:
       raise config_lib.ConfigError('No workdir given; pass --workdir DIR.')
+    mesh_lib.configure_cpu_devices()
     mesh_lib.maybe_initialize_distributed()
     final = run(config, _WORKDIR.value)
   except config_lib.ConfigError as error:

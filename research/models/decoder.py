@@ -39,7 +39,7 @@ class DecoderSpec:
   param_dtype: jnp.dtype
   scan_layers: bool
   remat: str
-  attention: Optional[str]  # None: JAX picks (cuDNN on GPU where possible).
+  attention: str  # See research/models/attention.py.
 
   @classmethod
   def from_config(cls, model):
@@ -52,7 +52,7 @@ class DecoderSpec:
                norm_eps=model.norm_eps, dropout_rate=model.dropout_rate,
                dtype=_DTYPES[model.dtype], param_dtype=_DTYPES[model.param_dtype],
                scan_layers=model.scan_layers, remat=model.remat,
-               attention=None if model.attention == 'auto' else model.attention)
+               attention=model.attention)
 
   @property
   def is_gpt2(self):
@@ -97,6 +97,8 @@ class DecoderBlock(nn.Module):
 
 _REMAT_POLICIES = {
     'full': None,  # Save nothing: recompute the whole block in the backward pass.
+    # Save the outputs of weight matmuls; recompute attention and elementwise work. Fastest on
+    # CPU too: stacking every saved activation per layer costs more than recomputing it.
     'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 

@@ -1,0 +1,1 @@
+"""Reference implementations in other frameworks, for same-machine benchmark ratios only."""
