@@ -15,7 +15,8 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'research.train', '--config', 'configs/decoder.py:tiny',
        '--workdir', str(workdir), '--config.train.num_steps=150', '--config.train.eval_every=50',
-       '--config.mesh.data=2', '--config.mesh.tensor=2', '--config.mesh.fsdp=2'],
+       '--config.mesh.data=2', '--config.mesh.tensor=2', '--config.mesh.fsdp=2',
+       '--config.train.profile_start_step=100', '--config.train.profile_num_steps=2'],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
 
@@ -41,3 +42,4 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
   environment = json.load(open(workdir / 'environment.json'))
   assert environment['packages']['jax'] and environment['git']
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir / 'tensorboard'))
+  assert list((workdir / 'profile').glob('**/*.trace.json.gz'))  # The requested profiler trace.

@@ -1,0 +1,30 @@
+"""The benchmark command runs end to end, with one JAX device per core and the torch peer."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'research.bench', 'train', '--config', 'configs/decoder.py:nanogpt_cpu',
+       '--cpu_devices=2', '--peer=torch', '--windows=2', '--window_steps=3', '--warmup_steps=1',
+       f'--json={out}'], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(out))
+  assert results['devices'] == 2
+  assert len(results['tokens_per_s_windows']) == 2
+  assert results['tokens_per_s'] > 0 and results['torch_tokens_per_s'] > 0
+  assert results['ratio_to_torch'] == results['tokens_per_s'] / results['torch_tokens_per_s']
+  assert 0 < results['mfu'] < 1 and results['peak_source'] == 'measured float32 matmul peak'
+  assert results['flops_per_token'] == 6 * 794_752 + 6 * 4 * 64 * 128  # The README's formula.
+
+
+def test_bench_rejects_an_unknown_mode():
+  result = subprocess.run([sys.executable, '-m', 'research.bench', 'decode'], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and 'usage' in result.stderr
