@@ -15,8 +15,8 @@ import ml_collections
 # architecture (gpt2: learned positions, LayerNorm, GELU, biases, tied; llama: RoPE, RMSNorm,
 # SwiGLU, grouped-query attention, no biases).
 VARIANTS = {
-    'tiny': dict(style='llama', num_layers=2, num_heads=4, num_kv_heads=2, emb_dim=64,
-                 mlp_dim=172, vocab_size=256, max_len=128, dtype='float32'),
+    'tiny': dict(style='llama', num_layers=4, num_heads=4, num_kv_heads=2, emb_dim=128,
+                 mlp_dim=352, vocab_size=264, max_len=256, dtype='float32'),
     'nanogpt_cpu': dict(style='gpt2', num_layers=4, num_heads=4, emb_dim=128, mlp_dim=512,
                         vocab_size=65, max_len=64, dtype='float32'),
     'gpt2_small': dict(style='gpt2', num_layers=12, num_heads=12, emb_dim=768, mlp_dim=3072),
@@ -33,7 +33,7 @@ VARIANTS = {
 
 # Training shapes per variant (global batch in sequences, sequence length in tokens).
 TRAIN_SHAPES = {
-    'tiny': dict(batch_size=16, seq_len=64, num_steps=300, warmup_steps=30, lr=3e-3),
+    'tiny': dict(batch_size=16, seq_len=128, num_steps=1200, warmup_steps=100, lr=3e-3),
     'nanogpt_cpu': dict(batch_size=12, seq_len=64, num_steps=2000, warmup_steps=100, lr=1e-3),
 }
 
@@ -98,9 +98,21 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   ))
 
   config.data = ml_collections.ConfigDict(dict(
-      source='markov',  # In-memory synthetic source: sparse random Markov chain.
+      # stdlib: this Python's standard-library sources (embedded default, no download);
+      # text: data.paths; markov: in-memory synthetic tokens (research/data/synthetic.py).
+      source='markov' if variant == 'nanogpt_cpu' else 'stdlib',
+      paths='',  # Comma-separated files, directories or globs, for source='text'.
+      data_dir='~/.cache/research/tfds',  # Where text sources are prepared as array_record.
+      validation_percent=5,
+      tokenizer='bytes',
       markov_branching=2,
       min_doc_len=8,
+  ))
+
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=500,
+      keep=3,
+      init_from='',  # Another run's workdir: start from its parameters (warm start).
   ))
 
   config.train = ml_collections.ConfigDict(dict(
@@ -114,6 +126,9 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       profile_num_steps=5,
       progress_bar=True,
       tensorboard=True,
+      stop_at_step=-1,  # Stop (as if preempted) at this step; -1 runs to num_steps.
+      sample_tokens=200,  # Greedy sample printed at the end; 0 disables.
+      sample_prompt='def ',
   ))
 
   config.lock()

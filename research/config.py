@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import ml_collections
 from absl import flags
@@ -136,6 +137,9 @@ def validate(config, num_devices):
                       'sequences or raise max_len.')
   if o.warmup_steps < 0:
     raise ConfigError(f'optim.warmup_steps={o.warmup_steps} must not be negative.')
+  if not 1 <= config.data.validation_percent <= 50:
+    raise ConfigError(f'data.validation_percent={config.data.validation_percent} must lie in '
+                      '[1, 50].')
   mesh = _resolve_mesh_shape(config.mesh, num_devices)
   batch_shards = mesh['data'] * mesh['fsdp']
   if t.batch_size % (batch_shards * o.grad_accum_steps):
@@ -162,7 +166,7 @@ def _git_revision():
 
 def _package_versions():
   names = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml-collections', 'numpy',
-           'tensorboardX')
+           'tensorboardX', 'tensorflow-datasets', 'grain', 'array-record')
   versions = {}
   for name in names:
     try:
@@ -172,12 +176,21 @@ def _package_versions():
   return versions
 
 
-def record_run(config, workdir):
-  """Writes the resolved config, package versions and git revision into the workdir."""
+def record_run(config, workdir, data=None):
+  """Writes the resolved config, package versions, git revision and data record to the workdir.
+
+  A resumed run with a different config keeps the original config.json and adds a dated copy.
+  """
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  resolved = config.to_json_best_effort(indent=2, sort_keys=True)
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() != resolved:
+        path = os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json')
+  with open(path, 'w') as f:
+    f.write(resolved)
   environment = dict(python=sys.version, platform=platform.platform(), git=_git_revision(),
-                     packages=_package_versions(), argv=sys.argv)
+                     packages=_package_versions(), argv=sys.argv, data=data)
   with open(os.path.join(workdir, 'environment.json'), 'w') as f:
     json.dump(environment, f, indent=2, sort_keys=True)

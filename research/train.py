@@ -4,11 +4,16 @@
       [--config.optim.lr=1e-3 ...]
 
 Sections, in order: devices and mesh -> data -> model and sharded state -> compiled steps ->
-loop (metrics, evaluation, profiling).
+start-up (resume / warm start / fresh) -> loop (metrics, evaluation, checkpoints, profiling).
+
+Start-up precedence: resume from the newest checkpoint in <workdir>/checkpoints; else, when
+`checkpoint.init_from` names another run's workdir, take its parameters (warm start, fresh
+optimizer, step 0); else initialise afresh.
 """
 
 import contextlib
 import math
+import os
 import sys
 from typing import Callable, NamedTuple
 
@@ -18,7 +23,9 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from research import checkpoint as checkpoint_lib
 from research import config as config_lib
+from research import decode
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
 from research import optim
@@ -26,49 +33,32 @@ from research import partitioning
 from research import train_state
 from research import train_step as step_lib
 from research.data import global_batch
-from research.data import synthetic
+from research.data import pipeline as pipeline_lib
 from research.models import decoder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the run record, metrics and logs.')
 
 
-def _progress_bar(config, start, total):
-  if not config.train.progress_bar or jax.process_index() != 0:
-    return None
-  from tqdm import tqdm
-  return tqdm(total=total, initial=start, unit='step', dynamic_ncols=True, file=sys.stderr)
-
-
-def _evaluate(eval_fn, params, source, config, shardings):
-  totals = dict(loss=0.0, tokens=0.0, correct=0.0)
-  for index in range(config.train.eval_batches):
-    batch = source.batch(index, config.train.batch_size, config.train.seq_len, split='validation')
-    sums = jax.device_get(eval_fn(params, global_batch.to_global(batch, shardings)))
-    totals = {k: totals[k] + float(sums[k]) for k in totals}
-  loss = totals['loss'] / max(totals['tokens'], 1.0)
-  return dict(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50.0)),
-              eval_accuracy=totals['correct'] / max(totals['tokens'], 1.0))
-
-
 class Trainer(NamedTuple):
   mesh: Mesh
-  source: synthetic.MarkovSource
+  pipeline: pipeline_lib.Pipeline
+  model: decoder.Decoder
   state: train_state.TrainState
+  state_shardings: train_state.TrainState
   train_step: Callable  # (state, batch, rng) -> (state, metrics), jitted, state donated.
   eval_step: Callable  # (params, batch) -> loss sums, jitted.
   batch_shardings: dict
   dropout_rng: jax.Array
 
 
-def setup(config, mesh):
-  """Data source, model, sharded state and compiled steps for `config` on `mesh`."""
+def setup(config, mesh, pipeline=None):
+  """Data pipeline, model, sharded state and compiled steps for `config` on `mesh`."""
   replicated = NamedSharding(mesh, PartitionSpec())
+  t = config.train
 
   # Data.
-  t = config.train
-  source = synthetic.MarkovSource(config.model.vocab_size, config.data.markov_branching,
-                                  config.seed, config.data.min_doc_len)
-  batch_shardings = global_batch.batch_shardings(source.batch(0, t.batch_size, t.seq_len), mesh)
+  pipeline = pipeline or pipeline_lib.build(config)
+  batch_shardings = global_batch.batch_shardings(pipeline.train_batch(0), mesh)
 
   # Model and sharded state.
   model = decoder.build(config.model, partitioning.ActivationSharding(mesh))
@@ -86,18 +76,83 @@ def setup(config, mesh):
   eval_step = jax.jit(step_lib.make_eval_step(model),
                       in_shardings=(state_shardings.params, batch_shardings),
                       out_shardings=replicated)
-  return Trainer(mesh, source, state, train_step, eval_step, batch_shardings, dropout_rng)
+  return Trainer(mesh, pipeline, model, state, state_shardings, train_step, eval_step,
+                 batch_shardings, dropout_rng)
+
+
+def _progress_bar(config, start, total):
+  if not config.train.progress_bar or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, unit='step', dynamic_ncols=True, file=sys.stderr)
+
+
+def _evaluate(trainer, params, num_batches):
+  totals = dict(loss=0.0, tokens=0.0, correct=0.0)
+  for index in range(num_batches):
+    batch = global_batch.to_global(trainer.pipeline.eval_batch(index), trainer.batch_shardings)
+    sums = jax.device_get(trainer.eval_step(params, batch))
+    totals = {k: totals[k] + float(sums[k]) for k in totals}
+  loss = totals['loss'] / max(totals['tokens'], 1.0)
+  return dict(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50.0)),
+              eval_accuracy=totals['correct'] / max(totals['tokens'], 1.0))
+
+
+def _start_up(config, trainer, checkpointer):
+  """Applies the start-up precedence; returns (state, dropout_rng, description)."""
+  if checkpointer.latest_step() is not None:
+    state, record = checkpointer.restore(trainer.state, trainer.state_shardings)
+    rng = checkpoint_lib.rng_from_record(record['dropout_rng'])
+    return state, rng, f'resumed from step {int(state.step)} in {checkpointer.directory}'
+  if config.checkpoint.init_from:
+    state, step = checkpoint_lib.restore_params(config.checkpoint.init_from, trainer.state,
+                                                trainer.state_shardings)
+    return state, trainer.dropout_rng, (f'warm start from the parameters of step {step} of '
+                                        f'{config.checkpoint.init_from}')
+  return trainer.state, trainer.dropout_rng, 'fresh initialisation'
+
+
+def _checkpoint_record(state, rng, batch_size):
+  step = int(state.step)
+  return dict(step=step, dropout_rng=checkpoint_lib.rng_to_record(rng),
+              data=dict(next_step=step, rows_consumed=step * batch_size),
+              param_shapes=checkpoint_lib.param_shapes(state.params))
+
+
+def _sample(trainer, params, config):
+  tokenizer = trainer.pipeline.tokenizer
+  if config.train.sample_tokens <= 0 or not hasattr(tokenizer, 'decode'):
+    return None
+  prompt = tokenizer.encode(config.train.sample_prompt)
+  ids = decode.greedy_generate(trainer.model, params, prompt, config.train.sample_tokens,
+                               window=config.train.seq_len)
+  return config.train.sample_prompt + tokenizer.decode(ids)
 
 
 def run(config, workdir):
-  """Trains `config` and writes its record into `workdir`; returns the last logged metrics."""
+  """Trains `config` in `workdir` (resuming what is there); returns the last logged metrics."""
   # Devices and mesh.
   mesh_shape = config_lib.validate(config, jax.device_count())
   mesh = mesh_lib.make_mesh(mesh_shape)
-  config_lib.record_run(config, workdir)
-  trainer = setup(config, mesh)
-  state, source, batch_shardings = trainer.state, trainer.source, trainer.batch_shardings
   t = config.train
+
+  # Data, model, state, steps.
+  pipeline = pipeline_lib.build(config)
+  config_lib.record_run(config, workdir, data=pipeline.record)
+  trainer = setup(config, mesh, pipeline)
+
+  # Start-up: resume, warm start or fresh.
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                             config.checkpoint.every_steps, config.checkpoint.keep)
+  state, dropout_rng, origin = _start_up(config, trainer, checkpointer)
+  start_step = int(state.step)
+  stop_step = t.num_steps if t.stop_at_step < 0 else min(t.stop_at_step, t.num_steps)
+  print(f'{origin}; mesh {mesh_shape}', file=sys.stderr)
+  if start_step >= stop_step:
+    print(f'The run in {workdir} is already at step {start_step}; raise --config.train.num_steps '
+          'to continue it, or pass a new --workdir to start afresh.', file=sys.stderr)
+    checkpointer.close()
+    return {}
 
   # Loop.
   spec = decoder.DecoderSpec.from_config(config.model)
@@ -105,19 +160,18 @@ def run(config, workdir):
   throughput = metrics_lib.Throughput(metrics_lib.train_flops_per_token(spec, t.seq_len),
                                       peak * jax.device_count() if peak else None)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard)
-  start_step = int(state.step)
-  bar = _progress_bar(config, start_step, t.num_steps)
+  bar = _progress_bar(config, start_step, stop_step)
   pending, last = [], {}
   profiling = False
-  print(f'mesh {mesh_shape}, MFU relative to the {peak_label}', file=sys.stderr)
-  for step in range(start_step, t.num_steps):
+  print(f'MFU is relative to the {peak_label}', file=sys.stderr)
+  for step in range(start_step, stop_step):
     if step == t.profile_start_step:
       jax.profiler.start_trace(f'{workdir}/profile', create_perfetto_trace=True)
       profiling = True
-    host_batch = source.batch(step, t.batch_size, t.seq_len)
+    host_batch = pipeline.train_batch(step)
     with jax.profiler.StepTraceAnnotation('train', step_num=step) if profiling else contextlib.nullcontext():
       state, step_metrics = trainer.train_step(
-          state, global_batch.to_global(host_batch, batch_shardings), trainer.dropout_rng)
+          state, global_batch.to_global(host_batch, trainer.batch_shardings), dropout_rng)
     pending.append(step_metrics)
     throughput.add(float(np.sum(host_batch['weights'])))
     if profiling and step + 1 >= t.profile_start_step + t.profile_num_steps:
@@ -126,25 +180,32 @@ def run(config, workdir):
       profiling = False
 
     done = step + 1
-    if done % t.log_every == 0 or done == t.num_steps:
+    if done % t.log_every == 0 or done == stop_step:
       fetched = jax.device_get(pending)
       pending = []
       last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
       last['perplexity'] = math.exp(min(last['loss'], 50.0))
       last.update(throughput.report())
-      if done % t.eval_every == 0 or done == t.num_steps:
-        last.update(_evaluate(trainer.eval_step, state.params, source, config, batch_shardings))
+      if done % t.eval_every == 0 or done == stop_step:
+        last.update(_evaluate(trainer, state.params, t.eval_batches))
         throughput.reset()  # Keep evaluation time out of the training throughput.
       writer.write(done, last)
       if bar is not None:
         bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+    checkpointer.maybe_save(done, state, lambda: _checkpoint_record(state, dropout_rng, t.batch_size),
+                            final=done == stop_step)
     if bar is not None:
       bar.update(1)
   if profiling:
     jax.profiler.stop_trace()
   if bar is not None:
     bar.close()
+  checkpointer.wait()
+  checkpointer.close()
   writer.close()
+  sample = _sample(trainer, state.params, config)
+  if sample is not None and jax.process_index() == 0:
+    print(f'--- sample (greedy) ---\n{sample}\n---', file=sys.stderr)
   return last
 
 
@@ -156,10 +217,10 @@ def main(argv):
     mesh_lib.configure_cpu_devices()
     mesh_lib.maybe_initialize_distributed()
     final = run(config, _WORKDIR.value)
-  except config_lib.ConfigError as error:
+  except (config_lib.ConfigError, pipeline_lib.DataError, checkpoint_lib.CheckpointError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and final:
     print('final ' + ' '.join(f'{k}={v:.4g}' for k, v in final.items()))
   return 0
 

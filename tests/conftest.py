@@ -14,8 +14,15 @@ import pytest  # noqa: E402
 from research.config import load_config_file  # noqa: E402
 
 
+def _fast(config):
+  """Unit tests train on the in-memory synthetic source, without checkpoints or samples."""
+  config.data.source = 'markov'
+  config.train.sample_tokens = 0
+  return config
+
+
 @pytest.fixture
 def decoder_config():
-  """Returns a function variant -> a fresh locked decoder config."""
-  return lambda variant='tiny': load_config_file(os.path.join(REPO, 'configs', 'decoder.py') +
-                                                 f':{variant}')
+  """Returns a function variant -> a fresh locked decoder config (synthetic data)."""
+  path = os.path.join(REPO, 'configs', 'decoder.py')
+  return lambda variant='tiny': _fast(load_config_file(f'{path}:{variant}'))

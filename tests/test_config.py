@@ -59,7 +59,7 @@ def _assert_one_sentence(error, *fragments):
 
 
 @pytest.mark.parametrize('edit, num_devices, fragments', [
-    (dict(model=dict(num_heads=5)), 1, ('num_heads=5', 'emb_dim=64')),
+    (dict(model=dict(num_heads=5)), 1, ('num_heads=5', 'emb_dim=128')),
     (dict(model=dict(num_kv_heads=3)), 1, ('num_kv_heads=3',)),
     (dict(mesh=dict(data=2, fsdp=2, tensor=1)), 8, ('data*fsdp*tensor equal 8',)),
     (dict(mesh=dict(data=-1, fsdp=3, tensor=1)), 8, ('no whole size',)),
@@ -69,7 +69,7 @@ def _assert_one_sentence(error, *fragments):
     (dict(mesh=dict(data=1, tensor=8)), 8, ('mesh.tensor=8',)),
     (dict(model=dict(style='gpt3')), 1, ("'gpt3'", 'gpt2')),
     (dict(optim=dict(decay='exp')), 1, ('optim.decay',)),
-    (dict(train=dict(seq_len=1024)), 1, ('max_len=128',)),
+    (dict(train=dict(seq_len=1024)), 1, ('max_len=256',)),
 ])
 def test_validation_errors_are_one_sentence(decoder_config, edit, num_devices, fragments):
   config = decoder_config('tiny')

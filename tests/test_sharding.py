@@ -34,7 +34,7 @@ def _train(config, mesh_shape, steps=3):
   trainer = train.setup(config, mesh_lib.make_mesh(mesh_shape, devices))
   state, records = trainer.state, []
   for step in range(steps):
-    host_batch = trainer.source.batch(step, config.train.batch_size, config.train.seq_len)
+    host_batch = trainer.pipeline.train_batch(step)
     state, metrics = trainer.train_step(
         state, global_batch.to_global(host_batch, trainer.batch_shardings), trainer.dropout_rng)
     records.append(jax.device_get(metrics))

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from research.data import pipeline as pipeline_lib
 from research.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,15 +15,18 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
   workdir = tmp_path / 'run'
   result = subprocess.run(
       [sys.executable, '-m', 'research.train', '--config', 'configs/decoder.py:tiny',
-       '--workdir', str(workdir), '--config.train.num_steps=150', '--config.train.eval_every=50',
+       '--workdir', str(workdir), '--config.data.source=markov', '--config.train.sample_tokens=0',
+       '--config.model.num_layers=2', '--config.model.emb_dim=64', '--config.model.mlp_dim=172',
+       '--config.model.vocab_size=256', '--config.train.seq_len=64',
+       '--config.train.num_steps=150', '--config.train.eval_every=50',
        '--config.mesh.data=2', '--config.mesh.tensor=2', '--config.mesh.fsdp=2',
        '--config.train.profile_start_step=100', '--config.train.profile_num_steps=2'],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
 
   config = decoder_config('tiny')
-  source = synthetic.MarkovSource(config.model.vocab_size, config.data.markov_branching,
-                                  config.seed, config.data.min_doc_len)
+  source = synthetic.MarkovSource(256, config.data.markov_branching, config.seed,
+                                  config.data.min_doc_len)
   unigram = source.unigram_entropy()
   assert unigram > 4.0  # A near-uniform stream over 256 tokens...
   records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
@@ -39,7 +43,34 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
   # The run is reproducible from its workdir: resolved config, versions, git revision.
   recorded = json.load(open(workdir / 'config.json'))
   assert recorded['train']['num_steps'] == 150 and recorded['mesh']['tensor'] == 2
+  assert recorded['data']['source'] == 'markov'
   environment = json.load(open(workdir / 'environment.json'))
   assert environment['packages']['jax'] and environment['git']
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir / 'tensorboard'))
   assert list((workdir / 'profile').glob('**/*.trace.json.gz'))  # The requested profiler trace.
+
+
+def test_default_corpus_run_beats_a_unigram_model_and_checkpoints(decoder_config, tmp_path):
+  """The demo path: `tiny` on the embedded standard-library corpus through the real command."""
+  workdir, data_dir = tmp_path / 'demo', tmp_path / 'tfds'
+  steps = 250
+  result = subprocess.run(
+      [sys.executable, '-m', 'research.train', '--config', 'configs/decoder.py:tiny',
+       '--workdir', str(workdir), f'--config.data.data_dir={data_dir}',
+       f'--config.train.num_steps={steps}', '--config.train.eval_every=125',
+       '--config.checkpoint.every_steps=125', '--config.train.sample_tokens=40',
+       '--cpu_devices=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'step/s' in result.stderr  # The progress bar.
+  assert '--- sample (greedy) ---\ndef ' in result.stderr
+
+  config = decoder_config('tiny')
+  config.data.source, config.data.data_dir = 'stdlib', str(data_dir)
+  unigram = pipeline_lib.build(config).unigram_cross_entropy(config.train.eval_batches)
+  final = [json.loads(line) for line in open(workdir / 'metrics.jsonl')][-1]
+  assert final['step'] == steps
+  assert final['eval_loss'] < unigram - 1.0, (final['eval_loss'], unigram)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['125', '250']
+  data = json.load(open(workdir / 'environment.json'))['data']
+  assert data['source'] == 'stdlib' and len(data['fingerprint']) == 64 and data['files'] > 100

@@ -22,7 +22,7 @@ def _trainer(config, mesh_shape=None):
 def _losses(trainer, config, steps, rng=None):
   state, losses = trainer.state, []
   for step in range(steps):
-    batch = trainer.source.batch(step, config.train.batch_size, config.train.seq_len)
+    batch = trainer.pipeline.train_batch(step)
     state, metrics = trainer.train_step(state, global_batch.to_global(batch, trainer.batch_shardings),
                                         trainer.dropout_rng if rng is None else rng)
     losses.append(float(metrics['loss']))
@@ -55,7 +55,7 @@ def test_dropout_uses_the_explicit_rng_and_evaluation_is_deterministic(decoder_c
   config = decoder_config('tiny')
   config.model.dropout_rate = 0.2
   trainer = _trainer(config)
-  batch = global_batch.to_global(trainer.source.batch(0, 16, 64), trainer.batch_shardings)
+  batch = global_batch.to_global(trainer.pipeline.train_batch(0), trainer.batch_shardings)
 
   def first_loss(key):
     state = jax.tree.map(jnp.copy, trainer.state)  # The step donates its input state.

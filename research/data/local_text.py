@@ -1,0 +1,117 @@
+"""A TFDS builder for local text files, written as array_record WITHOUT TensorFlow.
+
+Without TensorFlow installed, TFDS can write only the array_record file format, which is what we
+ask for explicitly; reading goes through `builder.as_data_source()` (random access, no download).
+Each source file is one document; a file goes to the validation split when a hash of its path
+relative to its root falls below `validation_percent` (or, if none does, the lowest-hashing file
+alone), so the split does not depend on file order.
+A single file is split instead by its lines: the last `validation_percent` of them validate.
+"""
+
+import glob
+import hashlib
+import os
+
+import tensorflow_datasets as tfds
+
+
+class DataError(ValueError):
+  """A data problem, described in one sentence that says what to change."""
+
+
+def resolve_files(specs, suffix=''):
+  """Expands files, directories (recursively) and globs into sorted (root, path) pairs."""
+  found = {}
+  for spec in specs:
+    spec = os.path.expanduser(spec)
+    if os.path.isdir(spec):
+      matches = [(spec, p) for p in glob.glob(os.path.join(spec, '**', '*' + suffix), recursive=True)]
+    elif any(c in spec for c in '*?['):
+      root = os.path.dirname(spec.split('*')[0].split('?')[0].split('[')[0]) or '.'
+      matches = [(root, p) for p in glob.glob(spec, recursive=True)]
+    elif os.path.isfile(spec):
+      matches = [(os.path.dirname(spec) or '.', spec)]
+    else:
+      matches = []
+    if not any(os.path.isfile(path) for _, path in matches):
+      raise DataError(f'Text source {spec!r} matches no file; fix data.paths (files, '
+                      'directories or globs).')
+    for root, path in matches:
+      if os.path.isfile(path):
+        found[os.path.abspath(path)] = os.path.abspath(root)
+  if not found:
+    raise DataError('No text source given; set data.paths (files, directories or globs).')
+  return sorted((root, path) for path, root in found.items())
+
+
+def fingerprint(files):
+  """Content hash of (relative path, bytes) over all files: names the prepared dataset."""
+  digest = hashlib.sha256()
+  for root, path in files:
+    digest.update(os.path.relpath(path, root).encode())
+    with open(path, 'rb') as f:
+      digest.update(hashlib.sha256(f.read()).digest())
+  return digest.hexdigest()
+
+
+def _bucket(relative_path):
+  return int(hashlib.sha256(relative_path.encode()).hexdigest()[:8], 16) % 100
+
+
+def is_validation(relative_path, validation_percent):
+  return _bucket(relative_path) < validation_percent
+
+
+def split_files(files, validation_percent):
+  """(train, validation) by path hash; at least one file validates when there are several."""
+  relative = [os.path.relpath(path, root) for root, path in files]
+  chosen = {i for i, name in enumerate(relative) if is_validation(name, validation_percent)}
+  if not chosen:
+    chosen = {min(range(len(files)), key=lambda i: (_bucket(relative[i]), relative[i]))}
+  return ([f for i, f in enumerate(files) if i not in chosen],
+          [f for i, f in enumerate(files) if i in chosen])
+
+
+class LocalText(tfds.core.GeneratorBasedBuilder):
+  """Local text files -> {'text': bytes, 'path': relative path}, train/validation splits."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def __init__(self, *, files, validation_percent, **kwargs):
+    self._files = files
+    self._validation_percent = validation_percent
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {'text': tfds.features.Text(), 'path': tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing is downloaded.
+    if len(self._files) == 1:
+      return {'train': self._generate_examples(self._files, part='train'),
+              'validation': self._generate_examples(self._files, part='validation')}
+    train, validation = split_files(self._files, self._validation_percent)
+    return {'train': self._generate_examples(train),
+            'validation': self._generate_examples(validation)}
+
+  def _generate_examples(self, files, part=None):
+    for root, path in files:
+      relative = os.path.relpath(path, root)
+      with open(path, 'rb') as f:
+        text = f.read().decode('utf-8', errors='replace')
+      if part is not None:  # One file: split by lines.
+        lines = text.splitlines(keepends=True)
+        cut = len(lines) - max(1, len(lines) * self._validation_percent // 100)
+        text = ''.join(lines[:cut] if part == 'train' else lines[cut:])
+      yield relative, {'text': text, 'path': relative}
+
+
+def prepare(files, data_dir, validation_percent, name, content_hash):
+  """Writes (once) and returns the builder for `files`, in a folder named by their content hash."""
+  version_dir = f'{name}-{content_hash[:16]}-val{validation_percent}'
+  builder = LocalText(files=files, validation_percent=validation_percent,
+                      data_dir=os.path.join(data_dir, version_dir), file_format='array_record')
+  if not builder.is_prepared():
+    tfds.disable_progress_bar()
+    builder.download_and_prepare()
+  return builder

@@ -1,0 +1,118 @@
+"""Data from config: source -> tokenizer -> packed rows -> the batch for a step.
+
+Sources (`config.data.source`):
+  stdlib  the embedded default corpus: this Python's standard-library source files
+  text    local files, directories or globs (`config.data.paths`, comma-separated)
+  markov  an in-memory synthetic token stream (research/data/synthetic.py)
+Text sources are written once as TFDS array_record splits under `config.data.data_dir` and read
+with `as_data_source()` through grain.
+"""
+
+import dataclasses
+import os
+
+import grain
+import numpy as np
+
+from research.data import corpus
+from research.data import local_text
+from research.data import packed_rows
+from research.data import synthetic
+from research.data import tokenizer as tokenizer_lib
+from research.data.local_text import DataError
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """Batches as pure functions of the step; `lo`/`hi` select a host's rows of the global batch."""
+  batch_size: int
+  seq_len: int
+  train: object  # .rows(start, stop)
+  validation: object
+  tokenizer: object
+  record: dict  # What the workdir records about the data (source, fingerprint, sizes).
+
+  def train_batch(self, step, lo=0, hi=None):
+    hi = self.batch_size if hi is None else hi
+    return self.train.rows(step * self.batch_size + lo, step * self.batch_size + hi)
+
+  def eval_batch(self, index):
+    return self.validation.rows(index * self.batch_size, (index + 1) * self.batch_size)
+
+  def unigram_cross_entropy(self, num_batches):
+    """Validation loss (nats/token) of the add-one unigram model of the training tokens."""
+    counts = np.bincount(np.asarray(self.train.tokens), minlength=self.tokenizer.vocab_size) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    total, count = 0.0, 0.0
+    for index in range(num_batches):
+      rows = self.eval_batch(index)
+      mask = rows['weights'] > 0
+      total -= log_probs[rows['targets'][mask]].sum()
+      count += mask.sum()
+    return total / count
+
+
+def _tokenize_split(builder, split, tokenizer):
+  """All documents of a split, each followed by EOS, concatenated: (tokens, doc_bounds)."""
+  source = builder.as_data_source(split=split)
+  if len(source) == 0:
+    raise DataError(f'The {split} split is empty; add more files or change data.validation_percent.')
+  documents = grain.MapDataset.source(source).map(
+      lambda record: np.append(tokenizer.encode(record['text']), tokenizer.eos_id))
+  pieces = [documents[i] for i in range(len(documents))]
+  bounds = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
+  dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
+  return np.concatenate(pieces).astype(dtype), bounds
+
+
+class _MarkovRows:
+  """Adapts the synthetic source to the rows(start, stop) interface (one batch per call)."""
+
+  def __init__(self, source, split, batch_size, seq_len):
+    self.source, self.split, self.batch_size, self.seq_len = source, split, batch_size, seq_len
+    sample = source.batch(0, 64, seq_len)
+    self.tokens = sample['targets'][sample['weights'] > 0]
+
+  def rows(self, start, stop):
+    step, lo = divmod(start, self.batch_size)
+    batch = self.source.batch(step, self.batch_size, self.seq_len, split=self.split)
+    return {k: v[lo:lo + stop - start] for k, v in batch.items()}
+
+
+def build(config):
+  d, t = config.data, config.train
+  if d.source == 'markov':
+    source = synthetic.MarkovSource(config.model.vocab_size, d.markov_branching, config.seed,
+                                    d.min_doc_len)
+    tokenizer = type('MarkovVocabulary', (), dict(vocab_size=config.model.vocab_size))()
+    return Pipeline(t.batch_size, t.seq_len,
+                    _MarkovRows(source, 'train', t.batch_size, t.seq_len),
+                    _MarkovRows(source, 'validation', t.batch_size, t.seq_len),
+                    tokenizer, dict(source='markov', seed=config.seed))
+
+  tokenizer = tokenizer_lib.get(d.tokenizer)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise DataError(f'The {d.tokenizer!r} tokenizer has {tokenizer.vocab_size} tokens but '
+                    f'model.vocab_size={config.model.vocab_size}; raise model.vocab_size.')
+  if d.source == 'stdlib':
+    files = [f for f in local_text.resolve_files(corpus.stdlib_sources())
+             if corpus.is_stdlib_file(f[1])]
+  elif d.source == 'text':
+    if not d.paths:
+      raise DataError("data.source='text' needs data.paths (files, directories or globs).")
+    files = local_text.resolve_files([p for p in d.paths.split(',') if p])
+  else:
+    raise DataError(f"data.source={d.source!r} is not one of ['stdlib', 'text', 'markov'].")
+  content_hash = local_text.fingerprint(files)
+  builder = local_text.prepare(files, os.path.expanduser(d.data_dir), d.validation_percent,
+                               d.source, content_hash)
+  rows = {}
+  for split, shuffle in (('train', True), ('validation', False)):
+    tokens, bounds = _tokenize_split(builder, split, tokenizer)
+    rows[split] = packed_rows.PackedRows(tokens, bounds, t.seq_len, config.seed, shuffle,
+                                         tokenizer.pad_id)
+  record = dict(source=d.source, files=len(files), fingerprint=content_hash,
+                prepared_at=builder.data_dir, tokenizer=d.tokenizer,
+                train_tokens=int(len(rows['train'].tokens)),
+                validation_tokens=int(len(rows['validation'].tokens)))
+  return Pipeline(t.batch_size, t.seq_len, rows['train'], rows['validation'], tokenizer, record)
