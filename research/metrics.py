@@ -101,7 +101,7 @@ class MetricWriter:
 
 
 class Throughput:
-  """Tokens/s, step time and MFU over the steps since the last report."""
+  """Tokens/s, step time and MFU over the time since the last report (or reset)."""
 
   def __init__(self, flops_per_token, peak_flops_total):
     self.flops_per_token = flops_per_token
@@ -110,17 +110,12 @@ class Throughput:
 
   def reset(self):
     self.start = time.perf_counter()
-    self.steps = 0
-    self.tokens = 0.0
 
-  def add(self, tokens):
-    self.steps += 1
-    self.tokens += tokens
-
-  def report(self):
+  def report(self, steps, tokens):
+    """`tokens`: real (non-padding) target tokens trained on in those `steps`."""
     elapsed = max(time.perf_counter() - self.start, 1e-9)
-    tokens_per_s = self.tokens / elapsed
-    result = dict(tokens_per_s=tokens_per_s, step_time_s=elapsed / max(self.steps, 1))
+    tokens_per_s = float(tokens) / elapsed
+    result = dict(tokens_per_s=tokens_per_s, step_time_s=elapsed / max(steps, 1))
     if self.peak:
       result['mfu'] = tokens_per_s * self.flops_per_token / self.peak
     self.reset()

@@ -12,6 +12,7 @@ optimizer, step 0); else initialise afresh.
 """
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -58,7 +59,7 @@ def setup(config, mesh, pipeline=None):
 
   # Data.
   pipeline = pipeline or pipeline_lib.build(config)
-  batch_shardings = global_batch.batch_shardings(pipeline.train_batch(0), mesh)
+  batch_shardings = global_batch.batch_shardings(t.batch_size, t.seq_len, mesh)
 
   # Model and sharded state.
   model = decoder.build(config.model, partitioning.ActivationSharding(mesh))
@@ -89,8 +90,10 @@ def _progress_bar(config, start, total):
 
 def _evaluate(trainer, params, num_batches):
   totals = dict(loss=0.0, tokens=0.0, correct=0.0)
+  data = trainer.pipeline
   for index in range(num_batches):
-    batch = global_batch.to_global(trainer.pipeline.eval_batch(index), trainer.batch_shardings)
+    batch = global_batch.assemble(functools.partial(data.eval_batch, index),
+                                  (data.batch_size, data.seq_len), trainer.batch_shardings)
     sums = jax.device_get(trainer.eval_step(params, batch))
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   loss = totals['loss'] / max(totals['tokens'], 1.0)
@@ -168,12 +171,11 @@ def run(config, workdir):
     if step == t.profile_start_step:
       jax.profiler.start_trace(f'{workdir}/profile', create_perfetto_trace=True)
       profiling = True
-    host_batch = pipeline.train_batch(step)
+    batch = global_batch.assemble(functools.partial(pipeline.train_batch, step),
+                                  (t.batch_size, t.seq_len), trainer.batch_shardings)
     with jax.profiler.StepTraceAnnotation('train', step_num=step) if profiling else contextlib.nullcontext():
-      state, step_metrics = trainer.train_step(
-          state, global_batch.to_global(host_batch, trainer.batch_shardings), dropout_rng)
+      state, step_metrics = trainer.train_step(state, batch, dropout_rng)
     pending.append(step_metrics)
-    throughput.add(float(np.sum(host_batch['weights'])))
     if profiling and step + 1 >= t.profile_start_step + t.profile_num_steps:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
@@ -185,7 +187,7 @@ def run(config, workdir):
       pending = []
       last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
       last['perplexity'] = math.exp(min(last['loss'], 50.0))
-      last.update(throughput.report())
+      last.update(throughput.report(steps=len(fetched), tokens=sum(m['tokens'] for m in fetched)))
       if done % t.eval_every == 0 or done == stop_step:
         last.update(_evaluate(trainer, state.params, t.eval_batches))
         throughput.reset()  # Keep evaluation time out of the training throughput.

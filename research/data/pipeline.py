@@ -36,8 +36,9 @@ class Pipeline:
     hi = self.batch_size if hi is None else hi
     return self.train.rows(step * self.batch_size + lo, step * self.batch_size + hi)
 
-  def eval_batch(self, index):
-    return self.validation.rows(index * self.batch_size, (index + 1) * self.batch_size)
+  def eval_batch(self, index, lo=0, hi=None):
+    hi = self.batch_size if hi is None else hi
+    return self.validation.rows(index * self.batch_size + lo, index * self.batch_size + hi)
 
   def unigram_cross_entropy(self, num_batches):
     """Validation loss (nats/token) of the add-one unigram model of the training tokens."""
