@@ -96,27 +96,33 @@ def _check_shapes(saved, expected, directory):
           'it was trained with, or another --workdir.')
 
 
-def restore_params(source_workdir, state, state_shardings):
-  """Warm start: the parameters of the latest checkpoint under another run's workdir."""
-  directory = os.path.join(source_workdir, 'checkpoints')
+def read_params(directory, abstract_params):
+  """(params, step) from the newest checkpoint in `directory`, restored into `abstract_params`
+  (ShapeDtypeStructs with shardings); the optimizer state is not read."""
   if not os.path.isdir(directory):
-    raise CheckpointError(f'checkpoint.init_from={source_workdir!r} holds no checkpoints/ folder; '
-                          'point it at the workdir of a finished run.')
+    raise CheckpointError(f'{directory} does not exist; point at the workdir of a finished run.')
   source = Checkpointer(directory, every_steps=1, keep=None)
   try:
     step = source.latest_step()
     if step is None:
-      raise CheckpointError(f'checkpoint.init_from={source_workdir!r} holds no finished checkpoint.')
-    _check_shapes(source.read_record(step).get('param_shapes', {}), param_shapes(state.params),
+      raise CheckpointError(f'{directory} holds no finished checkpoint.')
+    _check_shapes(source.read_record(step).get('param_shapes', {}), param_shapes(abstract_params),
                   directory)
-    abstract = {'params': _abstract(state.params, state_shardings.params)}
+    abstract = {'params': abstract_params}
     restored = source.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True)))
-    return state.replace(params=restored['state']['params']), step
+    return restored['state']['params'], step
   finally:
     source.close()
+
+
+def restore_params(source_workdir, state, state_shardings):
+  """Warm start: the parameters of the latest checkpoint under another run's workdir."""
+  params, step = read_params(os.path.join(source_workdir, 'checkpoints'),
+                             _abstract(state.params, state_shardings.params))
+  return state.replace(params=params), step
 
 
 def rng_to_record(key):
