@@ -127,7 +127,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       progress_bar=True,
       tensorboard=True,
       stop_at_step=-1,  # Stop (as if preempted) at this step; -1 runs to num_steps.
-      sample_tokens=200,  # Greedy sample printed at the end; 0 disables.
+      sample_tokens=120,  # Greedy sample printed at the end; 0 disables.
       sample_prompt='def ',
   ))
 

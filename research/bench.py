@@ -1,12 +1,16 @@
 """Benchmarks.
 
   python -m research.bench train --config configs/decoder.py:nanogpt_cpu [--peer=torch]
+  python -m research.bench decode --config configs/decoder.py:tiny [--decode_batch=8 ...]
 
 `train` times full training steps (host batch creation and transfer, forward, backward, optimizer)
 on synthetic full-length token batches after warm-up, and reports the median over several timed
 windows of tokens/s, step time and MFU, plus the compile time. With --peer=torch it also trains
 the same model in PyTorch (research/peers/torch_gpt.py, nanoGPT-equivalent), alternating timed
 windows between the two so that both see the same machine, and reports the ratio.
+
+`decode` times batched KV-cache generation (research/decode.py) with random parameters: the
+prefill of the prompts and the per-token decode step separately, each the median of repeats.
 """
 
 import json
@@ -15,10 +19,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from flax import linen as nn
 
 from research import config as config_lib
+from research import decode
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
 from research import train
@@ -30,6 +37,10 @@ _WINDOWS = flags.DEFINE_integer('windows', 7, 'Number of timed windows.')
 _WINDOW_STEPS = flags.DEFINE_integer('window_steps', 20, 'Training steps per timed window.')
 _PEER = flags.DEFINE_enum('peer', None, ['torch'], 'Also time this peer implementation.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
+_DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'decode: prompts per batch.')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 64, 'decode: prompt length in tokens.')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'decode: generated tokens per prompt.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'decode: timed repeats (median).')
 
 
 def synthetic_batch(rng, batch_size, seq_len, vocab_size):
@@ -112,14 +123,44 @@ def bench_train(config):
   return results
 
 
+def bench_decode(config):
+  model = decoder.build(config.model)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  params = nn.meta.unbox(params)
+  batch, prompt_len, new = _DECODE_BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
+  prompts = np.random.default_rng(0).integers(3, config.model.vocab_size, (batch, prompt_len))
+  prompts = prompts.tolist()
+
+  def seconds(new_tokens):
+    sampling = decode.SamplingConfig(max_new_tokens=new_tokens)
+    decode.generate(model, params, prompts, sampling)  # Compile.
+    times = []
+    for _ in range(_REPEATS.value):
+      start = time.perf_counter()
+      decode.generate(model, params, prompts, sampling)  # Returns host lists: synchronised.
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  prefill_s = seconds(1)  # Prefill plus one decode step.
+  total_s = seconds(new)
+  per_token_s = (total_s - prefill_s) / max(new - 1, 1)
+  return dict(variant=config.variant, device_kind=jax.devices()[0].device_kind, batch=batch,
+              prompt_len=prompt_len, new_tokens=new, prefill_s=prefill_s,
+              prefill_tokens_per_s=batch * prompt_len / prefill_s,
+              decode_step_ms=1000 * per_token_s, decode_tokens_per_s=batch / per_token_s,
+              generate_s=total_s)
+
+
 def main(argv):
-  if len(argv) < 2 or argv[1] != 'train':
-    print('usage: python -m research.bench train --config configs/decoder.py:VARIANT', file=sys.stderr)
+  modes = {'train': bench_train, 'decode': bench_decode}
+  if len(argv) < 2 or argv[1] not in modes:
+    print('usage: python -m research.bench train|decode --config configs/decoder.py:VARIANT',
+          file=sys.stderr)
     return 2
   try:
     config = config_lib.parse_flags([argv[0]] + argv[2:])
     mesh_lib.configure_cpu_devices()
-    results = bench_train(config)
+    results = modes[argv[1]](config)
   except config_lib.ConfigError as error:
     print(f'error: {error}', file=sys.stderr)
     return 2

@@ -1,21 +1,124 @@
-"""Text generation. Greedy decoding by full forward passes over a sliding window (no KV cache)."""
+"""Batched autoregressive generation with a key/value cache.
+
+The cache is allocated once (prompt length + new tokens), updated in place inside one jitted
+`lax.while_loop`, so the prefill and the per-token step each compile once. Prompts of different
+lengths share a batch by left padding: padding carries segment id 0, so no real token attends to
+it, and positions count from each prompt's first real token. Sampling: greedy (temperature 0),
+temperature, top-k and top-p; generation stops per row at a stop token.
+"""
+
+import dataclasses
+import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def greedy_generate(model, params, prompt_ids, num_tokens, window):
-  """Appends `num_tokens` greedy tokens to `prompt_ids`, attending to the last `window` tokens."""
-  @jax.jit
-  def next_token(buffer, length):
-    logits = model.apply({'params': params}, buffer[None])
-    return jnp.argmax(logits[0, length - 1])
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 64
+  temperature: float = 0.0  # 0: greedy.
+  top_k: int = 0  # 0: no top-k filter.
+  top_p: float = 1.0  # 1: no nucleus filter.
+  stop_tokens: Sequence[int] = ()
+  pad_id: int = 0
 
-  tokens = list(np.asarray(prompt_ids).tolist())
-  for _ in range(num_tokens):
-    context = tokens[-window:]
-    buffer = np.zeros(window, np.int32)  # Right padding: causal attention never sees it.
-    buffer[:len(context)] = context
-    tokens.append(int(next_token(jnp.asarray(buffer), len(context))))
-  return tokens[len(prompt_ids):]
+
+def left_pad(prompts, pad_id=0):
+  """Ragged prompts -> tokens, segment_ids (1 real, 0 padding), positions; all [batch, length]."""
+  length = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  segments = np.zeros((len(prompts), length), np.int32)
+  for row, prompt in enumerate(prompts):
+    if len(prompt) == 0:
+      raise ValueError(f'Prompt {row} is empty; every prompt needs at least one token.')
+    tokens[row, length - len(prompt):] = prompt
+    segments[row, length - len(prompt):] = 1
+  positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+  return tokens, segments, positions
+
+
+def filter_logits(logits, temperature, top_k, top_p):
+  """Temperature scaling, then top-k and top-p (nucleus) filtering to -inf."""
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # Always keeps the most likely token.
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def _choose(logits, key, sampling):
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+  return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _generate(model, params, tokens, segments, positions, sampling, rng):
+  batch, prompt_length = tokens.shape
+  new = sampling.max_new_tokens
+  cache_shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((batch, prompt_length + new), jnp.int32),
+                         decode=True)['cache'])
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+
+  def forward(cache, tokens, positions, segments):
+    logits, variables = model.apply({'params': params, 'cache': cache}, tokens, positions,
+                                    segments, decode=True, mutable=['cache'])
+    return logits[:, -1], variables['cache']
+
+  logits, cache = forward(cache, tokens, positions, segments)  # Prefill.
+  stops = jnp.asarray(list(sampling.stop_tokens) or [-1], jnp.int32)
+  state = dict(i=jnp.zeros((), jnp.int32), cache=cache, logits=logits, position=positions[:, -1] + 1,
+               done=jnp.zeros((batch,), bool), rng=rng,
+               out=jnp.full((batch, new), sampling.pad_id, jnp.int32),
+               step_logits=jnp.zeros((batch, new, logits.shape[-1]), jnp.float32))
+
+  def step(s):
+    rng, key = jax.random.split(s['rng'])
+    token = jnp.where(s['done'], sampling.pad_id, _choose(s['logits'], key, sampling))
+    out = s['out'].at[:, s['i']].set(token)
+    step_logits = s['step_logits'].at[:, s['i']].set(s['logits'])
+    done = s['done'] | jnp.isin(token, stops)
+    logits, cache = forward(s['cache'], token[:, None], s['position'][:, None],
+                            jnp.ones((batch, 1), jnp.int32))
+    return dict(i=s['i'] + 1, cache=cache, logits=logits, position=s['position'] + 1, done=done,
+                rng=rng, out=out, step_logits=step_logits)
+
+  state = jax.lax.while_loop(lambda s: (s['i'] < new) & ~jnp.all(s['done']), step, state)
+  return state['out'], state['step_logits'], state['i']
+
+
+def generate(model, params, prompts, sampling=SamplingConfig(), rng=None, return_logits=False):
+  """Continues each prompt (a list of token ids); returns a list of generated id lists.
+
+  A row ends at its first stop token (not included). With return_logits, also returns the
+  [batch, steps, vocab] logits from which each step's token was chosen.
+  """
+  spec = model.spec
+  sampling = dataclasses.replace(sampling, stop_tokens=tuple(int(t) for t in sampling.stop_tokens))
+  longest = max(len(p) for p in prompts) + sampling.max_new_tokens
+  if spec.is_gpt2 and longest > spec.max_len:
+    raise ValueError(f'A prompt plus max_new_tokens reaches {longest} positions but the model '
+                     f'has {spec.max_len} learned positions; shorten the prompt or generate less.')
+  tokens, segments, positions = left_pad(prompts, sampling.pad_id)
+  rng = jax.random.key(0) if rng is None else rng
+  out, step_logits, steps = _generate(model, params, jnp.asarray(tokens), jnp.asarray(segments),
+                                      jnp.asarray(positions), sampling, rng)
+  out, steps = np.asarray(out), int(steps)
+  results = []
+  for row in out[:, :steps].tolist():
+    cut = next((i for i, t in enumerate(row) if t in sampling.stop_tokens), len(row))
+    results.append(row[:cut])
+  if return_logits:
+    return results, np.asarray(step_logits[:, :steps])
+  return results

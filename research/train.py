@@ -127,8 +127,10 @@ def _sample(trainer, params, config):
   if config.train.sample_tokens <= 0 or not hasattr(tokenizer, 'decode'):
     return None
   prompt = tokenizer.encode(config.train.sample_prompt)
-  ids = decode.greedy_generate(trainer.model, params, prompt, config.train.sample_tokens,
-                               window=config.train.seq_len)
+  sampling = decode.SamplingConfig(max_new_tokens=config.train.sample_tokens,
+                                   stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+  model = decoder.build(config.model)  # Without the training mesh's activation constraints.
+  ids = decode.generate(model, params, [prompt.tolist()], sampling)[0]
   return config.train.sample_prompt + tokenizer.decode(ids)
 
 

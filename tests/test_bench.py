@@ -24,7 +24,19 @@ def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
   assert results['flops_per_token'] == 6 * 794_752 + 6 * 4 * 64 * 128  # The README's formula.
 
 
+def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
+  out = tmp_path / 'decode.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'research.bench', 'decode', '--config', 'configs/decoder.py:tiny',
+       '--decode_batch=2', '--prompt_len=8', '--new_tokens=6', '--repeats=1', f'--json={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(out))
+  assert results['prefill_tokens_per_s'] > 0 and results['decode_tokens_per_s'] > 0
+  assert results['generate_s'] > results['prefill_s']
+
+
 def test_bench_rejects_an_unknown_mode():
-  result = subprocess.run([sys.executable, '-m', 'research.bench', 'decode'], cwd=REPO,
+  result = subprocess.run([sys.executable, '-m', 'research.bench', 'serve'], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and 'usage' in result.stderr

@@ -82,8 +82,14 @@ def test_greedy_generation_matches_transformers_generate(hf_model):
     want = torch_model.generate(torch.tensor(prompt[None]), attention_mask=torch.ones(1, 4, dtype=torch.long),
                                 max_new_tokens=12, do_sample=False, eos_token_id=None,
                                 pad_token_id=0)[0, 4:].numpy()
-  got = decode.greedy_generate(model, params, prompt, 12, window=config.model.max_len)
-  np.testing.assert_array_equal(got, want)
+  got = decode.generate(model, params, [prompt.tolist()], decode.SamplingConfig(max_new_tokens=12))
+  np.testing.assert_array_equal(got[0], want)
+  # The same through the command line, on the converted workdir.
+  result = subprocess.run([sys.executable, '-m', 'research.sample', '--workdir', str(workdir),
+                           '--prompt_ids', '5,17,42,8', '--max_new_tokens', '12'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == ','.join(map(str, want))
 
 
 def test_round_trips_are_bitwise(hf_model, tmp_path):

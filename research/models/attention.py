@@ -91,6 +91,14 @@ def resolve_implementation(implementation, dtype):
   return 'xla'
 
 
+def masked_attention(q, k, v, mask, implementation='auto'):
+  """Attention under an explicit [batch, 1, q, k] boolean mask (decoding with a cache)."""
+  implementation = resolve_implementation(implementation, q.dtype)
+  if implementation == 'explicit':
+    return _forward(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v, mask)[0]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
 def causal_attention(q, k, v, segment_ids, implementation='auto'):
   """Causal attention with the kernel `implementation` (see IMPLEMENTATIONS).
 

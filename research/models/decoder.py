@@ -72,6 +72,7 @@ class DecoderBlock(nn.Module):
   spec: DecoderSpec
   deterministic: bool = True
   sharding: Optional[Callable] = None
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
@@ -83,7 +84,7 @@ class DecoderBlock(nn.Module):
         num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
         use_bias=spec.is_gpt2, rope_theta=None if spec.is_gpt2 else spec.rope_theta,
         init_std=0.02, out_init_std=out_std, implementation=spec.attention, dtype=spec.dtype,
-        param_dtype=spec.param_dtype, sharding=self.sharding, name='attn',
+        param_dtype=spec.param_dtype, sharding=self.sharding, decode=self.decode, name='attn',
     )(_norm(spec, 'attn_norm')(x), positions, segment_ids)
     x = x + dropout(h)
     h = layers.Mlp(hidden_dim=spec.mlp_dim, gated=not spec.is_gpt2, use_bias=spec.is_gpt2,
@@ -109,7 +110,9 @@ class Decoder(nn.Module):
   sharding: Optional[Callable] = None
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True):
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True, decode=False):
+    """decode=True runs against the 'cache' collection (see layers.Attention); `init` with a
+    [batch, cache_length] input allocates it."""
     spec = self.spec
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -124,16 +127,18 @@ class Decoder(nn.Module):
     x = constrain(x, self.sharding, ('batch', 'length', 'act_embed'))
 
     block = DecoderBlock
-    if spec.remat != 'none':
+    if spec.remat != 'none' and not decode:  # Remat only matters for gradients.
       block = nn.remat(block, policy=_REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
     if spec.scan_layers:
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+      stack = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
+                      split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast), length=spec.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(spec, deterministic, self.sharding, name='layers')(x, positions, segment_ids)
+      x, _ = stack(spec, deterministic, self.sharding, decode, name='layers')(
+          x, positions, segment_ids)
     else:
       for i in range(spec.num_layers):
-        x, _ = block(spec, deterministic, self.sharding, name=f'layers_{i}')(
+        x, _ = block(spec, deterministic, self.sharding, decode, name=f'layers_{i}')(
             x, positions, segment_ids)
 
     x = _norm(spec, 'final_norm')(x)

@@ -145,6 +145,7 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   sharding: Optional[Callable] = None
+  decode: bool = False  # Autoregressive decoding with a key/value cache (collection 'cache').
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
@@ -162,10 +163,41 @@ class Attention(nn.Module):
     q = constrain(q, self.sharding, ('batch', 'length', 'act_heads', 'head_dim'))
     k = constrain(k, self.sharding, ('batch', 'length', 'act_kv_heads', 'head_dim'))
     v = constrain(v, self.sharding, ('batch', 'length', 'act_kv_heads', 'head_dim'))
-    out = attention.causal_attention(q, k, v, segment_ids, self.implementation)
+    if self.decode:
+      out = self._cached_attention(q, k, v, segment_ids)
+    else:
+      out = attention.causal_attention(q, k, v, segment_ids, self.implementation)
     return DenseGeneral((x.shape[-1],), ('heads', 'head_dim', 'embed'), contract_dims=2,
                         use_bias=self.use_bias, init_std=self.out_init_std, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='out')(out)
+
+
+  def _cached_attention(self, q, k, v, segment_ids):
+    """Writes k, v at the cache's next slots and attends over everything written so far.
+
+    The cache (allocated once, by `init` with a [batch, cache_length] input) holds keys, values
+    and the segment id of every slot; left-padded prompts carry segment 0 on their padding, so
+    no real token ever attends to it.
+    """
+    batch, length = q.shape[:2]
+    initialising = not self.has_variable('cache', 'cached_key')
+    keys = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+    values = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+    segments = self.variable('cache', 'cached_segment', jnp.zeros, (batch, length), jnp.int32)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    if initialising:
+      return jnp.zeros_like(q)
+    if segment_ids is None:
+      segment_ids = jnp.ones((batch, length), jnp.int32)
+    start = index.value
+    keys.value = jax.lax.dynamic_update_slice(keys.value, k, (0, start, 0, 0))
+    values.value = jax.lax.dynamic_update_slice(values.value, v, (0, start, 0, 0))
+    segments.value = jax.lax.dynamic_update_slice(segments.value, segment_ids, (0, start))
+    index.value = start + length
+    slots = jnp.arange(keys.value.shape[1])
+    causal = slots[None, :] <= (start + jnp.arange(length))[:, None]
+    mask = causal[None, None] & (segment_ids[:, None, :, None] == segments.value[:, None, None, :])
+    return attention.masked_attention(q, keys.value, values.value, mask, self.implementation)
 
 
 class Mlp(nn.Module):
