@@ -21,6 +21,8 @@ from ml_collections import config_flags
 
 _CONFIG_FLAG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and variant, e.g. configs/decoder.py:tiny.', lock_config=True)
+# Shared by every command that reads or writes a run directory (train, sample, convert).
+WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, checkpoints, metrics, logs.')
 
 
 class ConfigError(ValueError):

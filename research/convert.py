@@ -24,7 +24,6 @@ from research import workdir as workdir_lib
 from research.models import decoder
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'Hugging Face model directory (from_hf).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Our workdir (written by from_hf, read by to_hf).')
 _OUT = flags.DEFINE_string('out', None, 'Output Hugging Face directory (to_hf).')
 
 _BASE_VARIANT = {'gpt2': 'gpt2_small', 'llama': 'llama_1b'}
@@ -101,14 +100,14 @@ def main(argv):
   flags.FLAGS([argv[0]] + argv[2:])
   try:
     if argv[1] == 'from_hf':
-      if not (_MODEL_DIR.value and _WORKDIR.value):
+      if not (_MODEL_DIR.value and config_lib.WORKDIR.value):
         raise hf.ConversionError('from_hf needs --model_dir and --workdir.')
-      from_hf(_MODEL_DIR.value, _WORKDIR.value)
-      print(f'wrote {_WORKDIR.value}')
+      from_hf(_MODEL_DIR.value, config_lib.WORKDIR.value)
+      print(f'wrote {config_lib.WORKDIR.value}')
     else:
-      if not (_WORKDIR.value and _OUT.value):
+      if not (config_lib.WORKDIR.value and _OUT.value):
         raise hf.ConversionError('to_hf needs --workdir and --out.')
-      to_hf(_WORKDIR.value, _OUT.value)
+      to_hf(config_lib.WORKDIR.value, _OUT.value)
       print(f'wrote {_OUT.value}')
   except (hf.ConversionError, checkpoint_lib.CheckpointError, config_lib.ConfigError) as error:
     print(f'error: {error}', file=sys.stderr)

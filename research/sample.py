@@ -12,12 +12,12 @@ import jax
 from absl import flags
 
 from research import checkpoint as checkpoint_lib
+from research import config as config_lib
 from research import decode
 from research import workdir as workdir_lib
 from research.data import tokenizer as tokenizer_lib
 from research.models import decoder
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run or a conversion.')
 _PROMPTS = flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeat for a batch).')
 _PROMPT_IDS = flags.DEFINE_multi_string('prompt_ids', [], 'Comma-separated token ids (repeatable).')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate per prompt.')
@@ -30,9 +30,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 def main(argv):
   flags.FLAGS(argv)
   try:
-    if not _WORKDIR.value or not (_PROMPTS.value or _PROMPT_IDS.value):
+    if not config_lib.WORKDIR.value or not (_PROMPTS.value or _PROMPT_IDS.value):
       raise ValueError('Pass --workdir and at least one --prompt or --prompt_ids.')
-    config, params, step = workdir_lib.load_params(_WORKDIR.value)
+    config, params, step = workdir_lib.load_params(config_lib.WORKDIR.value)
     if _PROMPT_IDS.value:
       tokenizer = None
       prompts = [[int(t) for t in ids.split(',') if t] for ids in _PROMPT_IDS.value]
@@ -49,7 +49,7 @@ def main(argv):
   except (ValueError, checkpoint_lib.CheckpointError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
-  print(f'# {_WORKDIR.value}, step {step}', file=sys.stderr)
+  print(f'# {config_lib.WORKDIR.value}, step {step}', file=sys.stderr)
   for prompt, ids in zip(_PROMPTS.value or _PROMPT_IDS.value, outputs):
     print(prompt + tokenizer.decode(ids) if tokenizer else ','.join(map(str, ids)))
   return 0

@@ -37,7 +37,6 @@ from research.data import global_batch
 from research.data import pipeline as pipeline_lib
 from research.models import decoder
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the run record, metrics and logs.')
 
 
 class Trainer(NamedTuple):
@@ -216,11 +215,11 @@ def run(config, workdir):
 def main(argv):
   try:
     config = config_lib.parse_flags(argv)
-    if not _WORKDIR.value:
+    if not config_lib.WORKDIR.value:
       raise config_lib.ConfigError('No workdir given; pass --workdir DIR.')
     mesh_lib.configure_cpu_devices()
     mesh_lib.maybe_initialize_distributed()
-    final = run(config, _WORKDIR.value)
+    final = run(config, config_lib.WORKDIR.value)
   except (config_lib.ConfigError, pipeline_lib.DataError, checkpoint_lib.CheckpointError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2

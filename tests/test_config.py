@@ -165,3 +165,11 @@ def test_weight_decay_mask_is_applied_by_adamw(decoder_config):
   np.testing.assert_array_equal(updates['mlp']['bias'], 0.0)
   np.testing.assert_array_equal(updates['norm']['scale'], 0.0)
 
+
+
+def test_every_command_module_imports_together():
+  """The entry points share absl's global flags; none may define a flag twice."""
+  import research.bench  # noqa: F401
+  import research.convert  # noqa: F401
+  import research.sample  # noqa: F401
+  import research.train  # noqa: F401
