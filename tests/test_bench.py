@@ -28,7 +28,7 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
   out = tmp_path / 'decode.json'
   result = subprocess.run(
       [sys.executable, '-m', 'research.bench', 'decode', '--config', 'configs/decoder.py:tiny',
-       '--decode_batch=2', '--prompt_len=8', '--new_tokens=6', '--repeats=1', f'--json={out}'],
+       '--decode_batch=2', '--prompt_len=8', '--new_tokens=48', '--repeats=3', f'--json={out}'],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.load(open(out))
