@@ -66,6 +66,12 @@ def _tokenize_split(builder, split, tokenizer):
   return np.concatenate(pieces).astype(dtype), bounds
 
 
+@dataclasses.dataclass
+class _SyntheticVocabulary:
+  """Synthetic tokens have a vocabulary size but no text: nothing to encode or decode."""
+  vocab_size: int
+
+
 class _MarkovRows:
   """Adapts the synthetic source to the rows(start, stop) interface (one batch per call)."""
 
@@ -85,7 +91,7 @@ def build(config):
   if d.source == 'markov':
     source = synthetic.MarkovSource(config.model.vocab_size, d.markov_branching, config.seed,
                                     d.min_doc_len)
-    tokenizer = type('MarkovVocabulary', (), dict(vocab_size=config.model.vocab_size))()
+    tokenizer = _SyntheticVocabulary(config.model.vocab_size)
     return Pipeline(t.batch_size, t.seq_len,
                     _MarkovRows(source, 'train', t.batch_size, t.seq_len),
                     _MarkovRows(source, 'validation', t.batch_size, t.seq_len),
