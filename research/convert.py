@@ -59,9 +59,9 @@ def from_hf(model_dir, workdir):
   example = np.zeros((1, config.train.seq_len), np.int32)
   state, shardings = train_state.create(model, tx, mesh, example, jax.random.key(config.seed))
   _check_tree(params, state.params)
-  dtype = state.params  # Parameters keep the config's param_dtype.
-  params = jax.tree.map(lambda x, ref, s: jax.device_put(x.astype(ref.dtype), s), params, dtype,
-                        shardings.params)
+  # Into the initialised parameters' dtype (config.model.param_dtype) and shardings.
+  params = jax.tree.map(lambda x, ref, s: jax.device_put(x.astype(ref.dtype), s), params,
+                        state.params, shardings.params)
   state = state.replace(params=params)
 
   config_lib.record_run(config, workdir, data=dict(source='huggingface', model_dir=model_dir))

@@ -9,6 +9,7 @@ import os
 
 import jax
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 
 class ConversionError(ValueError):
@@ -234,7 +235,6 @@ def unstack_layers(params, num_layers):
 
 def read_model_dir(model_dir):
   """(config dict, tensors) from a Hugging Face model directory (safetensors only)."""
-  from safetensors.numpy import load_file
   config_path = os.path.join(model_dir, 'config.json')
   if not os.path.exists(config_path):
     raise ConversionError(f'{model_dir} has no config.json; pass a Hugging Face model directory.')
@@ -256,7 +256,6 @@ def read_model_dir(model_dir):
 
 
 def write_model_dir(out_dir, config, tensors):
-  from safetensors.numpy import save_file
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2, sort_keys=True)
