@@ -56,28 +56,36 @@ def load_config_file(spec):
   module_spec = importlib.util.spec_from_file_location('_research_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except ValueError as error:  # e.g. an unknown variant: the config file says which exist.
+    raise ConfigError(str(error)) from None
+
+
+def _config_spec(argv):
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None and '--config' in argv[:-1]:
+    spec = argv[argv.index('--config') + 1]
+  return spec
 
 
 def parse_flags(argv):
-  """Parses absl flags; a bad `--config.*` override becomes one ConfigError sentence."""
+  """Parses absl flags; a bad config file, variant or override becomes one ConfigError sentence."""
+  spec = _config_spec(argv)
+  if spec is None:
+    raise ConfigError('No config given; pass --config configs/<family>.py:VARIANT.')
+  base = load_config_file(spec)  # Checked here: config_flags defers such errors to first use.
   try:
     flags.FLAGS(argv)
     return _CONFIG_FLAG.value
-  except Exception as error:  # absl wraps the config's KeyError in several layers.
-    overrides = [a[len('--config.'):].split('=', 1) for a in argv if a.startswith('--config.')]
-    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-    if spec is None and '--config' in argv:
-      spec = argv[argv.index('--config') + 1]
-    if spec is None:
-      raise ConfigError('No config given; pass --config configs/<family>.py:VARIANT.') from None
-    base = load_config_file(spec)
+  except Exception as error:  # absl wraps the config's own errors in several layers.
     valid = _flat_keys(base)
-    for override in overrides:
-      key = override[0]
-      if key not in valid:
-        close = ', '.join(_closest_keys(key, valid)) or 'none'
-        raise ConfigError(f'Unknown config key {key!r}; closest valid keys: {close}.') from None
+    for argument in argv:
+      if argument.startswith('--config.'):
+        key = argument[len('--config.'):].split('=', 1)[0]
+        if key not in valid:
+          close = ', '.join(_closest_keys(key, valid)) or 'none'
+          raise ConfigError(f'Unknown config key {key!r}; closest valid keys: {close}.') from None
     message = str(error).split('\n')[0].strip('"\' ')
     raise ConfigError(f'Could not apply the command-line config: {message}.') from None
 

@@ -108,6 +108,17 @@ def test_misspelt_command_line_key_names_the_closest_valid_keys(tmp_path):
   assert not os.listdir(tmp_path)  # Nothing is written by a run that fails at start.
 
 
+@pytest.mark.parametrize('spec, fragment', [
+    ('configs/decoder.py:tinyy', "Unknown decoder variant 'tinyy'; choose one of"),
+    ('configs/nope.py:tiny', "Config file 'configs/nope.py' does not exist"),
+])
+def test_bad_config_file_or_variant_is_one_sentence(tmp_path, spec, fragment):
+  result = _train_cli('--config', spec, '--workdir', str(tmp_path))
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'error: {fragment}'), result.stderr[-2000:]
+
+
 def test_bad_command_line_value_is_one_sentence(tmp_path):
   result = _train_cli('--config', 'configs/decoder.py:tiny', '--workdir', str(tmp_path),
                       '--config.train.batch_size=many')
