@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import linen as nn  # noqa: F401  (keeps flax's orbax type handlers registered)
 
 
 class CheckpointError(ValueError):
@@ -60,21 +59,17 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
     expected = param_shapes(state.params)
     for candidate in steps:
-      try:
+      try:  # The record first: its shapes are checked before any array is read.
         record = self.read_record(candidate)
+        _check_shapes(record.get('param_shapes', {}), expected, self.directory)
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state, state_shardings))))
+        return restored['state'], record
+      except CheckpointError:
+        raise
       except Exception as error:  # Truncated or corrupt: try the previous one.
         logging.warning('Checkpoint step %d in %s is unreadable (%s); trying an older one.',
                         candidate, self.directory, error)
-        continue
-      _check_shapes(record.get('param_shapes', {}), expected, self.directory)
-      try:
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(state, state_shardings))))
-      except Exception as error:
-        logging.warning('Checkpoint step %d in %s is unreadable (%s); trying an older one.',
-                        candidate, self.directory, error)
-        continue
-      return restored['state'], record
     raise CheckpointError(f'No readable checkpoint in {self.directory}; move that folder away to '
                           'start fresh, or pass another --workdir.')
 

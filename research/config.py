@@ -7,6 +7,7 @@ line they arrive through absl flags + ml_collections `config_flags`:
 
 import difflib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os

@@ -4,9 +4,7 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-from flax import linen as nn
 
 from research import checkpoint as checkpoint_lib
 from research.models import decoder
@@ -23,17 +21,11 @@ def load_config(workdir):
   return config
 
 
-def abstract_params(model_config):
-  model = decoder.build(model_config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  return nn.meta.unbox(boxed)['params']
-
-
 def load_params(workdir, config=None):
   """(config, params, step) of the newest checkpoint in `workdir`, on the default device."""
   config = config or load_config(workdir)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract_params(config.model))
+                          decoder.abstract_params(config.model))
   params, step = checkpoint_lib.read_params(os.path.join(workdir, 'checkpoints'), abstract)
   return config, params, step

@@ -11,6 +11,7 @@ batch at step N is rows [N * B, (N + 1) * B) whoever reads it.
 import numpy as np
 
 from research.data import packing
+from research.objectives import causal_lm
 
 
 class PackedRows:
@@ -67,7 +68,7 @@ class PackedRows:
     order, row_starts = self._epoch(epoch)
     for example in order[row_starts[row]:row_starts[row + 1]]:
       start, length = self.example_starts[example], self.example_lengths[example]
-      yield self.tokens[start:start + length - 1], self.tokens[start + 1:start + length]
+      yield causal_lm.example_from_document(self.tokens[start:start + length])
 
   def rows(self, start, stop):
     """Rows [start, stop) as a dict of [stop - start, seq_len] arrays (see packing.FIELDS)."""

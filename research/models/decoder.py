@@ -155,8 +155,13 @@ def build(model_config, sharding=None):
   return Decoder(DecoderSpec.from_config(model_config), sharding=sharding)
 
 
-def count_params(model_config):
-  """Exact parameter count from abstract shapes (no memory is allocated)."""
+def abstract_params(model_config):
+  """The parameter tree as ShapeDtypeStructs (no memory is allocated)."""
   model = build(model_config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+  return nn.meta.unbox(shapes)['params']
+
+
+def count_params(model_config):
+  """Exact parameter count."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(model_config)))
