@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,17 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 
 setup: $(VENV)/.test
 
+# Both tiers: the fast one first (a few minutes), then the end-to-end `slow` runs. Test files run
+# in parallel (pytest-xdist), each file on one worker so that its fixtures are built once.
+WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(WORKERS) --dist loadfile
+
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PYTEST) -m "not slow" tests
+	$(PYTEST) -m slow tests
+
+test-fast: $(VENV)/.test
+	$(PYTEST) -m "not slow" tests
 
 demo: $(VENV)/.runtime
 	$(PY) -m research.train --config configs/decoder.py:tiny --workdir workdirs/demo

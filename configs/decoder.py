@@ -127,7 +127,8 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       progress_bar=True,
       tensorboard=True,
       stop_at_step=-1,  # Stop (as if preempted) at this step; -1 runs to num_steps.
-      sample_tokens=120,  # Greedy sample printed at the end; 0 disables.
+      # Greedy sample printed at the end (prompt + sample within max_len); 0 disables.
+      sample_tokens=min(120, config.model.max_len - 8),
       sample_prompt='def ',
   ))
 

@@ -2,6 +2,7 @@
 
   python -m research.bench train --config configs/decoder.py:nanogpt_cpu [--peer=torch]
   python -m research.bench decode --config configs/decoder.py:tiny [--decode_batch=8 ...]
+  python -m research.bench checkpoint --config configs/decoder.py:gpt2_small [--checkpoint_dir=DIR]
 
 `train` times full training steps (host batch creation and transfer, forward, backward, optimizer)
 on synthetic full-length token batches after warm-up, and reports the median over several timed
@@ -9,13 +10,18 @@ windows of tokens/s, step time and MFU, plus the compile time. With --peer=torch
 the same model in PyTorch (research/peers/torch_gpt.py, nanoGPT-equivalent), alternating timed
 windows between the two so that both see the same machine, and reports the ratio.
 
+`checkpoint` times the per-array content checksums (research/checkpoint.py) against the save and
+the restore they protect, on a freshly initialised train state of the config's model.
+
 `decode` times batched KV-cache generation (research/decode.py) with random parameters: the
 prefill of the prompts and the per-token decode step separately (fastest of the repeats).
 """
 
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -24,11 +30,15 @@ import numpy as np
 from absl import flags
 from flax import linen as nn
 
+from research import checkpoint as checkpoint_lib
 from research import config as config_lib
 from research import decode
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
+from research import optim
+from research import partitioning
 from research import train
+from research import train_state
 from research.data import global_batch
 from research.models import decoder
 
@@ -40,7 +50,10 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON f
 _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'decode: prompts per batch.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 64, 'decode: prompt length in tokens.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'decode: generated tokens per prompt.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'decode: timed repeats (the fastest counts).')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'decode, checkpoint: timed repeats (the fastest '
+                                'counts).')
+_CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'checkpoint: where to save (default: '
+                                      'a temporary folder).')
 
 
 def synthetic_batch(rng, batch_size, seq_len, vocab_size):
@@ -154,10 +167,50 @@ def bench_decode(config):
               generate_s=total_s)
 
 
+def _fastest(run, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def bench_checkpoint(config):
+  mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
+  model = decoder.build(config.model, partitioning.ActivationSharding(mesh))
+  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+  state, shardings = train_state.create(model, tx, mesh, jnp.zeros((1, 8), jnp.int32),
+                                        jax.random.key(0))
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  checkpoint_lib.checksums(state)  # Compile.
+  checksum_s = _fastest(lambda: checkpoint_lib.checksums(state), _REPEATS.value)
+  record = checkpoint_lib.make_record(0, jax.random.key(0), {}, config)
+  with tempfile.TemporaryDirectory(dir=_CHECKPOINT_DIR.value) as root:
+    saves = iter(range(1000))
+
+    def save():  # Each repeat saves a new step and waits until it is on disk.
+      checkpointer.save(next(saves), state, record)
+      checkpointer.wait()
+
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(root, 'checkpoints'), keep=2)
+    save_s = _fastest(save, _REPEATS.value)
+    settings = checkpoint_lib.settings(config)
+    restore_s = _fastest(lambda: jax.block_until_ready(
+        checkpointer.restore(state, shardings, settings)[0]), _REPEATS.value)
+    checkpointer.close()
+  return dict(variant=config.variant, devices=jax.device_count(),
+              device_kind=jax.devices()[0].device_kind, state_gb=state_bytes / 1e9,
+              checksum_s=checksum_s, checksum_gb_per_s=state_bytes / 1e9 / checksum_s,
+              save_s=save_s, restore_s=restore_s, checksum_share_of_save=checksum_s / save_s,
+              checksum_share_of_restore=checksum_s / restore_s)
+
+
 def main(argv):
-  modes = {'train': bench_train, 'decode': bench_decode}
+  modes = {'train': bench_train, 'decode': bench_decode, 'checkpoint': bench_checkpoint}
   if len(argv) < 2 or argv[1] not in modes:
-    print('usage: python -m research.bench train|decode --config configs/decoder.py:VARIANT',
+    print('usage: python -m research.bench train|decode|checkpoint --config '
+          'configs/decoder.py:VARIANT',
           file=sys.stderr)
     return 2
   try:

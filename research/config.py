@@ -16,9 +16,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
+
+from research.data import tokenizer as tokenizer_lib
 
 _CONFIG_FLAG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and variant, e.g. configs/decoder.py:tiny.', lock_config=True)
@@ -91,6 +94,25 @@ def parse_flags(argv):
     raise ConfigError(f'Could not apply the command-line config: {message}.') from None
 
 
+def parse_command_flags(argv, names, foreign):
+  """Parses the absl flags of a command without --config (sample, convert): an unknown flag, a
+  bad value, a stray argument or a flag of another command (`foreign`) raises one sentence."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.UnrecognizedFlagError as error:
+    close = difflib.get_close_matches(error.flagname, names, n=1)
+    hint = f'the closest is --{close[0]}' if close else 'the flags are --' + ', --'.join(names)
+    raise ConfigError(f'Unknown flag --{error.flagname}; {hint}.') from None
+  except flags.Error as error:
+    raise ConfigError(f'{str(error).splitlines()[0].rstrip(".")}; correct that flag.') from None
+  if len(rest) > 1:
+    raise ConfigError(f'Unexpected argument {rest[1]!r}; every input is a flag (--name=value).')
+  for name in foreign:
+    if name in flags.FLAGS and flags.FLAGS[name].present:
+      raise ConfigError(f'--{name} does not apply here; drop it (the flags are --'
+                       f'{", --".join(names)}).')
+
+
 def _resolve_mesh_shape(mesh, num_devices):
   sizes = {'data': mesh.data, 'fsdp': mesh.fsdp, 'tensor': mesh.tensor}
   auto = [name for name, size in sizes.items() if size == -1]
@@ -122,6 +144,8 @@ def validate(config, num_devices):
       'model.attention': (m.attention, ('auto', 'explicit', 'xla', 'cudnn')),
       'optim.name': (o.name, ('adamw', 'adafactor', 'lion')),
       'optim.decay': (o.decay, ('cosine', 'linear', 'rsqrt', 'constant')),
+      'data.source': (config.data.source, ('stdlib', 'text', 'markov')),
+      'data.tokenizer': (config.data.tokenizer, tuple(tokenizer_lib.TOKENIZERS)),
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:
@@ -130,10 +154,20 @@ def validate(config, num_devices):
               'model.emb_dim': m.emb_dim, 'model.mlp_dim': m.mlp_dim,
               'model.vocab_size': m.vocab_size, 'train.batch_size': t.batch_size,
               'train.seq_len': t.seq_len, 'train.num_steps': t.num_steps,
-              'optim.grad_accum_steps': o.grad_accum_steps}
+              'optim.grad_accum_steps': o.grad_accum_steps, 'optim.lr': o.lr,
+              'train.log_every': t.log_every, 'train.eval_every': t.eval_every,
+              'train.eval_batches': t.eval_batches,
+              'checkpoint.every_steps': config.checkpoint.every_steps,
+              # At least one checkpoint is kept: the final one.
+              'checkpoint.keep': config.checkpoint.keep}
   for key, value in positive.items():
     if value <= 0:
       raise ConfigError(f'config.{key} must be positive, got {value}.')
+  for key, value in {'seed': config.seed, 'optim.clip_norm': o.clip_norm}.items():
+    if value < 0:
+      raise ConfigError(f'config.{key} must not be negative, got {value}.')
+  if not 0 <= m.dropout_rate < 1:
+    raise ConfigError(f'config.model.dropout_rate={m.dropout_rate} must lie in [0, 1).')
   if m.head_dim == 0 and m.emb_dim % m.num_heads:
     raise ConfigError(f'model.num_heads={m.num_heads} must divide model.emb_dim={m.emb_dim} '
                       '(or set model.head_dim explicitly).')
@@ -146,6 +180,11 @@ def validate(config, num_devices):
   if t.seq_len > m.max_len:
     raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={m.max_len}; shorten the '
                       'sequences or raise max_len.')
+  if t.sample_tokens > 0:
+    prompt = len(tokenizer_lib.get(config.data.tokenizer).encode(t.sample_prompt))
+    if prompt + t.sample_tokens > m.max_len:
+      raise ConfigError(f'train.sample_prompt ({prompt} tokens) plus train.sample_tokens='
+                        f'{t.sample_tokens} exceed model.max_len={m.max_len}; sample fewer tokens.')
   if o.warmup_steps < 0:
     raise ConfigError(f'optim.warmup_steps={o.warmup_steps} must not be negative.')
   if not 1 <= config.data.validation_percent <= 50:
@@ -190,8 +229,12 @@ def _package_versions():
 def record_run(config, workdir, data=None):
   """Writes the resolved config, package versions, git revision and data record to the workdir.
 
-  A resumed run with a different config keeps the original config.json and adds a dated copy.
+  Called once a run has started (so a failed start leaves the workdir as it was), by process 0
+  only. A resumed run with a different config keeps the original config.json and adds a dated
+  copy.
   """
+  if jax.process_index() != 0:
+    return
   os.makedirs(workdir, exist_ok=True)
   resolved = config.to_json_best_effort(indent=2, sort_keys=True)
   path = os.path.join(workdir, 'config.json')

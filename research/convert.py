@@ -3,8 +3,11 @@
   python -m research.convert from_hf --model_dir HF_DIR --workdir OUT
       writes a workdir of ours (config.json + an orbax checkpoint at step 0 with a fresh optimizer
       state) that research.train resumes from and research.sample reads;
-  python -m research.convert to_hf --workdir DIR --out HF_DIR
-      writes the newest checkpoint of a run as a directory that `transformers` loads.
+  python -m research.convert to_hf --workdir DIR --out HF_DIR [--overwrite]
+      writes the newest checkpoint of a run as a directory that `transformers` loads, in the
+      checkpoint's dtype, with the special-token ids and a generation_config.json.
+
+Every input is checked before anything is converted; a bad one stops with one sentence.
 """
 
 import os
@@ -21,10 +24,16 @@ from research import mesh as mesh_lib
 from research import optim
 from research import train_state
 from research import workdir as workdir_lib
+from research.data import tokenizer as tokenizer_lib
 from research.models import decoder
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'Hugging Face model directory (from_hf).')
 _OUT = flags.DEFINE_string('out', None, 'Output Hugging Face directory (to_hf).')
+_OVERWRITE = flags.DEFINE_boolean('overwrite', False, 'to_hf: replace config.json, '
+                                  'generation_config.json and model.safetensors in a non-empty '
+                                  '--out.')
+
+_COMMANDS = {'from_hf': ('model_dir', 'workdir'), 'to_hf': ('workdir', 'out', 'overwrite')}
 
 _BASE_VARIANT = {'gpt2': 'gpt2_small', 'llama': 'llama_1b'}
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -40,6 +49,7 @@ def config_for_hf(hf_config):
   stored = hf_config.get('dtype') or hf_config.get('torch_dtype') or 'float32'
   config.model.dtype = 'bfloat16' if stored in ('bfloat16', 'float16') else 'float32'
   config.train.seq_len = min(config.train.seq_len, config.model.max_len)
+  config.train.sample_tokens = 0  # Its tokenizer is not ours: no text sample after training.
   return config
 
 
@@ -47,12 +57,27 @@ def from_hf(model_dir, workdir):
   if os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise checkpoint_lib.CheckpointError(f'{workdir} already holds checkpoints; pass an empty '
                                          '--workdir so that nothing saved is overwritten.')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise hf.ConversionError(f'--workdir {workdir} is a file; pass a new folder.')
+  if os.path.realpath(workdir) == os.path.realpath(model_dir):
+    raise hf.ConversionError(f'--workdir {workdir} is the model directory, whose config.json it '
+                             'would shadow; pass a new folder.')
   hf_config, tensors = hf.read_model_dir(model_dir)
+  generation_config = hf.read_generation_config(model_dir)
   config = config_for_hf(hf_config)
+  config_lib.validate(config, jax.device_count())
   params = hf.params_from_hf(tensors, config.model)
+  os.makedirs(workdir, exist_ok=True)
+  hf.write_source(workdir, model_dir, hf_config, generation_config)
+  write_workdir(config, params, workdir, data=dict(source='huggingface', model_dir=model_dir))
+  return config
+
+
+def write_workdir(config, params, workdir, data):
+  """Saves layer-stacked numpy `params` in `workdir` as step 0 of a run of `config` (resolved
+  config, environment record with `data`, checkpoint with a fresh optimizer state)."""
   if not config.model.scan_layers:
     params = hf.unstack_layers(params, config.model.num_layers)
-
   mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
   model = decoder.build(config.model)
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
@@ -64,15 +89,12 @@ def from_hf(model_dir, workdir):
                         state.params, shardings.params)
   state = state.replace(params=params)
 
-  config_lib.record_run(config, workdir, data=dict(source='huggingface', model_dir=model_dir))
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), 1, None)
-  record = dict(step=0, dropout_rng=checkpoint_lib.rng_to_record(jax.random.key(config.seed)),
-                data=dict(next_step=0, rows_consumed=0),
-                param_shapes=checkpoint_lib.param_shapes(state.params))
-  checkpointer.maybe_save(0, state, lambda: record, final=True)
+  config_lib.record_run(config, workdir, data=data)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None)
+  checkpointer.save(0, state, checkpoint_lib.make_record(
+      0, jax.random.key(config.seed), dict(next_step=0, rows_consumed=0), config))
   checkpointer.wait()
   checkpointer.close()
-  return config
 
 
 def _check_tree(converted, expected):
@@ -84,32 +106,69 @@ def _check_tree(converted, expected):
                              f'config.json (shape {got.get(name)} vs {want.get(name)}).')
 
 
-def to_hf(workdir, out_dir):
+def _check_out(workdir, out_dir, overwrite):
+  if not os.path.isdir(workdir):
+    raise hf.ConversionError(f'--workdir {workdir} is not a directory; pass the workdir of a '
+                             'training run or of research.convert from_hf.')
+  run, out = os.path.realpath(workdir), os.path.realpath(out_dir)  # Links and `..` resolved.
+  if os.path.commonpath([run, out]) == run:
+    raise hf.ConversionError(f'--out {out_dir} lies in the run\'s own --workdir {workdir}, whose '
+                             'files it would overwrite; pass a folder outside it.')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise hf.ConversionError(f'--out {out_dir} is a file; pass a folder.')
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise hf.ConversionError(f'--out {out_dir} is not empty; pass a new or empty folder, or '
+                             '--overwrite to replace its config.json, generation_config.json '
+                             'and model.safetensors.')
+
+
+def _special_tokens(workdir, config):
+  """(config.json ids, generation_config.json) for the export.
+
+  A workdir converted from Hugging Face keeps the ids (and generation config) it came with (see
+  hf.SOURCE_FILE), so that a round trip returns them; any other run used our tokenizer.
+  """
+  source = hf.read_source(workdir)
+  if source is not None:
+    ids = source['special_tokens']
+    return ids, source['generation_config'] or dict(ids)
+  tokenizer = tokenizer_lib.get(config.data.tokenizer)
+  ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+             pad_token_id=tokenizer.pad_id)
+  return ids, dict(ids)
+
+
+def to_hf(workdir, out_dir, overwrite=False):
+  _check_out(workdir, out_dir, overwrite)
+  ids, generation_config = _special_tokens(workdir, workdir_lib.load_config(workdir))
   config, params, _ = workdir_lib.load_params(workdir)
+  # np.asarray keeps the checkpoint's dtype (bfloat16 too, as an ml_dtypes array).
   params = hf.stack_layers(jax.tree.map(np.asarray, params), config.model.num_layers)
-  hf.write_model_dir(out_dir, hf.hf_config_from_model(config.model),
-                     hf.params_to_hf(params, config.model))
+  hf.write_model_dir(out_dir, dict(hf.hf_config_from_model(config.model), **ids),
+                     hf.params_to_hf(params, config.model), generation_config)
 
 
 def main(argv):
-  usage = ('usage: python -m research.convert from_hf --model_dir DIR --workdir OUT | '
-           'to_hf --workdir DIR --out OUT')
-  if len(argv) < 2 or argv[1] not in ('from_hf', 'to_hf'):
-    print(usage, file=sys.stderr)
-    return 2
-  flags.FLAGS([argv[0]] + argv[2:])
   try:
-    if argv[1] == 'from_hf':
+    command = argv[1] if len(argv) > 1 else None
+    if command not in _COMMANDS:
+      raise ValueError('Pass a command first: from_hf --model_dir HF_DIR --workdir OUT, or to_hf '
+                       '--workdir DIR --out HF_DIR [--overwrite].')
+    names = _COMMANDS[command]
+    other = {n for c in _COMMANDS.values() for n in c} - set(names)
+    config_lib.parse_command_flags([argv[0]] + argv[2:], names,
+                                   sorted(other) + ['config', 'cpu_devices'])
+    if command == 'from_hf':
       if not (_MODEL_DIR.value and config_lib.WORKDIR.value):
-        raise hf.ConversionError('from_hf needs --model_dir and --workdir.')
+        raise ValueError('from_hf needs --model_dir and --workdir.')
       from_hf(_MODEL_DIR.value, config_lib.WORKDIR.value)
       print(f'wrote {config_lib.WORKDIR.value}')
     else:
       if not (config_lib.WORKDIR.value and _OUT.value):
-        raise hf.ConversionError('to_hf needs --workdir and --out.')
-      to_hf(config_lib.WORKDIR.value, _OUT.value)
+        raise ValueError('to_hf needs --workdir and --out.')
+      to_hf(config_lib.WORKDIR.value, _OUT.value, _OVERWRITE.value)
       print(f'wrote {_OUT.value}')
-  except (hf.ConversionError, checkpoint_lib.CheckpointError, config_lib.ConfigError) as error:
+  except ValueError as error:  # Includes ConversionError, CheckpointError and ConfigError.
     print(f'error: {error}', file=sys.stderr)
     return 2
   return 0

@@ -40,16 +40,59 @@ def left_pad(prompts, pad_id=0):
   return tokens, segments, positions
 
 
+def check_inputs(spec, prompts, sampling):
+  """Raises ValueError, in one sentence saying what to change, for what `spec` cannot decode.
+
+  Called before any compute: an id outside the vocabulary would read past the embedding table
+  (NaN logits), and positions beyond max_len lie past GPT-2's learned positions or beyond the
+  context a RoPE model was trained for.
+  """
+  s, is_int = sampling, lambda x: isinstance(x, (int, np.integer))
+  if not (is_int(s.max_new_tokens) and s.max_new_tokens >= 1):
+    raise ValueError(f'max_new_tokens={s.max_new_tokens} must be a positive integer.')
+  # The smallest normal float32: a subnormal one flushes to 0 and the scaled logits become NaN.
+  tiny = float(np.finfo(np.float32).tiny)
+  if not (s.temperature == 0 or tiny <= s.temperature < np.inf):
+    raise ValueError(f'temperature={s.temperature} must be 0 (greedy) or a finite positive '
+                     f'number of at least {tiny:.3g}.')
+  if not (is_int(s.top_k) and 0 <= s.top_k <= spec.vocab_size):
+    raise ValueError(f'top_k={s.top_k} must lie in [0, {spec.vocab_size}] (the vocabulary size; '
+                     '0 keeps every token).')
+  if not 0 < s.top_p <= 1:
+    raise ValueError(f'top_p={s.top_p} must lie in (0, 1] (1 keeps every token).')
+  if not prompts:
+    raise ValueError('No prompt given; pass at least one prompt.')
+  for row, prompt in enumerate(prompts):
+    if len(prompt) == 0:
+      raise ValueError(f'Prompt {row} is empty; every prompt needs at least one token.')
+    bad = next((t for t in prompt if not (is_int(t) and 0 <= t < spec.vocab_size)), None)
+    if bad is not None:
+      raise ValueError(f'Prompt {row} holds token id {bad!r}, outside the vocabulary of '
+                       f'{spec.vocab_size} ids; pass integer ids in [0, {spec.vocab_size - 1}].')
+  longest = max(len(p) for p in prompts) + s.max_new_tokens
+  if longest > spec.max_len:
+    raise ValueError(f'The longest prompt plus max_new_tokens={s.max_new_tokens} needs {longest} '
+                     f'positions but the model has max_len={spec.max_len}; shorten the prompt or '
+                     'generate fewer tokens.')
+
+
 def filter_logits(logits, temperature, top_k, top_p):
-  """Temperature scaling, then top-k and top-p (nucleus) filtering to -inf."""
-  logits = logits.astype(jnp.float32) / temperature
+  """Temperature scaling, then top-k and top-p (nucleus) filtering to -inf.
+
+  Always keeps the most likely token (and its ties).
+  """
+  logits = logits.astype(jnp.float32)
+  # Shifted so that the largest is 0: dividing by a small temperature then cannot overflow to
+  # inf, whose softmax is NaN.
+  logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(ordered, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # Always keeps the most likely token.
+    # The most likely token has no mass before it (exactly 0), so any top_p > 0 keeps it.
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
     threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return logits
@@ -104,12 +147,8 @@ def generate(model, params, prompts, sampling=SamplingConfig(), rng=None, return
   A row ends at its first stop token (not included). With return_logits, also returns the
   [batch, steps, vocab] logits from which each step's token was chosen.
   """
-  spec = model.spec
   sampling = dataclasses.replace(sampling, stop_tokens=tuple(int(t) for t in sampling.stop_tokens))
-  longest = max(len(p) for p in prompts) + sampling.max_new_tokens
-  if spec.is_gpt2 and longest > spec.max_len:
-    raise ValueError(f'A prompt plus max_new_tokens reaches {longest} positions but the model '
-                     f'has {spec.max_len} learned positions; shorten the prompt or generate less.')
+  check_inputs(model.spec, prompts, sampling)
   tokens, segments, positions = left_pad(prompts, sampling.pad_id)
   rng = jax.random.key(0) if rng is None else rng
   out, step_logits, steps = _generate(model, params, jnp.asarray(tokens), jnp.asarray(segments),

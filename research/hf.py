@@ -1,7 +1,9 @@
 """Hugging Face <-> our decoder: configs and parameters (numpy), for GPT-2 and Llama.
 
-Only safetensors and config.json are read or written (never pickle). Every mapping is a pure
-relabelling, transposition or reshape, so conversions in either direction are exact.
+Only safetensors and JSON are read or written (never pickle). Every mapping is a pure
+relabelling, transposition or reshape, so conversions in either direction are exact. Incoming
+files are checked before any conversion: malformed JSON, missing config fields, unreadable or
+misplaced shards, and every tensor's name and shape against those the config implies.
 """
 
 import json
@@ -9,11 +11,18 @@ import os
 
 import jax
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
+
+SPECIAL_TOKENS = ('bos_token_id', 'eos_token_id', 'pad_token_id')
+# Written by from_hf into our workdir: where the model came from and the special-token ids it came
+# with, which our config has no place for. A file of its own, because environment.json is
+# rewritten by every training run in the workdir and the ids must survive to to_hf.
+SOURCE_FILE = 'huggingface.json'
 
 
 class ConversionError(ValueError):
-  """An unsupported Hugging Face configuration, named in one sentence."""
+  """An unsupported or broken Hugging Face model, named in one sentence."""
 
 
 def _unsupported(field, value, allowed):
@@ -22,6 +31,36 @@ def _unsupported(field, value, allowed):
 
 
 # --- configs -------------------------------------------------------------------------------
+
+def _field(hf, field, default=None, kind=int):
+  """hf[field], checked to be a positive `kind`; `default` when absent or null (None: required)."""
+  value = hf.get(field)
+  if value is None:
+    if default is None:
+      raise ConversionError(f'Hugging Face config.json lacks field {field}, which a '
+                            f'{hf["model_type"]} model needs; use the complete config.json of '
+                            'the model.')
+    return default
+  number = (int, float) if kind is float else int
+  if not isinstance(value, number) or isinstance(value, bool) or value <= 0:
+    raise ConversionError(f'Hugging Face config field {field}={value!r} must be a positive '
+                          f'{"number" if kind is float else "integer"}.')
+  return kind(value)
+
+
+def _dropout(hf):
+  """Our model.dropout_rate from GPT-2's rates (transformers' default 0.1 where absent).
+
+  Our model drops out at the embeddings and on each residual branch, as embd_pdrop and
+  resid_pdrop do; it has no dropout of attention probabilities, so attn_pdrop is not read. When
+  the two rates differ the residual one is taken: it applies at two places in every layer.
+  """
+  rates = {field: hf.get(field, 0.1) for field in ('resid_pdrop', 'embd_pdrop')}
+  for field, rate in rates.items():
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
+      raise ConversionError(f'Hugging Face config field {field}={rate!r} must lie in [0, 1).')
+  return float(rates['resid_pdrop'])
+
 
 def model_overrides_from_hf(hf):
   """Our `config.model` fields for a Hugging Face config.json dict."""
@@ -37,13 +76,16 @@ def model_overrides_from_hf(hf):
     for field, (value, allowed) in checks.items():
       if value not in allowed:
         _unsupported(field, value, list(allowed))
-    width = hf['n_embd']
-    return dict(style='gpt2', vocab_size=hf['vocab_size'], num_layers=hf['n_layer'],
-                num_heads=hf['n_head'], num_kv_heads=0, head_dim=0, emb_dim=width,
-                mlp_dim=hf.get('n_inner') or 4 * width, max_len=hf['n_positions'],
-                norm_eps=hf.get('layer_norm_epsilon', 1e-5), tie_embeddings=True)
+    width = _field(hf, 'n_embd')
+    return dict(style='gpt2', vocab_size=_field(hf, 'vocab_size'), num_layers=_field(hf, 'n_layer'),
+                num_heads=_field(hf, 'n_head'), num_kv_heads=0, head_dim=0, emb_dim=width,
+                mlp_dim=_field(hf, 'n_inner', 4 * width), max_len=_field(hf, 'n_positions'),
+                norm_eps=_field(hf, 'layer_norm_epsilon', 1e-5, float), tie_embeddings=True,
+                dropout_rate=_dropout(hf))
   if kind == 'llama':
     rope = hf.get('rope_parameters') or {}
+    if not isinstance(rope, dict):
+      _unsupported('rope_parameters', rope, ['a dict'])
     rope_type = rope.get('rope_type', 'default')
     if rope_type != 'default':
       _unsupported('rope_parameters.rope_type', rope_type, ['default'])
@@ -56,29 +98,34 @@ def model_overrides_from_hf(hf):
       _unsupported('hidden_act', hf['hidden_act'], ['silu'])
     if hf.get('pretraining_tp', 1) != 1:
       _unsupported('pretraining_tp', hf['pretraining_tp'], [1])
-    heads = hf['num_attention_heads']
-    head_dim = hf.get('head_dim') or hf['hidden_size'] // heads
-    return dict(style='llama', vocab_size=hf['vocab_size'], num_layers=hf['num_hidden_layers'],
-                num_heads=heads, num_kv_heads=hf.get('num_key_value_heads') or heads,
-                head_dim=0 if head_dim * heads == hf['hidden_size'] else head_dim,
-                emb_dim=hf['hidden_size'], mlp_dim=hf['intermediate_size'],
-                max_len=hf.get('max_position_embeddings', 2048),
-                rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
-                norm_eps=hf.get('rms_norm_eps', 1e-6),
+    heads, width = _field(hf, 'num_attention_heads'), _field(hf, 'hidden_size')
+    head_dim = _field(hf, 'head_dim', width // heads)
+    return dict(style='llama', vocab_size=_field(hf, 'vocab_size'),
+                num_layers=_field(hf, 'num_hidden_layers'), num_heads=heads,
+                num_kv_heads=_field(hf, 'num_key_value_heads', heads),
+                head_dim=0 if head_dim * heads == width else head_dim, emb_dim=width,
+                mlp_dim=_field(hf, 'intermediate_size'),
+                max_len=_field(hf, 'max_position_embeddings', 2048),
+                rope_theta=_field(rope, 'rope_theta', _field(hf, 'rope_theta', 10000.0, float),
+                                  float),
+                norm_eps=_field(hf, 'rms_norm_eps', 1e-6, float),
                 tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
   raise ConversionError(f'Hugging Face config field model_type={kind!r} is not supported '
                         "(supported: ['gpt2', 'llama']).")
 
 
 def hf_config_from_model(m):
-  """config.json contents for our `config.model`."""
+  """config.json contents for our `config.model` (parameters stored in m.param_dtype)."""
   head_dim = m.head_dim or m.emb_dim // m.num_heads
+  # `dtype` for transformers 5, `torch_dtype` for older versions.
+  dtype = dict(dtype=m.param_dtype, torch_dtype=m.param_dtype)
   if m.style == 'gpt2':
+    # attn_pdrop is 0: our model has no dropout of attention probabilities (see _dropout).
     return dict(model_type='gpt2', architectures=['GPT2LMHeadModel'], vocab_size=m.vocab_size,
                 n_positions=m.max_len, n_embd=m.emb_dim, n_layer=m.num_layers, n_head=m.num_heads,
                 n_inner=m.mlp_dim, activation_function='gelu_new', layer_norm_epsilon=m.norm_eps,
-                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-                torch_dtype='float32')
+                resid_pdrop=m.dropout_rate, embd_pdrop=m.dropout_rate, attn_pdrop=0.0,
+                tie_word_embeddings=True, **dtype)
   return dict(model_type='llama', architectures=['LlamaForCausalLM'], vocab_size=m.vocab_size,
               hidden_size=m.emb_dim, intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers,
               num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads or m.num_heads,
@@ -86,10 +133,68 @@ def hf_config_from_model(m):
               rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
               rope_parameters=dict(rope_type='default', rope_theta=m.rope_theta),
               tie_word_embeddings=bool(m.tie_embeddings), attention_bias=False, mlp_bias=False,
-              torch_dtype='float32')
+              **dtype)
 
 
 # --- parameters ----------------------------------------------------------------------------
+
+def expected_shapes(names, m):
+  """({tensor name: shape} that a Hugging Face checkpoint for our `config.model` holds, and
+  {name: shape} of the tensors it may also hold and that are not read).
+
+  The optional ones hold no parameters of their own: causal-mask and rotary buffers that older
+  exports saved, and a copy of a tied output embedding (transformers ties it on load too).
+  """
+  L, D, F, V = m.num_layers, m.emb_dim, m.mlp_dim, m.vocab_size
+  if m.style == 'gpt2':
+    prefix = 'transformer.' if any(n.startswith('transformer.') for n in names) else ''
+    per_layer = {'ln_1.weight': (D,), 'ln_1.bias': (D,),  # Conv1D weights are [in, out].
+                 'attn.c_attn.weight': (D, 3 * D), 'attn.c_attn.bias': (3 * D,),
+                 'attn.c_proj.weight': (D, D), 'attn.c_proj.bias': (D,),
+                 'ln_2.weight': (D,), 'ln_2.bias': (D,),
+                 'mlp.c_fc.weight': (D, F), 'mlp.c_fc.bias': (F,),
+                 'mlp.c_proj.weight': (F, D), 'mlp.c_proj.bias': (D,)}
+    required = {'wte.weight': (V, D), 'wpe.weight': (m.max_len, D), 'ln_f.weight': (D,),
+                'ln_f.bias': (D,)}
+    required.update({f'h.{i}.{k}': shape for i in range(L) for k, shape in per_layer.items()})
+    optional = {f'h.{i}.attn.{k}': shape for i in range(L)
+                for k, shape in (('bias', (1, 1, m.max_len, m.max_len)), ('masked_bias', ()))}
+    required, optional = ({prefix + k: v for k, v in d.items()} for d in (required, optional))
+    optional['lm_head.weight'] = (V, D)
+    return required, optional
+  H, KV = m.num_heads, m.num_kv_heads or m.num_heads
+  hd = m.head_dim or D // H
+  per_layer = {'input_layernorm': (D,), 'post_attention_layernorm': (D,),
+               'self_attn.q_proj': (H * hd, D), 'self_attn.k_proj': (KV * hd, D),  # [out, in].
+               'self_attn.v_proj': (KV * hd, D), 'self_attn.o_proj': (D, H * hd),
+               'mlp.gate_proj': (F, D), 'mlp.up_proj': (F, D), 'mlp.down_proj': (D, F)}
+  required = {'model.embed_tokens.weight': (V, D), 'model.norm.weight': (D,)}
+  required.update({f'model.layers.{i}.{k}.weight': shape for i in range(L)
+                   for k, shape in per_layer.items()})
+  optional = {f'model.layers.{i}.self_attn.rotary_emb.inv_freq': (hd // 2,) for i in range(L)}
+  (optional if m.tie_embeddings else required)['lm_head.weight'] = (V, D)
+  return required, optional
+
+
+def check_tensors(tensors, m):
+  """Raises ConversionError naming the first tensor that is missing, unexpected, or of another
+  shape than config.json implies: a reshape would fail on it, or silently scramble it."""
+  required, optional = expected_shapes(tensors, m)
+  missing = sorted(set(required) - set(tensors))
+  if missing:
+    raise ConversionError(f'The Hugging Face weights lack tensor {missing[0]}; use the config.json '
+                          'the weights were saved with.')
+  for name in sorted(tensors):
+    want = required.get(name, optional.get(name))
+    if want is None:
+      raise ConversionError(f'The Hugging Face weights hold tensor {name}, which a {m.style} '
+                            'model of this config.json does not have; use the config.json the '
+                            'weights were saved with.')
+    if tuple(tensors[name].shape) != want:
+      raise ConversionError(f'Hugging Face tensor {name} has shape {list(tensors[name].shape)} '
+                            f'but config.json implies {list(want)}; use the config.json and '
+                            'weights of one model, saved by transformers.')
+
 
 def _gpt2_from_hf(w, m):
   w = {k[len('transformer.'):] if k.startswith('transformer.') else k: v for k, v in w.items()}
@@ -193,13 +298,9 @@ def _llama_to_hf(p, m):
 
 def params_from_hf(weights, model_config):
   """Our (layer-stacked) parameter tree from Hugging Face tensors (name -> numpy array)."""
+  check_tensors(weights, model_config)  # Before any reshape.
   convert = _gpt2_from_hf if model_config.style == 'gpt2' else _llama_from_hf
-  try:
-    params = convert(weights, model_config)
-  except KeyError as missing:
-    raise ConversionError(f'The Hugging Face weights lack tensor {missing.args[0]}; they do not '
-                          'match their config.json.') from None
-  return _contiguous(params)
+  return _contiguous(convert(weights, model_config))
 
 
 def params_to_hf(params, model_config):
@@ -233,30 +334,101 @@ def unstack_layers(params, num_layers):
 
 # --- files ---------------------------------------------------------------------------------
 
+def _first_line(error):
+  return str(error).strip().split('\n')[0].rstrip('.')
+
+
+def read_json(path):
+  """A JSON object from `path`; a missing, unreadable or malformed file raises one sentence."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except OSError as error:
+    raise ConversionError(f'{path} cannot be read ({error.strerror}); make it a readable '
+                          'file.') from None
+  except ValueError as error:  # Malformed JSON or not UTF-8.
+    raise ConversionError(f'{path} is not valid JSON ({_first_line(error)}); repair it or '
+                          'download it again.') from None
+  if not isinstance(value, dict):
+    raise ConversionError(f'{path} holds a JSON {type(value).__name__}, not an object; repair it '
+                          'or download it again.')
+  return value
+
+
+def _shard_files(model_dir):
+  """The safetensors files of `model_dir`, as transformers picks them (a single file first)."""
+  if os.path.isfile(os.path.join(model_dir, 'model.safetensors')):
+    return ['model.safetensors']
+  index = os.path.join(model_dir, 'model.safetensors.index.json')
+  if not os.path.exists(index):
+    raise ConversionError(f'{model_dir} has no model.safetensors; only safetensors weights are '
+                          'read (never pickle): convert the weights to safetensors first.')
+  weight_map = read_json(index).get('weight_map')
+  if not (isinstance(weight_map, dict) and weight_map
+          and all(isinstance(v, str) for v in weight_map.values())):
+    raise ConversionError(f'{index} has no weight_map from tensor names to shard files; download '
+                          'it again.')
+  files = sorted(set(weight_map.values()))
+  for name in files:
+    # Checked by name, not by resolved path: a hub cache links its files to blobs elsewhere.
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] in ('.', '..'):
+      raise ConversionError(f'{index} names shard {name!r} outside {model_dir}; shard names must '
+                            'be paths inside the model directory.')
+    if not os.path.isfile(os.path.join(model_dir, name)):
+      raise ConversionError(f'{index} names shard {name}, which is missing from {model_dir}; '
+                            'download it.')
+  return files
+
+
 def read_model_dir(model_dir):
   """(config dict, tensors) from a Hugging Face model directory (safetensors only)."""
+  if not os.path.isdir(model_dir):
+    raise ConversionError(f'{model_dir} is not a directory; pass a Hugging Face model directory '
+                          '(config.json and safetensors weights).')
   config_path = os.path.join(model_dir, 'config.json')
   if not os.path.exists(config_path):
     raise ConversionError(f'{model_dir} has no config.json; pass a Hugging Face model directory.')
-  with open(config_path) as f:
-    config = json.load(f)
-  index = os.path.join(model_dir, 'model.safetensors.index.json')
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
-  elif os.path.exists(os.path.join(model_dir, 'model.safetensors')):
-    files = ['model.safetensors']
-  else:
-    raise ConversionError(f'{model_dir} has no model.safetensors; only safetensors weights are '
-                          'read (never pickle): convert the weights to safetensors first.')
+  config = read_json(config_path)
   tensors = {}
-  for name in files:
-    tensors.update(load_file(os.path.join(model_dir, name)))
+  for name in _shard_files(model_dir):
+    path = os.path.join(model_dir, name)
+    try:
+      shard = load_file(path)
+    except (SafetensorError, OSError) as error:
+      raise ConversionError(f'{path} is not a readable safetensors file ({_first_line(error)}); '
+                            'download it again.') from None
+    twice = sorted(set(shard) & set(tensors))
+    if twice:
+      raise ConversionError(f'Tensor {twice[0]} is stored twice, the second time in {path}; '
+                            'download the model again.')
+    tensors.update(shard)
   return config, tensors
 
 
-def write_model_dir(out_dir, config, tensors):
+def read_generation_config(model_dir):
+  """generation_config.json of `model_dir` as a dict, or None when there is none."""
+  path = os.path.join(model_dir, 'generation_config.json')
+  return read_json(path) if os.path.exists(path) else None
+
+
+def write_model_dir(out_dir, config, tensors, generation_config):
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  for name, value in (('config.json', config), ('generation_config.json', generation_config)):
+    with open(os.path.join(out_dir, name), 'w') as f:
+      json.dump(value, f, indent=2, sort_keys=True)
   save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
+
+
+def write_source(workdir, model_dir, config, generation_config):
+  """Records in our workdir where a model came from and its special-token ids (SOURCE_FILE)."""
+  source = dict(model_dir=os.path.abspath(model_dir),
+                special_tokens={k: config.get(k) for k in SPECIAL_TOKENS},
+                generation_config=generation_config)
+  with open(os.path.join(workdir, SOURCE_FILE), 'w') as f:
+    json.dump(source, f, indent=2, sort_keys=True)
+
+
+def read_source(workdir):
+  """What write_source recorded in `workdir`, or None for a workdir not converted by from_hf."""
+  path = os.path.join(workdir, SOURCE_FILE)
+  return read_json(path) if os.path.exists(path) else None

@@ -9,7 +9,9 @@ length and A = heads * head_dim. The second term is attention scores and weighte
 MFU = achieved model FLOPs/s / device peak FLOPs/s.
 """
 
+import contextlib
 import json
+import math
 import os
 import time
 
@@ -87,7 +89,9 @@ class MetricWriter:
     if not self.is_writer:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps(dict(step=int(step), **scalars)) + '\n')
+    # Strict JSON (no NaN or Infinity literals): a non-finite value is written as null.
+    line = {k: v if math.isfinite(v) else None for k, v in scalars.items()}
+    self._jsonl.write(json.dumps(dict(step=int(step), **line), allow_nan=False) + '\n')
     self._jsonl.flush()
     if self._tb is not None:
       for name, value in scalars.items():
@@ -101,7 +105,7 @@ class MetricWriter:
 
 
 class Throughput:
-  """Tokens/s, step time and MFU over the time since the last report (or reset)."""
+  """Tokens/s, step time and MFU over the time since the last report, pauses excluded."""
 
   def __init__(self, flops_per_token, peak_flops_total):
     self.flops_per_token = flops_per_token
@@ -110,6 +114,15 @@ class Throughput:
 
   def reset(self):
     self.start = time.perf_counter()
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside (evaluation, saving) does not count as training time."""
+    begin = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.start += time.perf_counter() - begin
 
   def report(self, steps, tokens):
     """`tokens`: real (non-padding) target tokens trained on in those `steps`."""

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from research.config import ConfigError
+
 _NO_DECAY_LEAVES = ('scale', 'bias')  # Norm scales and biases.
 _EMBEDDING_LEAVES = ('embedding',)
 
@@ -24,18 +26,23 @@ def learning_rate_schedule(optim, num_steps):
   lr, warmup = optim.lr, optim.warmup_steps
   end = lr * optim.end_lr_ratio
   decay_steps = max(num_steps - warmup, 1)
-  if optim.decay == 'cosine':
-    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=optim.end_lr_ratio)
-  elif optim.decay == 'linear':
-    decay = optax.linear_schedule(lr, end, decay_steps)
-  elif optim.decay == 'rsqrt':
-    base = max(warmup, 1)
-    decay = lambda count: lr * jnp.sqrt(base / jnp.maximum(count + warmup, base))
-  else:
-    decay = optax.constant_schedule(lr)
+  base = max(warmup, 1)
+  decays = {
+      'cosine': lambda: optax.cosine_decay_schedule(lr, decay_steps, alpha=optim.end_lr_ratio),
+      'linear': lambda: optax.linear_schedule(lr, end, decay_steps),
+      'rsqrt': lambda: lambda count: lr * jnp.sqrt(base / jnp.maximum(count + warmup, base)),
+      'constant': lambda: optax.constant_schedule(lr),
+  }
+  decay = _choose('optim.decay', optim.decay, decays)()
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def _choose(key, name, table):
+  if name not in table:
+    raise ConfigError(f'config.{key}={name!r} is not one of {sorted(table)}.')
+  return table[name]
 
 
 def weight_decay_mask(params, decay_embeddings=False, decay_norms_and_biases=False):
@@ -55,15 +62,15 @@ def make_optimizer(optim, num_steps):
   schedule = learning_rate_schedule(optim, num_steps)
   mask = lambda params: weight_decay_mask(params, optim.decay_embeddings,
                                           optim.decay_norms_and_biases)
-  if optim.name == 'adamw':
-    core = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                       weight_decay=optim.weight_decay, mask=mask)
-  elif optim.name == 'lion':
-    core = optax.lion(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
-                      mask=mask)
-  else:
-    core = optax.adafactor(schedule, weight_decay_rate=optim.weight_decay or None,
-                           weight_decay_mask=mask)
+  optimizers = {
+      'adamw': lambda: optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                                   weight_decay=optim.weight_decay, mask=mask),
+      'lion': lambda: optax.lion(schedule, b1=optim.b1, b2=optim.b2,
+                                 weight_decay=optim.weight_decay, mask=mask),
+      'adafactor': lambda: optax.adafactor(schedule, weight_decay_rate=optim.weight_decay or None,
+                                           weight_decay_mask=mask),
+  }
+  core = _choose('optim.name', optim.name, optimizers)()
   if optim.clip_norm > 0:
     core = optax.chain(optax.clip_by_global_norm(optim.clip_norm), core)
   return core, schedule

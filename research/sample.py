@@ -4,16 +4,19 @@
       [--max_new_tokens 200 --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0]
   python -m research.sample --workdir DIR --prompt_ids 15496,11 ...   (token ids in and out,
       e.g. for a model converted from Hugging Face, whose tokenizer is not ours)
+
+Every input is checked before the checkpoint is read; a bad one stops with one sentence.
 """
 
+import os
 import sys
 
 import jax
 from absl import flags
 
-from research import checkpoint as checkpoint_lib
 from research import config as config_lib
 from research import decode
+from research import hf
 from research import workdir as workdir_lib
 from research.data import tokenizer as tokenizer_lib
 from research.models import decoder
@@ -24,32 +27,59 @@ _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate per p
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 decodes greedily.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all).')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Keep the smallest set with this probability mass.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed, in [0, 2**32).')
+_FLAG_NAMES = ('workdir', 'prompt', 'prompt_ids', 'max_new_tokens', 'temperature', 'top_k',
+               'top_p', 'seed')
+
+
+def parse_ids(text):
+  try:
+    return [int(t) for t in text.split(',')]
+  except ValueError:
+    raise ValueError(f'--prompt_ids {text!r} is not a comma-separated list of integer token ids '
+                     '(e.g. 15496,11).') from None
+
+
+def _tokenizer(workdir, config):
+  if hf.read_source(workdir) is not None:
+    raise ValueError(f'{workdir} was converted from Hugging Face, whose tokenizer is not ours; '
+                     'pass token ids with --prompt_ids.')
+  return tokenizer_lib.get(config.data.tokenizer)
 
 
 def main(argv):
-  flags.FLAGS(argv)
   try:
-    if not config_lib.WORKDIR.value or not (_PROMPTS.value or _PROMPT_IDS.value):
-      raise ValueError('Pass --workdir and at least one --prompt or --prompt_ids.')
-    config, params, step = workdir_lib.load_params(config_lib.WORKDIR.value)
+    config_lib.parse_command_flags(argv, _FLAG_NAMES, ('config', 'cpu_devices'))
+    workdir = config_lib.WORKDIR.value
+    if not workdir or bool(_PROMPTS.value) == bool(_PROMPT_IDS.value):
+      raise ValueError('Pass --workdir and either --prompt (text) or --prompt_ids (token ids), '
+                       'each repeatable for a batch.')
+    if not os.path.isdir(workdir):
+      raise ValueError(f'--workdir {workdir} is not a directory; pass the workdir of a training '
+                       'run or of research.convert from_hf.')
+    if not 0 <= _SEED.value < 2**32:  # jax keys hold 32 bits: larger seeds alias or overflow.
+      raise ValueError(f'--seed={_SEED.value} must lie in [0, 2**32).')
+    config = workdir_lib.load_config(workdir)
+    tokenizer = None
     if _PROMPT_IDS.value:
-      tokenizer = None
-      prompts = [[int(t) for t in ids.split(',') if t] for ids in _PROMPT_IDS.value]
+      prompts = [parse_ids(ids) for ids in _PROMPT_IDS.value]
       stops, pad = (), 0
     else:
-      tokenizer = tokenizer_lib.get(config.data.tokenizer)
+      tokenizer = _tokenizer(workdir, config)
       prompts = [tokenizer.encode(p).tolist() for p in _PROMPTS.value]
       stops, pad = (tokenizer.eos_id,), tokenizer.pad_id
     sampling = decode.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                      top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=stops,
                                      pad_id=pad)
+    # Before the checkpoint is read, so that a bad input costs no restore.
+    decode.check_inputs(decoder.DecoderSpec.from_config(config.model), prompts, sampling)
+    config, params, step = workdir_lib.load_params(workdir)
     outputs = decode.generate(decoder.build(config.model), params, prompts, sampling,
                               rng=jax.random.key(_SEED.value))
-  except (ValueError, checkpoint_lib.CheckpointError) as error:
+  except ValueError as error:  # Includes CheckpointError and ConfigError.
     print(f'error: {error}', file=sys.stderr)
     return 2
-  print(f'# {config_lib.WORKDIR.value}, step {step}', file=sys.stderr)
+  print(f'# {workdir}, step {step}', file=sys.stderr)
   for prompt, ids in zip(_PROMPTS.value or _PROMPT_IDS.value, outputs):
     print(prompt + tokenizer.decode(ids) if tokenizer else ','.join(map(str, ids)))
   return 0

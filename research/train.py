@@ -6,8 +6,8 @@
 Sections, in order: devices and mesh -> data -> model and sharded state -> compiled steps ->
 start-up (resume / warm start / fresh) -> loop (metrics, evaluation, checkpoints, profiling).
 
-Start-up precedence: resume from the newest checkpoint in <workdir>/checkpoints; else, when
-`checkpoint.init_from` names another run's workdir, take its parameters (warm start, fresh
+Start-up precedence: resume from the newest readable checkpoint in <workdir>/checkpoints; else,
+when `checkpoint.init_from` names another run's workdir, take its parameters (warm start, fresh
 optimizer, step 0); else initialise afresh.
 """
 
@@ -21,7 +21,6 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research import checkpoint as checkpoint_lib
@@ -31,12 +30,13 @@ from research import mesh as mesh_lib
 from research import metrics as metrics_lib
 from research import optim
 from research import partitioning
+from research import preemption
 from research import train_state
 from research import train_step as step_lib
+from research import workdir as workdir_lib
 from research.data import global_batch
 from research.data import pipeline as pipeline_lib
 from research.models import decoder
-
 
 
 class Trainer(NamedTuple):
@@ -101,10 +101,16 @@ def _evaluate(trainer, params, num_batches):
 
 
 def _start_up(config, trainer, checkpointer):
-  """Applies the start-up precedence; returns (state, dropout_rng, description)."""
+  """Applies the start-up precedence; returns (state, dropout_rng, description).
+
+  A resumed run continues the data from the row its checkpoint recorded.
+  """
   if checkpointer.latest_step() is not None:
-    state, record = checkpointer.restore(trainer.state, trainer.state_shardings)
-    rng = checkpoint_lib.rng_from_record(record['dropout_rng'])
+    state, record = checkpointer.restore(trainer.state, trainer.state_shardings,
+                                         checkpoint_lib.settings(config))
+    trainer.pipeline.check_position(record['data'])
+    trainer.pipeline.resume_at(record['data']['next_step'], record['data']['rows_consumed'])
+    rng = checkpoint_lib.rng_from_record(record)
     return state, rng, f'resumed from step {int(state.step)} in {checkpointer.directory}'
   if config.checkpoint.init_from:
     state, step = checkpoint_lib.restore_params(config.checkpoint.init_from, trainer.state,
@@ -114,11 +120,28 @@ def _start_up(config, trainer, checkpointer):
   return trainer.state, trainer.dropout_rng, 'fresh initialisation'
 
 
-def _checkpoint_record(state, rng, batch_size):
-  step = int(state.step)
-  return dict(step=step, dropout_rng=checkpoint_lib.rng_to_record(rng),
-              data=dict(next_step=step, rows_consumed=step * batch_size),
-              param_shapes=checkpoint_lib.param_shapes(state.params))
+def _summary(step_metrics, throughput):
+  """Means of the step metrics since the last log, perplexity, and the throughput over them."""
+  summary = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+  summary['perplexity'] = math.exp(min(summary['loss'], 50.0))
+  summary.update(throughput.report(steps=len(step_metrics),
+                                   tokens=sum(m['tokens'] for m in step_metrics)))
+  return summary
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient norm of a step is NaN or infinite."""
+
+
+def _fetch_checked(pending, first_step):
+  """Host copies of the metrics of steps first_step, first_step + 1, ...; raises NonFiniteError
+  naming the first step whose loss or gradient norm is not finite."""
+  fetched = jax.device_get(pending)
+  for offset, metrics in enumerate(fetched):
+    if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
+      raise NonFiniteError(f'step {first_step + offset} has loss={float(metrics["loss"])} and '
+                           f'grad_norm={float(metrics["grad_norm"])}')
+  return fetched
 
 
 def _sample(trainer, params, config):
@@ -135,28 +158,35 @@ def _sample(trainer, params, config):
 
 def run(config, workdir):
   """Trains `config` in `workdir` (resuming what is there); returns the last logged metrics."""
-  # Devices and mesh.
   mesh_shape = config_lib.validate(config, jax.device_count())
-  mesh = mesh_lib.make_mesh(mesh_shape)
-  t = config.train
+  with workdir_lib.lock(workdir), preemption.StopRequest() as stop:
+    return _train(config, workdir, mesh_lib.make_mesh(mesh_shape), stop)
 
+
+def _train(config, workdir, mesh, stop):
+  t = config.train
   # Data, model, state, steps.
   pipeline = pipeline_lib.build(config)
-  config_lib.record_run(config, workdir, data=pipeline.record)
   trainer = setup(config, mesh, pipeline)
 
-  # Start-up: resume, warm start or fresh.
+  # Start-up: resume, warm start or fresh. Nothing is written to the workdir before it succeeds.
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                             config.checkpoint.every_steps, config.checkpoint.keep)
+                                             config.checkpoint.keep)
   state, dropout_rng, origin = _start_up(config, trainer, checkpointer)
   start_step = int(state.step)
   stop_step = t.num_steps if t.stop_at_step < 0 else min(t.stop_at_step, t.num_steps)
-  print(f'{origin}; mesh {mesh_shape}', file=sys.stderr)
+  print(f'{origin}; mesh {dict(mesh.shape)}', file=sys.stderr)
   if start_step >= stop_step:
     print(f'The run in {workdir} is already at step {start_step}; raise --config.train.num_steps '
           'to continue it, or pass a new --workdir to start afresh.', file=sys.stderr)
     checkpointer.close()
     return {}
+  if stop.signal is not None:
+    print(f'Stopped on {stop.signal} before training started; nothing new to save.',
+          file=sys.stderr)
+    checkpointer.close()
+    return {}
+  config_lib.record_run(config, workdir, data=pipeline.record)
 
   # Loop.
   spec = decoder.DecoderSpec.from_config(config.model)
@@ -165,47 +195,76 @@ def run(config, workdir):
                                       peak * jax.device_count() if peak else None)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard)
   bar = _progress_bar(config, start_step, stop_step)
-  pending, last = [], {}
+  pending, unlogged, last = [], [], {}
   profiling = False
   print(f'MFU is relative to the {peak_label}', file=sys.stderr)
-  for step in range(start_step, stop_step):
-    if step == t.profile_start_step:
-      jax.profiler.start_trace(f'{workdir}/profile', create_perfetto_trace=True)
-      profiling = True
-    batch = global_batch.assemble(functools.partial(pipeline.train_batch, step),
-                                  (t.batch_size, t.seq_len), trainer.batch_shardings)
-    with jax.profiler.StepTraceAnnotation('train', step_num=step) if profiling else contextlib.nullcontext():
-      state, step_metrics = trainer.train_step(state, batch, dropout_rng)
-    pending.append(step_metrics)
-    if profiling and step + 1 >= t.profile_start_step + t.profile_num_steps:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      profiling = False
+  try:
+    for step in range(start_step, stop_step):
+      if step == t.profile_start_step:
+        jax.profiler.start_trace(f'{workdir}/profile', create_perfetto_trace=True)
+        profiling = True
+      batch = global_batch.assemble(functools.partial(pipeline.train_batch, step),
+                                    (t.batch_size, t.seq_len), trainer.batch_shardings)
+      with (jax.profiler.StepTraceAnnotation('train', step_num=step) if profiling
+            else contextlib.nullcontext()):
+        state, step_metrics = trainer.train_step(state, batch, dropout_rng)
+      pending.append(step_metrics)
+      if profiling and step + 1 >= t.profile_start_step + t.profile_num_steps:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
+      checkpointer.check()  # A failed asynchronous save stops the run here.
 
-    done = step + 1
-    if done % t.log_every == 0 or done == stop_step:
-      fetched = jax.device_get(pending)
-      pending = []
-      last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      last['perplexity'] = math.exp(min(last['loss'], 50.0))
-      last.update(throughput.report(steps=len(fetched), tokens=sum(m['tokens'] for m in fetched)))
-      if done % t.eval_every == 0 or done == stop_step:
-        last.update(_evaluate(trainer, state.params, t.eval_batches))
-        throughput.reset()  # Keep evaluation time out of the training throughput.
-      writer.write(done, last)
+      done = step + 1
+      stopping = stop.signal is not None  # Read once: a signal may arrive at any moment.
+      last_step = done == stop_step or stopping
+      log = done % t.log_every == 0 or last_step
+      evaluate = (done % t.eval_every == 0 or done == stop_step) and not stopping  # Stop fast.
+      save = done % config.checkpoint.every_steps == 0 or last_step
+      if log or evaluate or save:  # Every step's loss is checked before anything is saved.
+        unlogged += _fetch_checked(pending, done - len(pending) + 1)
+        pending = []
+      scalars = {}
+      if log:
+        last = _summary(unlogged, throughput)
+        scalars, unlogged = dict(last), []
+        if bar is not None:
+          bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+      if evaluate:
+        with throughput.paused():
+          evaluation = _evaluate(trainer, state.params, t.eval_batches)
+        last.update(evaluation)
+        scalars.update(evaluation)
+      if scalars:
+        writer.write(done, scalars)
+      if save:
+        with throughput.paused():
+          checkpointer.save(done, state, checkpoint_lib.make_record(
+              done, dropout_rng, pipeline.position(done), config))
       if bar is not None:
-        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
-    checkpointer.maybe_save(done, state, lambda: _checkpoint_record(state, dropout_rng, t.batch_size),
-                            final=done == stop_step)
+        bar.update(1)
+      if stopping:
+        break
+  except NonFiniteError as error:
+    checkpointer.wait()
+    raise NonFiniteError(f'Training diverged: {error}, so nothing after step '
+                         f'{checkpointer.latest_step() or 0} was saved; lower optim.lr or raise '
+                         'optim.warmup_steps (or enable optim.clip_norm), then rerun to resume '
+                         'from the last checkpoint.') from None
+  finally:
+    if profiling:
+      jax.profiler.stop_trace()
     if bar is not None:
-      bar.update(1)
-  if profiling:
-    jax.profiler.stop_trace()
-  if bar is not None:
-    bar.close()
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+      bar.close()
+    writer.close()
+    try:
+      checkpointer.wait()  # Earlier good saves still finish when the loop fails.
+    finally:
+      checkpointer.close()
+  if stopping:
+    print(f'Stopped at step {done} on {stop.signal} with its checkpoint saved; rerun the same '
+          'command to continue.', file=sys.stderr)
+    return last
   sample = _sample(trainer, state.params, config)
   if sample is not None and jax.process_index() == 0:
     print(f'--- sample (greedy) ---\n{sample}\n---', file=sys.stderr)
@@ -220,9 +279,16 @@ def main(argv):
     mesh_lib.configure_cpu_devices()
     mesh_lib.maybe_initialize_distributed()
     final = run(config, config_lib.WORKDIR.value)
-  except (config_lib.ConfigError, pipeline_lib.DataError, checkpoint_lib.CheckpointError) as error:
+  except (config_lib.ConfigError, pipeline_lib.DataError, checkpoint_lib.CheckpointError,
+          workdir_lib.WorkdirError) as error:
     print(f'error: {error}', file=sys.stderr)
-    return 2
+    return 1 if isinstance(error, checkpoint_lib.SaveError) else 2
+  except NonFiniteError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save.
+    print('Interrupted before training started; nothing was saved.', file=sys.stderr)
+    return 130
   if jax.process_index() == 0 and final:
     print('final ' + ' '.join(f'{k}={v:.4g}' for k, v in final.items()))
   return 0

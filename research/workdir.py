@@ -1,7 +1,12 @@
-"""Reading a run back from its workdir: its resolved config and its checkpointed parameters."""
+"""A run's workdir: the lock held while training in it, and reading a run back (its resolved
+config and its checkpointed parameters)."""
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
 
 import jax
 import ml_collections
@@ -29,3 +34,55 @@ def load_params(workdir, config=None):
                           decoder.abstract_params(config.model))
   params, step = checkpoint_lib.read_params(os.path.join(workdir, 'checkpoints'), abstract)
   return config, params, step
+
+
+class WorkdirError(ValueError):
+  """A workdir problem, described in one sentence that says what to change."""
+
+
+LOCK_NAME = 'train.lock'
+
+
+def _open_lock(workdir):
+  """Creates `workdir` if needed and opens its lock file; returns (fd, created)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir {workdir} is a file; pass a directory.')
+  created = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    return os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644), created
+  except OSError as error:
+    raise WorkdirError(f'--workdir {workdir} is not writable ({error.strerror}); pass a '
+                       'directory you can write to.') from None
+
+
+@contextlib.contextmanager
+def lock(workdir):
+  """Holds `workdir` for one trainer: a second one refuses with one sentence naming the holder.
+
+  An flock is released by the kernel when its holder exits, however it exits, so the lock of a
+  killed trainer is stale at once. Only process 0 of a job locks (its processes share the
+  workdir). A workdir this call created is removed again if the run leaves it empty.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  fd, created = _open_lock(workdir)
+  path = os.path.join(workdir, LOCK_NAME)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.read(fd, 1000).decode(errors='replace').strip() or 'another process'
+    os.close(fd)
+    raise WorkdirError(f'Another trainer ({holder}) is running in {workdir}; wait for it to '
+                       'finish or stop it, or pass another --workdir.') from None
+  started = datetime.datetime.now().isoformat(timespec='seconds')
+  os.ftruncate(fd, 0)
+  os.write(fd, f'pid {os.getpid()} on {socket.gethostname()} since {started}\n'.encode())
+  try:
+    yield
+  finally:
+    os.unlink(path)  # Before the lock is released, so that no one locks a removed file.
+    os.close(fd)
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
   out = tmp_path / 'bench.json'
   result = subprocess.run(
@@ -24,6 +27,7 @@ def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
   assert results['flops_per_token'] == 6 * 794_752 + 6 * 4 * 64 * 128  # The README's formula.
 
 
+@pytest.mark.slow
 def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
   out = tmp_path / 'decode.json'
   result = subprocess.run(
@@ -40,3 +44,19 @@ def test_bench_rejects_an_unknown_mode():
   result = subprocess.run([sys.executable, '-m', 'research.bench', 'serve'], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and 'usage' in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_checkpoint_reports_the_checksum_cost_next_to_save_and_restore(tmp_path):
+  out = tmp_path / 'checkpoint.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'research.bench', 'checkpoint', '--config', 'configs/decoder.py:tiny',
+       '--repeats=2', f'--checkpoint_dir={tmp_path}', f'--json={out}'], cwd=REPO,
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(out))
+  assert results['state_gb'] > 0 and results['checksum_s'] > 0
+  # Each save and restore includes the checksums of every array, so they take longer.
+  assert 0 < results['checksum_share_of_save'] < 1
+  assert 0 < results['checksum_share_of_restore'] < 1
+  assert os.listdir(tmp_path) == ['checkpoint.json']  # The temporary checkpoints are gone.

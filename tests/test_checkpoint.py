@@ -1,108 +1,238 @@
-"""Checkpoints through the real command line: exact resume, interrupted saves, start-up precedence."""
+"""Checkpoints through the real command line: a resumed run equals an uninterrupted one, bitwise,
+after unreadable steps, flipped bits, kill -9, SIGTERM and Ctrl-C; structure changes are named."""
 
-import json
 import os
 import shutil
+import signal
 import subprocess
-import sys
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import runs
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp('corpus')
-  for i in range(20):
-    (root / f'f{i}.txt').write_text(''.join(f'line {j} of file {i}\n' for j in range(40 + i)))
-  return root
+  return runs.write_corpus(tmp_path_factory.mktemp('data') / 'corpus')
 
 
-def _train(workdir, corpus, *overrides):
-  """Runs the real command line: a small model, sharded over (2 data, 2 fsdp, 2 tensor)."""
-  args = [sys.executable, '-m', 'research.train', '--config', 'configs/decoder.py:tiny',
-          '--workdir', str(workdir), '--config.data.source=text', f'--config.data.paths={corpus}',
-          f'--config.data.data_dir={corpus.parent / "tfds"}', '--config.model.num_layers=2',
-          '--config.model.emb_dim=64', '--config.model.mlp_dim=128', '--config.model.dropout_rate=0.1',
-          '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.num_steps=20',
-          '--config.train.log_every=1', '--config.train.eval_every=10', '--config.train.eval_batches=1',
-          '--config.checkpoint.every_steps=5', '--config.train.sample_tokens=0',
-          '--config.train.progress_bar=False', '--config.mesh.data=2', '--config.mesh.fsdp=2',
-          '--config.mesh.tensor=2', *overrides]
-  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope='module')
+def straight(corpus, tmp_path_factory):
+  """The uninterrupted run every interrupted one must equal: 20 steps, checkpoints every 5."""
+  workdir = tmp_path_factory.mktemp('straight') / 'run'
+  runs.ok(runs.train(workdir, corpus))
+  return workdir
 
 
-def _losses(workdir):
-  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
-  return {r['step']: (r['loss'], r['grad_norm'], r['accuracy']) for r in records}
+def _largest_array_file(step_dir):
+  data = step_dir / 'state' / 'ocdbt.process_0' / 'd'
+  return max(data.iterdir(), key=lambda p: p.stat().st_size)
 
 
-def _params(workdir, step):
-  manager = ocp.CheckpointManager(workdir / 'checkpoints', item_names=('state', 'record'))
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-  manager.close()
-  return {k: np.asarray(v) for k, v in ocp.tree.to_flat_dict(state['params']).items()}
+def _truncate(step_dir):
+  path = _largest_array_file(step_dir)
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 
-def _ok(result):
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
 
 
-def test_resume_continues_the_exact_trajectory_despite_broken_saves(tmp_path, corpus):
-  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-  _ok(_train(straight, corpus))
-  _ok(_train(resumed, corpus, '--config.train.stop_at_step=10'))
+def _delete_manifest(step_dir):
+  (step_dir / 'state' / 'manifest.ocdbt').unlink()
+
+
+def _raw_state(checkpoints, step):
+  manager = ocp.CheckpointManager(checkpoints, item_names=('state', 'record'))
+  try:
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
+  return {k: np.asarray(v) for k, v in ocp.tree.to_flat_dict(state['state']).items()}
+
+
+def _flip_a_bit_silently(step_dir):
+  """Flips one bit of the stored arrays such that orbax still reads the step without complaint
+  (only the values differ): the corruption that only a checksum can catch."""
+  path = _largest_array_file(step_dir)
+  original = path.read_bytes()
+  before = _raw_state(step_dir.parent, int(step_dir.name))
+  for offset in range(len(original) // 2, len(original) - 64, 997)[:30]:
+    flipped = bytearray(original)
+    flipped[offset] ^= 0x08
+    path.write_bytes(bytes(flipped))
+    try:
+      after = _raw_state(step_dir.parent, int(step_dir.name))
+    except Exception:  # This offset broke the container format: orbax notices. Try another.
+      continue
+    if any(not np.array_equal(before[k], after[k]) for k in before):
+      return
+  raise AssertionError('no silently flippable bit found')
+
+
+@pytest.mark.parametrize('corrupt_newest, corrupt_older', [
+    (_truncate, _empty),  # A truncated data file, then an empty step folder.
+    (_delete_manifest, _flip_a_bit_silently),  # A lost manifest, then a flipped bit.
+], ids=['truncated+empty', 'manifest+bitflip'])
+def test_unreadable_steps_are_moved_aside_and_the_run_finishes_exactly(
+    tmp_path, corpus, straight, corrupt_newest, corrupt_older):
+  resumed = tmp_path / 'resumed'
+  runs.ok(runs.train(resumed, corpus, '--config.train.stop_at_step=15'))
   checkpoints = resumed / 'checkpoints'
-  assert sorted(os.listdir(checkpoints)) == ['10', '5']
+  assert sorted(os.listdir(checkpoints)) == ['10', '15', '5']
+  corrupt_newest(checkpoints / '15')
+  corrupt_older(checkpoints / '10')
   # A save interrupted midway: orbax's temporary folder, never listed as a step.
-  partial = checkpoints / '15.orbax-checkpoint-tmp-1700000000'
-  shutil.copytree(checkpoints / '10', partial)
-  shutil.rmtree(partial / 'state' / 'ocdbt.process_0')
-  # A finished-looking step whose array data were lost (truncated copy): skipped with a warning.
-  shutil.copytree(checkpoints / '10', checkpoints / '12')
-  shutil.rmtree(checkpoints / '12' / 'state' / 'ocdbt.process_0')
-  shutil.rmtree(checkpoints / '12' / 'state' / 'd')
+  partial = checkpoints / '20.orbax-checkpoint-tmp-1700000000'
+  shutil.copytree(checkpoints / '5', partial)
 
-  result = _ok(_train(resumed, corpus))
-  assert 'resumed from step 10' in result.stderr, result.stderr[-2000:]
-  assert 'Checkpoint step 12' in result.stderr and 'unreadable' in result.stderr
+  # Steps 10 and 15 will be saved again: they must not be in the way.
+  result = runs.ok(runs.train(resumed, corpus))
+  assert 'resumed from step 5' in result.stderr, result.stderr[-3000:]
+  for step in (10, 15):
+    assert f'Checkpoint step {step} in {checkpoints} is unreadable' in result.stderr
+    assert f'aside to {checkpoints}/{step}.unreadable' in result.stderr
+  if corrupt_older is _flip_a_bit_silently:
+    assert 'fails its checksum' in result.stderr
+  assert sorted(os.listdir(checkpoints)) == ['10', '10.unreadable', '15', '15.unreadable', '20',
+                                             partial.name]
+  runs.assert_same_run(straight, resumed)
 
-  straight_losses, resumed_losses = _losses(straight), _losses(resumed)
-  assert sorted(resumed_losses) == list(range(1, 21))
-  assert resumed_losses == straight_losses  # Identical at every step.
-  a, b = _params(straight, 20), _params(resumed, 20)
-  assert a.keys() == b.keys()
-  for name in a:
-    assert a[name].dtype == np.float32
-    np.testing.assert_array_equal(a[name], b[name], err_msg=str(name))  # Bitwise.
-
-  again = _ok(_train(resumed, corpus))  # Nothing left to do: says so, changes nothing.
+  again = runs.ok(runs.train(resumed, corpus))  # Nothing left to do: says so, changes nothing.
   assert 'already at step 20' in again.stderr
 
 
-def test_checkpoint_of_another_model_shape_is_one_sentence(tmp_path, corpus):
+def test_a_failed_save_stops_the_run_and_the_last_good_checkpoint_resumes_exactly(
+    tmp_path, corpus, straight):
   workdir = tmp_path / 'run'
-  _ok(_train(workdir, corpus, '--config.train.stop_at_step=5'))
-  before = sorted(os.listdir(workdir / 'checkpoints'))
-  result = _train(workdir, corpus, '--config.model.emb_dim=96')
-  assert result.returncode == 2
-  lines = result.stderr.strip().splitlines()
-  assert lines[-1].startswith('error: The checkpoint in ') and 'different model' in lines[-1]
-  assert lines[-1].endswith('or another --workdir.')
-  assert sorted(os.listdir(workdir / 'checkpoints')) == before  # Nothing saved was touched.
+  runs.ok(runs.train(workdir, corpus, '--config.train.stop_at_step=5'))
+  # Files above 64 KiB cannot be written (EFBIG): a full disk for the checkpoint data only,
+  # since the run's logs stay far smaller.
+  limited = ['bash', '-c', 'ulimit -f 64 && exec "$@"', '--'] + runs.train_command(workdir, corpus)
+  line = runs.error_line(subprocess.run(limited, cwd=runs.REPO, capture_output=True, text=True,
+                                        timeout=600), code=1)
+  assert line.startswith(f'error: Saving the checkpoint of step 10 in {workdir}/checkpoints '
+                         'failed (')
+  assert line.endswith("free disk space or fix the folder's permissions, then rerun the same "
+                       'command to continue from the last saved step.')
+  assert max(r['step'] for r in runs.metrics(workdir)) < 20  # It stopped, it did not go on.
+  assert [n for n in os.listdir(workdir / 'checkpoints') if n.isdigit()] == ['5']
+  result = runs.ok(runs.train(workdir, corpus))
+  assert 'resumed from step 5' in result.stderr
+  runs.assert_same_run(straight, workdir)
 
 
-def test_init_from_warm_starts_from_another_runs_parameters(tmp_path, corpus):
-  source, warm = tmp_path / 'source', tmp_path / 'warm'
-  _ok(_train(source, corpus, '--config.train.num_steps=5'))
-  result = _ok(_train(warm, corpus, f'--config.checkpoint.init_from={source}',
-                      '--config.train.stop_at_step=5', '--config.optim.lr=0'))
-  assert 'warm start from the parameters of step 5' in result.stderr
-  a, b = _params(source, 5), _params(warm, 5)
-  for name in a:  # With a zero learning rate the warm-started parameters stay those of the source.
+def _wait_for_step(workdir, process, step, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert process.poll() is None, open(f'{workdir}.log').read()[-3000:]
+    if (workdir / 'metrics.jsonl').exists() and any(
+        r['step'] >= step for r in runs.metrics(workdir)):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f'step {step} not reached')
+
+
+# Evaluating at every step slows the run down (so that it is still running when the test
+# interrupts it) without changing its trajectory: evaluation reads the parameters only.
+_SLOW_DOWN = ('--config.train.eval_every=1', '--config.train.eval_batches=16')
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, corpus, straight):
+  resumed = tmp_path / 'resumed'
+  process = runs.start(resumed, corpus, *_SLOW_DOWN)
+  _wait_for_step(resumed, process, 12)  # Past the checkpoint of step 10, mid-way to 15.
+  process.kill()
+  process.wait()
+  result = runs.ok(runs.train(resumed, corpus))
+  assert 'resumed from step 10' in result.stderr or 'resumed from step 15' in result.stderr
+  runs.assert_same_run(straight, resumed)
+
+
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_current_step_and_the_rerun_finishes_exactly(
+    tmp_path, corpus, straight, signal_number):
+  resumed = tmp_path / 'resumed'
+  process = runs.start(resumed, corpus, *_SLOW_DOWN)
+  _wait_for_step(resumed, process, 7)
+  process.send_signal(signal_number)
+  assert process.wait(timeout=120) == 0
+  log = open(f'{resumed}.log').read()
+  assert 'Traceback' not in log, log[-3000:]
+  stopped = [line for line in log.splitlines() if line.startswith('Stopped at step ')]
+  assert len(stopped) == 1 and stopped[0].endswith(
+      f'on {signal.Signals(signal_number).name} with its checkpoint saved; rerun the same command '
+      'to continue.'), log[-3000:]
+  step = int(stopped[0].split()[3])
+  assert 7 <= step < 20
+  assert str(step) in os.listdir(resumed / 'checkpoints')  # Saved where it stopped.
+  result = runs.ok(runs.train(resumed, corpus))
+  assert f'resumed from step {step}' in result.stderr
+  runs.assert_same_run(straight, resumed)
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  process = runs.start(workdir, corpus, '--config.train.num_steps=100000')
+  _wait_for_step(workdir, process, 2)
+  # Ctrl-C until the process ends: the first asks for a clean stop, the next one (within
+  # milliseconds, long before the step and its save are done) must end it at once.
+  while process.poll() is None:
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+  assert process.returncode == -signal.SIGINT
+  assert open(f'{workdir}.log').read().count('Ctrl-C again exits at once') == 1
+
+
+@pytest.fixture(scope='module')
+def stopped_at_5(corpus, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('stopped') / 'run'
+  runs.ok(runs.train(workdir, corpus, '--config.train.stop_at_step=5'))
+  return workdir
+
+
+@pytest.mark.parametrize('override, fragment', [
+    ('--config.optim.clip_norm=0', "a different optimizer (optim.clip_norm: 1.0 there, 0.0 here)"),
+    ('--config.optim.name=lion', "a different optimizer (optim.name: 'adamw' there, 'lion' here)"),
+    ('--config.model.emb_dim=96', 'a different model (model.emb_dim: 64 there, 96 here)'),
+])
+def test_a_changed_structure_is_named_and_nothing_is_moved(stopped_at_5, corpus, override,
+                                                           fragment):
+  before = sorted(os.listdir(stopped_at_5))
+  records = {name: (stopped_at_5 / name).read_text()
+             for name in ('config.json', 'environment.json')}
+  line = runs.error_line(runs.train(stopped_at_5, corpus, override))
+  assert line.startswith(f'error: The checkpoint in {stopped_at_5}/checkpoints was written '
+                         'for '), line
+  assert fragment in line and line.endswith('or pass another --workdir.'), line
+  assert sorted(os.listdir(stopped_at_5)) == before  # No dated config copy, no lock left behind.
+  assert records == {name: (stopped_at_5 / name).read_text() for name in records}
+  assert os.listdir(stopped_at_5 / 'checkpoints') == ['5']  # Nothing moved aside.
+
+
+def test_keep_one_retains_only_the_final_checkpoint(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  runs.ok(runs.train(workdir, corpus, '--config.train.num_steps=6',
+                     '--config.checkpoint.every_steps=2', '--config.checkpoint.keep=1'))
+  assert os.listdir(workdir / 'checkpoints') == ['6']
+  line = runs.error_line(runs.train(tmp_path / 'other', corpus, '--config.checkpoint.keep=0'))
+  assert line == 'error: config.checkpoint.keep must be positive, got 0.'
+  assert not (tmp_path / 'other').exists()
+
+
+def test_init_from_warm_starts_from_another_runs_parameters(tmp_path, corpus, straight):
+  warm = tmp_path / 'warm'
+  # A learning rate far below the parameters' float32 resolution leaves them unchanged.
+  result = runs.ok(runs.train(warm, corpus, f'--config.checkpoint.init_from={straight}',
+                              '--config.train.stop_at_step=5', '--config.optim.lr=1e-30'))
+  assert 'warm start from the parameters of step 20' in result.stderr
+  a, b = runs.params(straight, 20), runs.params(warm, 5)
+  for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=str(name))
-  assert _losses(warm)[1][0] < _losses(source)[1][0]  # It starts where the source ended.
+  assert runs.losses(warm)[1][0] < runs.losses(straight)[1][0]  # It starts where the source ended.

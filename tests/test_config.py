@@ -70,6 +70,19 @@ def _assert_one_sentence(error, *fragments):
     (dict(model=dict(style='gpt3')), 1, ("'gpt3'", 'gpt2')),
     (dict(optim=dict(decay='exp')), 1, ('optim.decay',)),
     (dict(train=dict(seq_len=1024)), 1, ('max_len=256',)),
+    (dict(checkpoint=dict(every_steps=0)), 1, ('checkpoint.every_steps must be positive',)),
+    (dict(checkpoint=dict(keep=0)), 1, ('checkpoint.keep must be positive',)),
+    (dict(train=dict(log_every=0)), 1, ('train.log_every must be positive',)),
+    (dict(train=dict(eval_every=-5)), 1, ('train.eval_every must be positive',)),
+    (dict(train=dict(eval_batches=0)), 1, ('train.eval_batches must be positive',)),
+    (dict(optim=dict(lr=0.0)), 1, ('optim.lr must be positive',)),
+    (dict(optim=dict(clip_norm=-1.0)), 1, ('optim.clip_norm must not be negative',)),
+    (dict(model=dict(dropout_rate=1.0)), 1, ('dropout_rate=1.0 must lie in [0, 1)',)),
+    (dict(model=dict(dropout_rate=-0.1)), 1, ('dropout_rate=-0.1 must lie in [0, 1)',)),
+    (dict(data=dict(tokenizer='sentencepiece')), 1, ("data.tokenizer='sentencepiece'", 'bytes')),
+    (dict(data=dict(source='c4')), 1, ("data.source='c4'", 'stdlib')),
+    (dict(optim=dict(name='sgd')), 1, ("optim.name='sgd'", 'adamw')),
+    (dict(train=dict(sample_tokens=300)), 1, ('sample_tokens=300', 'max_len=256')),
 ])
 def test_validation_errors_are_one_sentence(decoder_config, edit, num_devices, fragments):
   config = decoder_config('tiny')
@@ -79,6 +92,23 @@ def test_validation_errors_are_one_sentence(decoder_config, edit, num_devices, f
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(config, num_devices)
   _assert_one_sentence(error.value, *fragments)
+
+
+def test_negative_seed_is_refused(decoder_config):
+  config = decoder_config('tiny')
+  config.seed = -1
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, 1)
+  _assert_one_sentence(error.value, 'config.seed must not be negative, got -1')
+
+
+@pytest.mark.parametrize('key, name', [('name', 'sgd'), ('decay', 'exponential')])
+def test_the_optimizer_builder_refuses_unknown_names(decoder_config, key, name):
+  config = decoder_config('tiny')
+  config.optim[key] = name  # Past validation: no branch may take an unknown name for another.
+  with pytest.raises(config_lib.ConfigError) as error:
+    optim.make_optimizer(config.optim, num_steps=100)
+  _assert_one_sentence(error.value, f'config.optim.{key}={name!r} is not one of')
 
 
 def test_valid_config_resolves_the_auto_axis(decoder_config):

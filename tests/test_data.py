@@ -2,12 +2,16 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import runs
 from research.data import local_text
 from research.data import packed_rows
 from research.data import pipeline as pipeline_lib
@@ -42,7 +46,7 @@ def test_tfds_builder_writes_array_record_and_reads_back_without_tensorflow(tmp_
            'files': [str(root / name) for name in texts]}[spec]
   files = local_text.resolve_files(specs)
   builder = local_text.prepare(files, str(tmp_path / 'tfds'), 25, 'text',
-                               local_text.fingerprint(files))
+                               local_text.scan(files)[0])
   written = [f for f in os.listdir(builder.data_dir) if 'array_record' in f]
   assert {f.split('.array_record')[0].split('-')[-1] for f in written} == {'train', 'validation'}
   train, validation = _read_split(builder, 'train'), _read_split(builder, 'validation')
@@ -58,7 +62,7 @@ def test_single_file_is_split_by_lines(tmp_path):
   path.write_text(''.join(f'{i}\n' for i in range(100)))
   files = local_text.resolve_files([str(path)])
   builder = local_text.prepare(files, str(tmp_path / 'tfds'), 10, 'text',
-                               local_text.fingerprint(files))
+                               local_text.scan(files)[0])
   assert _read_split(builder, 'validation') == {'one.txt': ''.join(f'{i}\n' for i in range(90, 100))}
   assert _read_split(builder, 'train') == {'one.txt': ''.join(f'{i}\n' for i in range(90))}
 
@@ -145,3 +149,75 @@ def test_global_batches_do_not_depend_on_the_number_of_hosts(decoder_config, tmp
   for name, value in data.train_batch(5).items():
     np.testing.assert_array_equal(again.train_batch(5)[name], value)
   assert data.record['fingerprint'] == again.record['fingerprint']
+
+
+_PREPARE = '''
+import sys, time
+from research.data import local_text
+files = local_text.resolve_files([sys.argv[1]])
+while time.time() < float(sys.argv[3]):  # Both processes start preparing at the same moment.
+  time.sleep(0.001)
+builder = local_text.prepare(files, sys.argv[2], 5, 'text', local_text.scan(files)[0])
+print(len(builder.as_data_source('train')), len(builder.as_data_source('validation')))
+'''
+
+
+@pytest.mark.slow
+def test_concurrent_preparations_of_one_dataset_write_it_once(tmp_path):
+  _write_corpus(tmp_path / 'corpus', count=60)
+  start = time.time() + 8  # Past both interpreters' start-up.
+  processes = [subprocess.Popen([sys.executable, '-c', _PREPARE, str(tmp_path / 'corpus'),
+                                 str(tmp_path / 'tfds'), str(start)], cwd=runs.REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for process, (out, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+  sizes = [out.strip().splitlines()[-1] for out, _ in outputs]
+  assert sizes[0] == sizes[1] and sum(map(int, sizes[0].split())) == 60
+  assert sum(out.count('Downloading and preparing') for out, _ in outputs) == 1  # Written once.
+
+
+def _text_config(decoder_config, corpus, data_dir):
+  config = decoder_config('tiny')
+  config.data.source, config.data.paths, config.data.data_dir = 'text', str(corpus), str(data_dir)
+  return config
+
+
+def test_invalid_utf8_is_counted_and_replaced(decoder_config, tmp_path, caplog):
+  corpus = tmp_path / 'corpus'
+  _write_corpus(corpus, count=12)
+  (corpus / 'latin1.txt').write_bytes('café au lait\n'.encode('latin-1') * 3)  # 3 bad bytes.
+  with caplog.at_level('WARNING'):
+    data = pipeline_lib.build(_text_config(decoder_config, corpus, tmp_path / 'tfds'))
+  assert ('3 bytes in 1 files of the text source are not valid UTF-8 and are replaced by U+FFFD '
+          f'(most in {corpus / "latin1.txt"})') in caplog.text
+  assert data.record['files'] == 13
+
+
+def _train_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'research.train', '--config',
+                         'configs/decoder.py:tiny', *args], cwd=runs.REPO, capture_output=True,
+                        text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_binary_files_and_empty_sources_are_one_sentence(tmp_path):
+  corpus = tmp_path / 'corpus'
+  _write_corpus(corpus, count=3)
+  (corpus / 'image.png').write_bytes(np.random.default_rng(0).bytes(20000))
+  line = runs.error_line(_train_cli('--workdir', str(tmp_path / 'run'),
+                                    '--config.data.source=text', f'--config.data.paths={corpus}',
+                                    f'--config.data.data_dir={tmp_path / "tfds"}'))
+  assert 'bytes in data.paths are not valid UTF-8 (the most in ' in line, line
+  assert f'{corpus / "image.png"}' in line and line.endswith(
+      'convert those files to UTF-8 or remove them from data.paths.'), line
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  for i in range(4):
+    (empty / f'{i}.txt').write_text('')
+  line = runs.error_line(_train_cli('--workdir', str(tmp_path / 'run'),
+                                    '--config.data.source=text', f'--config.data.paths={empty}',
+                                    f'--config.data.data_dir={tmp_path / "tfds"}'))
+  assert line.startswith("error: The train split of data.source='text' holds no text (all "), line
+  assert not (tmp_path / 'run').exists()  # A failed start leaves no workdir behind.

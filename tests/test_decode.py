@@ -9,10 +9,10 @@ from research import decode
 from research.models import decoder
 
 
-def _model(decoder_config, style):
+def _model(decoder_config, style, max_len=64):
   config = decoder_config('tiny')
   m = config.model
-  m.style, m.num_layers, m.emb_dim, m.mlp_dim, m.max_len = style, 2, 64, 128, 64
+  m.style, m.num_layers, m.emb_dim, m.mlp_dim, m.max_len = style, 2, 64, 128, max_len
   m.num_kv_heads = 2 if style == 'llama' else 0
   model = decoder.build(m)
   params = model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))['params']
@@ -79,3 +79,48 @@ def test_decode_step_compiles_once(decoder_config):
   before = decode._generate._cache_size()
   decode.generate(model, params, [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10]], sampling)  # Same shapes.
   assert decode._generate._cache_size() == before
+
+
+@pytest.mark.parametrize('style', ['llama', 'gpt2'])
+def test_generation_uses_every_position_up_to_max_len_and_no_more(decoder_config, style):
+  model, params = _model(decoder_config, style, max_len=16)
+  prompt = [5, 9, 200, 31]
+  generated = decode.generate(model, params, [prompt], decode.SamplingConfig(max_new_tokens=12))[0]
+  assert len(generated) == 12
+  # Every token, the last at position 15 included, is the argmax of a full forward pass.
+  logits = model.apply({'params': params}, jnp.asarray([prompt + generated[:-1]], jnp.int32))
+  assert generated == np.argmax(np.asarray(logits)[0, len(prompt) - 1:], axis=-1).tolist()
+  with pytest.raises(ValueError, match=r'needs 17 positions but the model has max_len=16'):
+    decode.generate(model, params, [prompt], decode.SamplingConfig(max_new_tokens=13))
+
+
+@pytest.mark.parametrize('prompts, sampling, message', [
+    ([[1]], dict(max_new_tokens=0), 'max_new_tokens=0 must be a positive integer.'),
+    ([[1]], dict(temperature=-0.5), 'temperature=-0.5 must be 0 (greedy) or'),
+    ([[1]], dict(temperature=float('nan')), 'temperature=nan must be 0 (greedy) or'),
+    ([[1]], dict(temperature=1.0, top_p=0.0), 'top_p=0.0 must lie in (0, 1]'),
+    ([[1]], dict(temperature=1.0, top_p=1.5), 'top_p=1.5 must lie in (0, 1]'),
+    ([[1]], dict(temperature=1.0, top_k=257), 'top_k=257 must lie in [0, 256]'),
+    ([[1]], dict(temperature=1.0, top_k=-1), 'top_k=-1 must lie in [0, 256]'),
+    ([[1], [3, 256]], {}, 'Prompt 1 holds token id 256, outside the vocabulary of 256 ids'),
+    ([[-1]], {}, 'Prompt 0 holds token id -1, outside the vocabulary'),
+    ([[1, 2.0]], {}, 'Prompt 0 holds token id 2.0, outside the vocabulary'),
+    ([[1], []], {}, 'Prompt 1 is empty'),
+    ([], {}, 'No prompt given'),
+])
+def test_bad_inputs_are_refused_before_any_compute(decoder_config, prompts, sampling, message):
+  config = decoder_config('tiny')
+  config.model.vocab_size = 256
+  spec = decoder.DecoderSpec.from_config(config.model)
+  with pytest.raises(ValueError) as error:
+    decode.check_inputs(spec, prompts, decode.SamplingConfig(**sampling))
+  assert str(error.value).startswith(message) and str(error.value).endswith('.')
+
+
+def test_a_tiny_top_p_keeps_the_most_likely_token():
+  # Near-ties, ties, and a temperature so small that unshifted logits overflow to inf.
+  logits = jnp.asarray([[100.0, 99.0, 0.0, 99.5], [3.0, 7.0, 7.0, 1.0], [1e-3, 0.0, 2e-3, 0.0]])
+  for temperature in (1.0, 1e-37):
+    kept = np.isfinite(np.asarray(decode.filter_logits(logits, temperature, 0, 1e-9)))
+    assert kept.tolist() == [[True, False, False, False], [False, True, True, False],
+                             [False, False, True, False]], temperature

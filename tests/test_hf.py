@@ -18,6 +18,8 @@ from research import hf
 from research import workdir as workdir_lib
 from research.models import decoder
 
+pytestmark = pytest.mark.slow  # Builds, saves and converts torch models.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HF_CONFIGS = {
@@ -103,7 +105,13 @@ def test_round_trips_are_bitwise(hf_model, tmp_path):
   for key in original:
     np.testing.assert_array_equal(original[key], back[key], err_msg=key)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'back')  # Loadable.
-  assert reloaded.config.model_type == json.load(open(hf_dir / 'config.json'))['model_type']
+  config, config_back = (json.load(open(d / 'config.json')) for d in (hf_dir, tmp_path / 'back'))
+  assert reloaded.config.model_type == config['model_type']
+  # The special-token ids and generation config the model came with, and GPT-2's dropout.
+  for key in hf.SPECIAL_TOKENS + (('resid_pdrop', 'embd_pdrop') if name == 'gpt2' else ()):
+    assert config_back[key] == config[key], key
+  assert (json.load(open(tmp_path / 'back' / 'generation_config.json')) ==
+          json.load(open(hf_dir / 'generation_config.json')))
   # ours -> HF -> ours.
   convert.from_hf(str(tmp_path / 'back'), str(tmp_path / 'ours_again'))
   _, first, _ = _ours(workdir)

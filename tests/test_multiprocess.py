@@ -2,9 +2,20 @@
 
 import json
 import os
+import socket
 import subprocess
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
 
 
 def _run(workdir, corpus, processes, local_devices, port):
@@ -32,8 +43,8 @@ def test_two_processes_match_one(tmp_path):
   corpus.mkdir()
   for i in range(12):
     (corpus / f'f{i}.txt').write_text(''.join(f'row {j} in file {i}\n' for j in range(30 + 5 * i)))
-  one = _run(tmp_path / 'one', corpus, processes=1, local_devices=4, port=12391)
-  two = _run(tmp_path / 'two', corpus, processes=2, local_devices=2, port=12392)
+  one = _run(tmp_path / 'one', corpus, processes=1, local_devices=4, port=_free_port())
+  two = _run(tmp_path / 'two', corpus, processes=2, local_devices=2, port=_free_port())
   assert [r['step'] for r in two] == list(range(1, 7))
   for a, b in zip(one, two):
     assert abs(a['loss'] - b['loss']) < 1e-5 and a['tokens'] == b['tokens'], (a, b)

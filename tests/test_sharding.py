@@ -49,6 +49,7 @@ def _assert_same_training(records, params, reference_records, reference_params):
   assert max(jax.tree.leaves(diffs)) <= 1e-4, diffs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('style', ['llama', 'gpt2'])
 def test_sharded_training_matches_one_device(decoder_config, style):
   reference = _train(_small_config(decoder_config, style), ONE_DEVICE)

@@ -5,8 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from research.data import pipeline as pipeline_lib
 from research.data import synthetic
+
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

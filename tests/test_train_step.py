@@ -29,6 +29,7 @@ def _losses(trainer, config, steps, rng=None):
   return losses, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, lr', [('adamw', 3e-3), ('adafactor', 1e-1), ('lion', 3e-4)])
 def test_each_optimizer_trains_on_a_sharded_mesh(decoder_config, name, lr):
   config = decoder_config('tiny')

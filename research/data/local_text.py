@@ -8,6 +8,7 @@ alone), so the split does not depend on file order.
 A single file is split instead by its lines: the last `validation_percent` of them validate.
 """
 
+import fcntl
 import glob
 import hashlib
 import os
@@ -44,14 +45,36 @@ def resolve_files(specs, suffix=''):
   return sorted((root, path) for path, root in found.items())
 
 
-def fingerprint(files):
-  """Content hash of (relative path, bytes) over all files: names the prepared dataset."""
+# Above this share of invalid UTF-8 bytes a source is taken for binary or wrongly encoded data.
+MAX_INVALID_UTF8 = 0.001
+
+
+def scan(files):
+  """(content hash, {path: invalid UTF-8 bytes}) in one read of every file.
+
+  The hash covers (relative path, bytes) of all files and names the prepared dataset. Invalid
+  bytes are replaced when the dataset is written; above MAX_INVALID_UTF8 of all bytes the source
+  is refused, so that a binary file or a Latin-1 corpus does not train silently on mojibake.
+  """
   digest = hashlib.sha256()
+  invalid, total = {}, 0
   for root, path in files:
     digest.update(os.path.relpath(path, root).encode())
     with open(path, 'rb') as f:
-      digest.update(hashlib.sha256(f.read()).digest())
-  return digest.hexdigest()
+      data = f.read()
+    digest.update(hashlib.sha256(data).digest())
+    total += len(data)
+    try:
+      data.decode('utf-8')
+    except UnicodeDecodeError:  # Count exactly the bytes that decoding would have to drop.
+      invalid[path] = len(data) - len(data.decode('utf-8', errors='ignore').encode('utf-8'))
+  bad = sum(invalid.values())
+  if bad > MAX_INVALID_UTF8 * max(total, 1):
+    worst = max(invalid, key=invalid.get)
+    raise DataError(f'{bad} of the {total} bytes in data.paths are not valid UTF-8 (the most in '
+                    f'{worst}: {invalid[worst]}); convert those files to UTF-8 or remove them '
+                    'from data.paths.')
+  return digest.hexdigest(), invalid
 
 
 def _bucket(relative_path):
@@ -107,11 +130,18 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(files, data_dir, validation_percent, name, content_hash):
-  """Writes (once) and returns the builder for `files`, in a folder named by their content hash."""
+  """Writes (once) and returns the builder for `files`, in a folder named by their content hash.
+
+  A file lock makes concurrent preparations (several processes of one job, or two jobs sharing
+  data_dir) write the dataset once while the others wait and then read it.
+  """
   version_dir = f'{name}-{content_hash[:16]}-val{validation_percent}'
-  builder = LocalText(files=files, validation_percent=validation_percent,
-                      data_dir=os.path.join(data_dir, version_dir), file_format='array_record')
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()
-    builder.download_and_prepare()
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, version_dir + '.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = LocalText(files=files, validation_percent=validation_percent,
+                        data_dir=os.path.join(data_dir, version_dir), file_format='array_record')
+    if not builder.is_prepared():
+      tfds.disable_progress_bar()
+      builder.download_and_prepare()
   return builder

@@ -13,6 +13,7 @@ import os
 
 import grain
 import numpy as np
+from absl import logging
 
 from research.data import corpus
 from research.data import local_text
@@ -24,17 +25,53 @@ from research.data.local_text import DataError
 
 @dataclasses.dataclass
 class Pipeline:
-  """Batches as pure functions of the step; `lo`/`hi` select a host's rows of the global batch."""
+  """Batches as pure functions of the step and the data position.
+
+  Training reads the endless sequence of rows in order: the batch at step N is the next
+  `batch_size` rows after those consumed before it. A fresh run consumes from row 0; a resumed
+  run continues from the row its checkpoint recorded (`resume_at`), so a changed batch size
+  neither skips nor repeats rows. `lo`/`hi` select a host's rows of the global batch.
+  """
   batch_size: int
   seq_len: int
   train: object  # .rows(start, stop)
   validation: object
   tokenizer: object
   record: dict  # What the workdir records about the data (source, fingerprint, sizes).
+  seed: int
+  origin_step: int = 0
+  origin_row: int = 0
+
+  def resume_at(self, step, rows_consumed):
+    self.origin_step, self.origin_row = step, rows_consumed
+
+  def first_row(self, step):
+    return self.origin_row + (step - self.origin_step) * self.batch_size
+
+  def position(self, step):
+    """What a checkpoint at `step` records to continue the data exactly (see check_position)."""
+    return dict(next_step=step, rows_consumed=self.first_row(step), seq_len=self.seq_len,
+                seed=self.seed, fingerprint=self.record['fingerprint'])
+
+  def check_position(self, position):
+    """Refuses, in one sentence, a position whose rows mean something else in this run."""
+    if position['rows_consumed'] == 0:  # Nothing consumed yet: any data may follow.
+      return
+    for key, name in (('seq_len', 'train.seq_len'), ('seed', 'seed')):
+      if position[key] != getattr(self, key):
+        raise DataError(f'The checkpoint counts its data position in rows of {name}='
+                        f'{position[key]} but this run has {getattr(self, key)}; resume with '
+                        f'--config.{name}={position[key]}, or warm start a new --workdir with '
+                        '--config.checkpoint.init_from.')
+    if position['fingerprint'] != self.record['fingerprint']:
+      raise DataError('The checkpoint was trained on other data (fingerprint '
+                      f"{position['fingerprint'][:16]} there, {self.record['fingerprint'][:16]} "
+                      'here); resume with the same data settings, or warm start a new --workdir '
+                      'with --config.checkpoint.init_from.')
 
   def train_batch(self, step, lo=0, hi=None):
     hi = self.batch_size if hi is None else hi
-    return self.train.rows(step * self.batch_size + lo, step * self.batch_size + hi)
+    return self.train.rows(self.first_row(step) + lo, self.first_row(step) + hi)
 
   def eval_batch(self, index, lo=0, hi=None):
     hi = self.batch_size if hi is None else hi
@@ -73,17 +110,15 @@ class _SyntheticVocabulary:
 
 
 class _MarkovRows:
-  """Adapts the synthetic source to the rows(start, stop) interface (one batch per call)."""
+  """Adapts the synthetic source to the rows(start, stop) interface."""
 
-  def __init__(self, source, split, batch_size, seq_len):
-    self.source, self.split, self.batch_size, self.seq_len = source, split, batch_size, seq_len
-    sample = source.batch(0, 64, seq_len)
+  def __init__(self, source, split, seq_len):
+    self.source, self.split, self.seq_len = source, split, seq_len
+    sample = source.rows(0, 64, seq_len, split)
     self.tokens = sample['targets'][sample['weights'] > 0]
 
   def rows(self, start, stop):
-    step, lo = divmod(start, self.batch_size)
-    batch = self.source.batch(step, self.batch_size, self.seq_len, split=self.split)
-    return {k: v[lo:lo + stop - start] for k, v in batch.items()}
+    return self.source.rows(start, stop, self.seq_len, self.split)
 
 
 def build(config):
@@ -91,11 +126,10 @@ def build(config):
   if d.source == 'markov':
     source = synthetic.MarkovSource(config.model.vocab_size, d.markov_branching, config.seed,
                                     d.min_doc_len)
-    tokenizer = _SyntheticVocabulary(config.model.vocab_size)
-    return Pipeline(t.batch_size, t.seq_len,
-                    _MarkovRows(source, 'train', t.batch_size, t.seq_len),
-                    _MarkovRows(source, 'validation', t.batch_size, t.seq_len),
-                    tokenizer, dict(source='markov', seed=config.seed))
+    record = dict(source='markov', seed=config.seed, fingerprint=source.fingerprint())
+    return Pipeline(t.batch_size, t.seq_len, _MarkovRows(source, 'train', t.seq_len),
+                    _MarkovRows(source, 'validation', t.seq_len),
+                    _SyntheticVocabulary(config.model.vocab_size), record, config.seed)
 
   tokenizer = tokenizer_lib.get(d.tokenizer)
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -110,16 +144,25 @@ def build(config):
     files = local_text.resolve_files([p for p in d.paths.split(',') if p])
   else:
     raise DataError(f"data.source={d.source!r} is not one of ['stdlib', 'text', 'markov'].")
-  content_hash = local_text.fingerprint(files)
+  content_hash, invalid = local_text.scan(files)
+  if invalid:
+    logging.warning('%d bytes in %d files of the %s source are not valid UTF-8 and are replaced '
+                    'by U+FFFD (most in %s).', sum(invalid.values()), len(invalid), d.source,
+                    max(invalid, key=invalid.get))
   builder = local_text.prepare(files, os.path.expanduser(d.data_dir), d.validation_percent,
                                d.source, content_hash)
   rows = {}
   for split, shuffle in (('train', True), ('validation', False)):
     tokens, bounds = _tokenize_split(builder, split, tokenizer)
+    if len(tokens) - (len(bounds) - 1) == 0:  # Every document is empty: only EOS tokens.
+      raise DataError(f'The {split} split of data.source={d.source!r} holds no text (all '
+                      f'{len(bounds) - 1} documents are empty); point data.paths at files with '
+                      'text.')
     rows[split] = packed_rows.PackedRows(tokens, bounds, t.seq_len, config.seed, shuffle,
                                          tokenizer.pad_id)
   record = dict(source=d.source, files=len(files), fingerprint=content_hash,
                 prepared_at=builder.data_dir, tokenizer=d.tokenizer,
                 train_tokens=int(len(rows['train'].tokens)),
                 validation_tokens=int(len(rows['validation'].tokens)))
-  return Pipeline(t.batch_size, t.seq_len, rows['train'], rows['validation'], tokenizer, record)
+  return Pipeline(t.batch_size, t.seq_len, rows['train'], rows['validation'], tokenizer, record,
+                  config.seed)

@@ -1,9 +1,11 @@
 """In-memory synthetic token source: documents drawn from a sparse random Markov chain.
 
 Each token has `branching` possible successors, so a model can reach a loss of about
-log(branching) nats per token, far below the unigram entropy of the stream. The global batch at a
-step is a pure function of (seed, split, step).
+log(branching) nats per token, far below the unigram entropy of the stream. Each packed
+row is a pure function of (seed, split, row index).
 """
+
+import hashlib
 
 import numpy as np
 
@@ -37,11 +39,26 @@ class MarkovSource:
       length = int(rng.integers(self.min_doc_len, 2 * seq_len)) + 1
       yield causal_lm.example_from_document(self._document(rng, length))
 
+  def rows(self, start, stop, seq_len, split='train'):
+    """Packed rows [start, stop) of the endless stream: dict of [stop - start, seq_len] arrays.
+
+    Row g is packed from documents drawn with its own generator, seeded by (seed, split, g), so
+    any range of rows can be produced by any host in any order.
+    """
+    per_row = [packing.pack_examples(
+        self._examples(np.random.default_rng([self.seed, _SPLITS[split], g]), seq_len), 1,
+        seq_len)[0] for g in range(start, stop)]
+    return {name: np.concatenate([r[name] for r in per_row]) for name in packing.FIELDS}
+
   def batch(self, step, batch_size, seq_len, split='train'):
-    """The packed global batch for `step`: dict of [batch_size, seq_len] numpy arrays."""
-    rng = np.random.default_rng([self.seed, _SPLITS[split], step])
-    rows, _ = packing.pack_examples(self._examples(rng, seq_len), batch_size, seq_len)
-    return rows
+    """The global batch for `step` when every step takes `batch_size` rows."""
+    return self.rows(step * batch_size, (step + 1) * batch_size, seq_len, split)
+
+  def fingerprint(self):
+    """Names the stream: its transition table and document lengths."""
+    digest = hashlib.sha256(self.successors.tobytes())
+    digest.update(f'{self.vocab_size}-{self.min_doc_len}'.encode())
+    return digest.hexdigest()
 
   def conditional_entropy(self):
     return float(np.log(self.successors.shape[1]))

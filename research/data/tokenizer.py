@@ -36,4 +36,6 @@ TOKENIZERS = {'bytes': ByteTokenizer}
 
 
 def get(name):
+  if name not in TOKENIZERS:
+    raise ValueError(f'data.tokenizer={name!r} is not one of {sorted(TOKENIZERS)}.')
   return TOKENIZERS[name]()

@@ -1,0 +1,103 @@
+"""Helpers for tests that run `python -m research.train` as a user would, and read its workdir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_corpus(root, files=20):
+  root.mkdir(parents=True, exist_ok=True)
+  for i in range(files):
+    (root / f'f{i}.txt').write_text(''.join(f'line {j} of file {i}\n' for j in range(40 + i)))
+  return root
+
+
+def train_command(workdir, corpus, *overrides):
+  """A small model on a text corpus, sharded over (2 data, 2 fsdp, 2 tensor), with dropout."""
+  return [sys.executable, '-m', 'research.train', '--config', 'configs/decoder.py:tiny',
+          '--workdir', str(workdir), '--config.data.source=text', f'--config.data.paths={corpus}',
+          f'--config.data.data_dir={corpus.parent / "tfds"}', '--config.model.num_layers=2',
+          '--config.model.emb_dim=64', '--config.model.mlp_dim=128',
+          '--config.model.dropout_rate=0.1', '--config.train.batch_size=8',
+          '--config.train.seq_len=32', '--config.train.num_steps=20', '--config.train.log_every=1',
+          '--config.train.eval_every=10', '--config.train.eval_batches=1',
+          '--config.checkpoint.every_steps=5', '--config.train.sample_tokens=0',
+          '--config.train.progress_bar=False', '--config.mesh.data=2', '--config.mesh.fsdp=2',
+          '--config.mesh.tensor=2', *overrides]
+
+
+def command(module, *args):
+  """`python -m module args...` run from the repository root, its output captured."""
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+
+
+def train(workdir, corpus, *overrides):
+  return command(*train_command(workdir, corpus, *overrides)[2:])
+
+
+def start(workdir, corpus, *overrides):
+  """The same run as a background process (for signals); stderr goes to <workdir>.log."""
+  log = open(f'{workdir}.log', 'w')
+  return subprocess.Popen(train_command(workdir, corpus, *overrides), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=log, text=True)
+
+
+def ok(result):
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def error_line(result, code=2):
+  """The last stderr line of a run that must fail with one sentence."""
+  assert result.returncode == code, (result.returncode, result.stderr[-4000:])
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and last.endswith('.'), result.stderr[-4000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-4000:]
+  assert sum(line.startswith('error: ') for line in result.stderr.splitlines()) == 1
+  return last
+
+
+def assert_error(result, fragment, code=2):
+  """The one-sentence error of a failed run holds `fragment`."""
+  line = error_line(result, code)
+  assert fragment in line, line
+
+
+def metrics(workdir):
+  """Every line of metrics.jsonl, parsed as strict JSON (no NaN or Infinity literals)."""
+  def strict(constant):
+    raise ValueError(f'metrics.jsonl holds the non-JSON constant {constant}')
+  with open(workdir / 'metrics.jsonl') as f:
+    return [json.loads(line, parse_constant=strict) for line in f]
+
+
+def losses(workdir):
+  """{step: (loss, grad_norm, accuracy)}; a step logged twice (after a resume) keeps its last."""
+  return {r['step']: (r['loss'], r['grad_norm'], r['accuracy'])
+          for r in metrics(workdir) if 'loss' in r}
+
+
+def params(workdir, step):
+  manager = ocp.CheckpointManager(workdir / 'checkpoints', item_names=('state', 'record'))
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  manager.close()
+  return {k: np.asarray(v) for k, v in ocp.tree.to_flat_dict(state['params']).items()}
+
+
+def assert_same_run(straight, resumed, step=20):
+  """Identical metrics at every step and bitwise identical parameters at `step`."""
+  straight_losses, resumed_losses = losses(straight), losses(resumed)
+  assert sorted(resumed_losses) == list(range(1, step + 1))
+  assert resumed_losses == straight_losses
+  a, b = params(straight, step), params(resumed, step)
+  assert a.keys() == b.keys()
+  for name in a:
+    assert a[name].dtype == np.float32
+    np.testing.assert_array_equal(a[name], b[name], err_msg=str(name))

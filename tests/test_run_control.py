@@ -1,0 +1,128 @@
+"""The trainer's command line under misuse: a second trainer, bad workdirs, divergence, a changed
+batch size or sequence length on resume, and evaluation on its own cadence."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+import runs
+from research import config as config_lib
+from research.data import pipeline as pipeline_lib
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  return runs.write_corpus(tmp_path_factory.mktemp('data') / 'corpus')
+
+
+def test_a_second_trainer_on_the_same_workdir_refuses_and_a_dead_ones_lock_is_stale(tmp_path,
+                                                                                    corpus):
+  workdir = tmp_path / 'run'
+  first = runs.start(workdir, corpus, '--config.train.num_steps=100000',
+                     '--config.checkpoint.every_steps=100000')
+  deadline = time.time() + 300
+  while not (workdir / 'metrics.jsonl').exists():
+    assert first.poll() is None and time.time() < deadline, open(f'{workdir}.log').read()[-3000:]
+    time.sleep(0.1)
+  line = runs.error_line(runs.train(workdir, corpus))
+  assert line.startswith(f'error: Another trainer (pid {first.pid} on '), line
+  assert line.endswith(f'is running in {workdir}; wait for it to finish or stop it, or pass '
+                       'another --workdir.'), line
+  first.kill()  # Dies without releasing anything by hand: the kernel drops its lock.
+  first.wait()
+  result = runs.ok(runs.train(workdir, corpus, '--config.train.num_steps=6',
+                              '--config.checkpoint.every_steps=3'))
+  assert 'fresh initialisation' in result.stderr  # Killed before its first checkpoint.
+  assert not (workdir / 'train.lock').exists()  # Released on exit.
+
+
+@pytest.mark.parametrize('kind', ['file', 'unwritable'])
+def test_a_workdir_that_cannot_be_used_is_one_sentence(tmp_path, corpus, kind):
+  if kind == 'file':
+    workdir = tmp_path / 'a_file'
+    workdir.write_text('not a directory')
+    expected = f'error: --workdir {workdir} is a file; pass a directory.'
+  else:
+    workdir = '/sys/research-test-workdir'  # Refused even to root.
+    expected = f'error: --workdir {workdir} is not writable ('
+  line = runs.error_line(runs.train(workdir, corpus))
+  assert line.startswith(expected), line
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  runs.ok(runs.train(workdir, corpus, '--config.train.stop_at_step=4',
+                     '--config.checkpoint.every_steps=2', '--config.checkpoint.keep=1'))
+  assert os.listdir(workdir / 'checkpoints') == ['4']
+  # An absurd learning rate makes the parameters overflow within a few steps.
+  result = runs.train(workdir, corpus, '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
+                      '--config.checkpoint.every_steps=2', '--config.checkpoint.keep=1')
+  line = runs.error_line(result, code=1)
+  assert line.startswith('error: Training diverged: step '), line
+  assert 'so nothing after step 4 was saved; lower optim.lr' in line, line
+  diverged = int(line.split()[4])
+  assert diverged > 4
+  assert os.listdir(workdir / 'checkpoints') == ['4']  # Never rotated out by a bad save.
+  records = runs.metrics(workdir)  # Strict JSON throughout.
+  assert all(np.isfinite(r['loss']) for r in records if 'loss' in r)
+  assert max(r['step'] for r in records) < diverged
+
+
+def _rows_tokens(corpus, start, stop):
+  """Target tokens in rows [start, stop) of the training stream `runs.train_command` reads."""
+  config = config_lib.load_config_file(os.path.join(runs.REPO, 'configs/decoder.py:tiny'))
+  config.data.source, config.data.paths = 'text', str(corpus)
+  config.data.data_dir = str(corpus.parent / 'tfds')
+  config.train.seq_len = 32
+  return float(pipeline_lib.build(config).train.rows(start, stop)['weights'].sum())
+
+
+@pytest.fixture(scope='module')
+def short_documents(tmp_path_factory):
+  """Documents shorter than a row, of varied lengths: rows hold different numbers of tokens."""
+  root = tmp_path_factory.mktemp('short') / 'corpus'
+  root.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(300):
+    (root / f'd{i}.txt').write_text('x' * int(rng.integers(2, 30)))
+  return root
+
+
+@pytest.mark.parametrize('new_batch_size', [16, 4])
+def test_a_changed_batch_size_continues_from_the_next_unseen_row(tmp_path, short_documents,
+                                                                 new_batch_size):
+  workdir, corpus = tmp_path / 'run', short_documents
+  runs.ok(runs.train(workdir, corpus, '--config.train.stop_at_step=5'))  # Rows 0..39.
+  runs.ok(runs.train(workdir, corpus, f'--config.train.batch_size={new_batch_size}',
+                     '--config.train.stop_at_step=7'))
+  tokens = {r['step']: r['tokens'] for r in runs.metrics(workdir) if 'tokens' in r}
+  for step, first_row in ((6, 40), (7, 40 + new_batch_size)):
+    expected = _rows_tokens(corpus, first_row, first_row + new_batch_size)
+    assert tokens[step] == expected, (step, tokens[step], expected)
+  # Rows counted from the step alone would have been others.
+  assert tokens[6] != _rows_tokens(corpus, 5 * new_batch_size, 6 * new_batch_size)
+
+
+def test_a_changed_sequence_length_on_resume_is_refused(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  runs.ok(runs.train(workdir, corpus, '--config.train.stop_at_step=2'))
+  line = runs.error_line(runs.train(workdir, corpus, '--config.train.seq_len=64'))
+  assert line == ('error: The checkpoint counts its data position in rows of train.seq_len=32 '
+                  'but this run has 64; resume with --config.train.seq_len=32, or warm start a '
+                  'new --workdir with --config.checkpoint.init_from.')
+
+
+def test_evaluation_runs_on_its_own_cadence(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  runs.ok(runs.train(workdir, corpus, '--config.train.num_steps=7', '--config.train.log_every=3',
+                     '--config.train.eval_every=2'))
+  records = runs.metrics(workdir)
+  assert [r['step'] for r in records if 'eval_loss' in r] == [2, 4, 6, 7]
+  assert [r['step'] for r in records if 'loss' in r] == [3, 6, 7]
+  environment = json.load(open(workdir / 'environment.json'))
+  assert environment['data']['source'] == 'text'

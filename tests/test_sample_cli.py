@@ -1,0 +1,75 @@
+"""research.sample through its command line: each bad input stops with one sentence (exit 2)."""
+
+import functools
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import runs
+from research import config as config_lib
+from research import convert
+from research import hf
+from research.models import decoder
+
+
+
+_sample = functools.partial(runs.command, 'research.sample')
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """A Llama-style run with max_len 16 and random weights, saved as a checkpoint."""
+  config = config_lib.load_config_file(os.path.join(runs.REPO, 'configs', 'decoder.py:tiny'))
+  m = config.model
+  m.num_layers, m.emb_dim, m.mlp_dim, m.max_len = 2, 32, 64, 16
+  config.train.seq_len, config.train.sample_tokens = 16, 0
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32),
+                        decoder.abstract_params(m))
+  path = tmp_path_factory.mktemp('sample') / 'run'
+  convert.write_workdir(config, params, str(path), data=dict(source='test'))
+  return path
+
+
+BASE = ['--prompt_ids', '1,2,3,4', '--max_new_tokens', '12']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args, fragment', [
+    (['--max_new_tokens=0'], 'max_new_tokens=0 must be a positive integer'),
+    (['--temperature=-1'], 'temperature=-1.0 must be 0 (greedy) or'),
+    (['--temperature=1', '--top_p=0'], 'top_p=0.0 must lie in (0, 1]'),
+    (['--temperature=1', '--top_k=265'], 'top_k=265 must lie in [0, 264]'),
+    (['--prompt_ids=7,264'], 'Prompt 1 holds token id 264, outside the vocabulary of 264 ids'),
+    (['--prompt_ids=7,2.5'], "--prompt_ids '7,2.5' is not a comma-separated list of integer"),
+    (['--max_new_tokens=13'], 'The longest prompt plus max_new_tokens=13 needs 17 positions but '
+                              'the model has max_len=16'),
+    (['--top_kk=3'], 'Unknown flag --top_kk; the closest is --top_k'),
+    (['--prompt=a'], 'Pass --workdir and either --prompt'),  # Not both kinds of prompt.
+])
+def test_bad_inputs_stop_with_one_sentence(workdir, args, fragment):
+  runs.assert_error(_sample('--workdir', str(workdir), *BASE, *args), fragment)
+
+
+@pytest.mark.slow
+def test_generation_may_fill_max_len(workdir):
+  result = _sample('--workdir', str(workdir), *BASE)  # 4 + 12 == max_len.
+  assert result.returncode == 0, result.stderr[-2000:]
+  ids = [int(t) for t in result.stdout.strip().split(',')]
+  assert len(ids) == 12 and all(0 <= t < 264 for t in ids)
+
+
+@pytest.mark.slow
+def test_workdirs_without_a_run_stop_with_one_sentence(workdir, tmp_path):
+  runs.assert_error(_sample('--workdir', str(tmp_path / 'missing'), *BASE),
+                      f'--workdir {tmp_path / "missing"} is not a directory')
+  # The config of a run that has not saved a checkpoint yet.
+  shutil.copy(workdir / 'config.json', tmp_path / 'config.json')
+  runs.assert_error(_sample('--workdir', str(tmp_path), *BASE), str(tmp_path))
+  # A model converted from Hugging Face has another tokenizer: text prompts are refused.
+  hf.write_source(str(tmp_path), str(tmp_path), dict(model_type='llama'), None)
+  runs.assert_error(_sample('--workdir', str(tmp_path), '--prompt', 'def '),
+                      f'{tmp_path} was converted from Hugging Face, whose tokenizer is not ours')
