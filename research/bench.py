@@ -206,15 +206,29 @@ def bench_checkpoint(config):
               checksum_share_of_restore=checksum_s / restore_s)
 
 
+def _check_flags():
+  """One sentence for a flag value the benchmarks cannot use."""
+  counts = dict(windows=_WINDOWS, window_steps=_WINDOW_STEPS, decode_batch=_DECODE_BATCH,
+                prompt_len=_PROMPT_LEN, new_tokens=_NEW_TOKENS, repeats=_REPEATS)
+  for name, flag in counts.items():
+    if flag.value < 1:
+      raise config_lib.ConfigError(f'--{name}={flag.value} must be at least 1.')
+  if _WARMUP.value < 0:
+    raise config_lib.ConfigError(f'--warmup_steps={_WARMUP.value} must not be negative.')
+  if _CHECKPOINT_DIR.value and not os.path.isdir(_CHECKPOINT_DIR.value):
+    raise config_lib.ConfigError(f'--checkpoint_dir {_CHECKPOINT_DIR.value} is not a directory; '
+                                 'pass an existing folder (its disk is the one measured).')
+
+
 def main(argv):
   modes = {'train': bench_train, 'decode': bench_decode, 'checkpoint': bench_checkpoint}
   if len(argv) < 2 or argv[1] not in modes:
     print('usage: python -m research.bench train|decode|checkpoint --config '
-          'configs/decoder.py:VARIANT',
-          file=sys.stderr)
+          'configs/decoder.py:VARIANT', file=sys.stderr)
     return 2
   try:
     config = config_lib.parse_flags([argv[0]] + argv[2:])
+    _check_flags()
     mesh_lib.configure_cpu_devices()
     results = modes[argv[1]](config)
   except config_lib.ConfigError as error:

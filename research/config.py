@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -90,8 +91,29 @@ def parse_flags(argv):
         if key not in valid:
           close = ', '.join(_closest_keys(key, valid)) or 'none'
           raise ConfigError(f'Unknown config key {key!r}; closest valid keys: {close}.') from None
-    message = str(error).split('\n')[0].strip('"\' ')
-    raise ConfigError(f'Could not apply the command-line config: {message}.') from None
+    ours = [f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
+            if 'research' in module for f in defined]  # A -m module is named by its path.
+    raise _flag_error(error, sorted(set(ours))) from None
+
+
+def _flag_error(error, names):
+  """One sentence for an absl flag error: an unknown flag (naming the closest of `names`) or a
+  value its flag cannot take."""
+  if isinstance(error, flags.UnrecognizedFlagError):
+    close = difflib.get_close_matches(error.flagname, names, n=1)
+    hint = f'the closest is --{close[0]}' if close else 'the flags are --' + ', --'.join(names)
+    return ConfigError(f'Unknown flag --{error.flagname}; {hint}.')
+  message = str(error).strip().split('\n')[0]
+  value = re.match(r'flag (--\S+?=.*?): (.*)', message)
+  if value:  # absl's reasons are Python's: name what the flag expects instead.
+    argument, reason = value.groups()
+    expected = next((kind for marker, kind in _EXPECTED if marker in reason), reason)
+    return ConfigError(f'{argument} is not a valid value ({expected}); correct that flag.')
+  return ConfigError(f'Could not apply the command line ({message.rstrip(".")}); correct it.')
+
+
+_EXPECTED = (('for int()', 'an integer is expected'), ('to float', 'a number is expected'),
+             ('boolean', 'true or false is expected'))
 
 
 def parse_command_flags(argv, names, foreign):
@@ -99,12 +121,8 @@ def parse_command_flags(argv, names, foreign):
   bad value, a stray argument or a flag of another command (`foreign`) raises one sentence."""
   try:
     rest = flags.FLAGS(argv)
-  except flags.UnrecognizedFlagError as error:
-    close = difflib.get_close_matches(error.flagname, names, n=1)
-    hint = f'the closest is --{close[0]}' if close else 'the flags are --' + ', --'.join(names)
-    raise ConfigError(f'Unknown flag --{error.flagname}; {hint}.') from None
   except flags.Error as error:
-    raise ConfigError(f'{str(error).splitlines()[0].rstrip(".")}; correct that flag.') from None
+    raise _flag_error(error, names) from None
   if len(rest) > 1:
     raise ConfigError(f'Unexpected argument {rest[1]!r}; every input is a flag (--name=value).')
   for name in foreign:

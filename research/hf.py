@@ -416,7 +416,12 @@ def write_model_dir(out_dir, config, tensors, generation_config):
   for name, value in (('config.json', config), ('generation_config.json', generation_config)):
     with open(os.path.join(out_dir, name), 'w') as f:
       json.dump(value, f, indent=2, sort_keys=True)
-  save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
+  path = os.path.join(out_dir, 'model.safetensors')
+  save_file(tensors, path, metadata={'format': 'pt'})
+  # safetensors creates its file private (0600); give it the permissions of the other files.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
 
 
 def write_source(workdir, model_dir, config, generation_config):

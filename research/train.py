@@ -175,12 +175,13 @@ def _train(config, workdir, mesh, stop):
   state, dropout_rng, origin = _start_up(config, trainer, checkpointer)
   start_step = int(state.step)
   stop_step = t.num_steps if t.stop_at_step < 0 else min(t.stop_at_step, t.num_steps)
-  print(f'{origin}; mesh {dict(mesh.shape)}', file=sys.stderr)
   if start_step >= stop_step:
     print(f'The run in {workdir} is already at step {start_step}; raise --config.train.num_steps '
-          'to continue it, or pass a new --workdir to start afresh.', file=sys.stderr)
+          'to continue it, or delete that folder or pass another --workdir to start afresh.',
+          file=sys.stderr)
     checkpointer.close()
     return {}
+  print(f'{origin}; mesh {dict(mesh.shape)}', file=sys.stderr)
   if stop.signal is not None:
     print(f'Stopped on {stop.signal} before training started; nothing new to save.',
           file=sys.stderr)
@@ -194,10 +195,10 @@ def _train(config, workdir, mesh, stop):
   throughput = metrics_lib.Throughput(metrics_lib.train_flops_per_token(spec, t.seq_len),
                                       peak * jax.device_count() if peak else None)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard)
+  print(f'MFU is relative to the {peak_label}', file=sys.stderr)
   bar = _progress_bar(config, start_step, stop_step)
   pending, unlogged, last = [], [], {}
   profiling = False
-  print(f'MFU is relative to the {peak_label}', file=sys.stderr)
   try:
     for step in range(start_step, stop_step):
       if step == t.profile_start_step:
@@ -228,13 +229,16 @@ def _train(config, workdir, mesh, stop):
       if log:
         last = _summary(unlogged, throughput)
         scalars, unlogged = dict(last), []
-        if bar is not None:
-          bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
       if evaluate:
         with throughput.paused():
           evaluation = _evaluate(trainer, state.params, t.eval_batches)
         last.update(evaluation)
         scalars.update(evaluation)
+      if bar is not None and scalars:
+        shown = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+        if 'eval_loss' in last:
+          shown['eval_loss'] = f"{last['eval_loss']:.3f}"
+        bar.set_postfix(shown)
       if scalars:
         writer.write(done, scalars)
       if save:

@@ -40,6 +40,18 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
   assert results['generate_s'] > results['prefill_s']
 
 
+@pytest.mark.parametrize('argument, sentence', [
+    ('--repeats=0', '--repeats=0 must be at least 1.'),
+    ('--checkpoint_dir=/nonexistent', '--checkpoint_dir /nonexistent is not a directory'),
+])
+def test_bench_bad_flags_are_one_sentence(argument, sentence):
+  result = subprocess.run([sys.executable, '-m', 'research.bench', 'checkpoint', '--config',
+                           'configs/decoder.py:tiny', argument], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(f'error: {sentence}'), result.stderr
+
+
 def test_bench_rejects_an_unknown_mode():
   result = subprocess.run([sys.executable, '-m', 'research.bench', 'serve'], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

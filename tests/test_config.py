@@ -149,12 +149,18 @@ def test_bad_config_file_or_variant_is_one_sentence(tmp_path, spec, fragment):
   assert len(lines) == 1 and lines[0].startswith(f'error: {fragment}'), result.stderr[-2000:]
 
 
-def test_bad_command_line_value_is_one_sentence(tmp_path):
-  result = _train_cli('--config', 'configs/decoder.py:tiny', '--workdir', str(tmp_path),
-                      '--config.train.batch_size=many')
+@pytest.mark.parametrize('argument, sentence', [
+    ('--config.train.batch_size=many', '--config.train.batch_size=many is not a valid value (an '
+                                       'integer is expected); correct that flag.'),
+    ('--config.optim.lr=fast', '--config.optim.lr=fast is not a valid value (a number is '
+                               'expected); correct that flag.'),
+    ('--workdri=/tmp/x', 'Unknown flag --workdri; the closest is --workdir.'),
+])
+def test_bad_command_line_flags_are_one_sentence(tmp_path, argument, sentence):
+  result = _train_cli('--config', 'configs/decoder.py:tiny', '--workdir', str(tmp_path), argument)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: ') and 'batch_size' in lines[0], lines
+  assert lines == [f'error: {sentence}'], lines
 
 
 def _schedule_config(decay, lr=1.0, warmup=10, end_lr_ratio=0.1):

@@ -213,6 +213,8 @@ def test_to_hf_keeps_dtype_dropout_and_special_token_ids(bf16_run, tmp_path):
                                 bits(params['layers']['mlp']['fc']['kernel'][1]))
   hf_config = json.load(open(out / 'config.json'))
   assert hf_config['dtype'] == hf_config['torch_dtype'] == 'bfloat16'
+  mode = lambda name: (out / name).stat().st_mode & 0o777
+  assert mode('model.safetensors') == mode('config.json')  # Not private to its writer.
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype='auto')
   assert reloaded.dtype == torch.bfloat16
 

@@ -219,5 +219,7 @@ def test_binary_files_and_empty_sources_are_one_sentence(tmp_path):
   line = runs.error_line(_train_cli('--workdir', str(tmp_path / 'run'),
                                     '--config.data.source=text', f'--config.data.paths={empty}',
                                     f'--config.data.data_dir={tmp_path / "tfds"}'))
-  assert line.startswith("error: The train split of data.source='text' holds no text (all "), line
-  assert not (tmp_path / 'run').exists()  # A failed start leaves no workdir behind.
+  assert line == ('error: The 4 files of data.paths are all empty; point data.paths at files '
+                  'with text.'), line
+  assert not (tmp_path / 'run').exists()  # A failed start leaves no workdir behind...
+  assert not (tmp_path / 'tfds').exists()  # ...and prepares no dataset for a refused source.

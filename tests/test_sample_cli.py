@@ -48,6 +48,7 @@ BASE = ['--prompt_ids', '1,2,3,4', '--max_new_tokens', '12']
     (['--max_new_tokens=13'], 'The longest prompt plus max_new_tokens=13 needs 17 positions but '
                               'the model has max_len=16'),
     (['--top_kk=3'], 'Unknown flag --top_kk; the closest is --top_k'),
+    (['--seed=x'], '--seed=x is not a valid value (an integer is expected); correct that flag.'),
     (['--prompt=a'], 'Pass --workdir and either --prompt'),  # Not both kinds of prompt.
 ])
 def test_bad_inputs_stop_with_one_sentence(workdir, args, fragment):

@@ -68,6 +68,9 @@ def scan(files):
       data.decode('utf-8')
     except UnicodeDecodeError:  # Count exactly the bytes that decoding would have to drop.
       invalid[path] = len(data) - len(data.decode('utf-8', errors='ignore').encode('utf-8'))
+  if total == 0:
+    raise DataError(f'The {len(files)} files of data.paths are all empty; point data.paths at '
+                    'files with text.')
   bad = sum(invalid.values())
   if bad > MAX_INVALID_UTF8 * max(total, 1):
     worst = max(invalid, key=invalid.get)

@@ -155,9 +155,9 @@ def build(config):
   for split, shuffle in (('train', True), ('validation', False)):
     tokens, bounds = _tokenize_split(builder, split, tokenizer)
     if len(tokens) - (len(bounds) - 1) == 0:  # Every document is empty: only EOS tokens.
-      raise DataError(f'The {split} split of data.source={d.source!r} holds no text (all '
-                      f'{len(bounds) - 1} documents are empty); point data.paths at files with '
-                      'text.')
+      raise DataError(f'The {split} split of data.source={d.source!r} holds only empty '
+                      'documents; add files with text to data.paths or change '
+                      'data.validation_percent.')
     rows[split] = packed_rows.PackedRows(tokens, bounds, t.seq_len, config.seed, shuffle,
                                          tokenizer.pad_id)
   record = dict(source=d.source, files=len(files), fingerprint=content_hash,
