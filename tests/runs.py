@@ -5,8 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from research import convert
+from research.models import decoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,3 +105,13 @@ def assert_same_run(straight, resumed, step=20):
   for name in a:
     assert a[name].dtype == np.float32
     np.testing.assert_array_equal(a[name], b[name], err_msg=str(name))
+
+
+def random_run(path, config):
+  """A workdir of `config` at step 0 whose weights are drawn at random (normal, std 0.5), large
+  enough that every prediction depends on them."""
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32),
+                        decoder.abstract_params(config.model))
+  convert.write_workdir(config, params, str(path), data=dict(source='test'))
+  return path

@@ -19,7 +19,6 @@ from research import convert
 from research import hf
 from research import workdir as workdir_lib
 from research.data import tokenizer as tokenizer_lib
-from research.models import decoder
 
 
 
@@ -169,12 +168,7 @@ def bf16_run(tmp_path_factory):
   m.num_layers, m.emb_dim, m.mlp_dim, m.max_len = 2, 32, 64, 32
   m.param_dtype, m.dropout_rate = 'bfloat16', 0.1
   config.train.seq_len, config.train.batch_size, config.train.sample_tokens = 32, 16, 0
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32),
-                        decoder.abstract_params(m))
-  path = tmp_path_factory.mktemp('ours') / 'run'
-  convert.write_workdir(config, params, str(path), data=dict(source='test'))
-  return path
+  return runs.random_run(tmp_path_factory.mktemp('ours') / 'run', config)
 
 
 @pytest.mark.slow

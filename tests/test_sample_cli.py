@@ -4,17 +4,11 @@ import functools
 import os
 import shutil
 
-import jax
-import numpy as np
 import pytest
 
 import runs
 from research import config as config_lib
-from research import convert
 from research import hf
-from research.models import decoder
-
-
 
 _sample = functools.partial(runs.command, 'research.sample')
 
@@ -26,12 +20,7 @@ def workdir(tmp_path_factory):
   m = config.model
   m.num_layers, m.emb_dim, m.mlp_dim, m.max_len = 2, 32, 64, 16
   config.train.seq_len, config.train.sample_tokens = 16, 0
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32),
-                        decoder.abstract_params(m))
-  path = tmp_path_factory.mktemp('sample') / 'run'
-  convert.write_workdir(config, params, str(path), data=dict(source='test'))
-  return path
+  return runs.random_run(tmp_path_factory.mktemp('sample') / 'run', config)
 
 
 BASE = ['--prompt_ids', '1,2,3,4', '--max_new_tokens', '12']
