@@ -76,11 +76,12 @@ class _Unreadable(Exception):
 
 
 def _io_failure(error):
-  """The I/O error behind `error` (following its causes), or None when it is something else."""
+  """The I/O error behind `error` (following `raise ... from` causes), or None when it is
+  something else."""
   while error is not None and not isinstance(error, CheckpointError):
     if isinstance(error, _IO_ERRORS):
       return error
-    error = error.__cause__ or error.__context__
+    error = error.__cause__  # Only what the raiser named as the cause, not a bystander.
   return None
 
 

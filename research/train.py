@@ -234,13 +234,13 @@ def _train(config, workdir, mesh, stop):
           evaluation = _evaluate(trainer, state.params, t.eval_batches)
         last.update(evaluation)
         scalars.update(evaluation)
-      if bar is not None and scalars:
-        shown = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
-        if 'eval_loss' in last:
-          shown['eval_loss'] = f"{last['eval_loss']:.3f}"
-        bar.set_postfix(shown)
       if scalars:
         writer.write(done, scalars)
+        if bar is not None:
+          shown = dict(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+          if 'eval_loss' in last:
+            shown['eval_loss'] = f"{last['eval_loss']:.3f}"
+          bar.set_postfix(shown)
       if save:
         with throughput.paused():
           checkpointer.save(done, state, checkpoint_lib.make_record(
