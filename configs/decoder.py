@@ -11,6 +11,8 @@ VARIANT is one of the names in VARIANTS below.
 
 import ml_collections
 
+from configs import common
+
 # Each variant overrides the GPT-2-style defaults in `_model_defaults`; `style` selects the
 # architecture (gpt2: learned positions, LayerNorm, GELU, biases, tied; llama: RoPE, RMSNorm,
 # SwiGLU, grouped-query attention, no biases).
@@ -65,72 +67,13 @@ def _model_defaults():
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f'Unknown decoder variant {variant!r}; choose one of {sorted(VARIANTS)}.')
-  config = ml_collections.ConfigDict()
-  config.variant = variant
-  config.seed = 0
-
-  config.model = _model_defaults()
-  config.model.update(VARIANTS[variant])
-
   shape = TRAIN_SHAPES.get(variant, dict(batch_size=256, seq_len=1024, num_steps=100_000,
                                          warmup_steps=2000, lr=3e-4))
-
-  config.mesh = ml_collections.ConfigDict(dict(
-      data=-1,  # -1: whatever devices the other axes leave.
-      fsdp=1,
-      tensor=1,
-  ))
-
-  config.optim = ml_collections.ConfigDict(dict(
-      name='adamw',  # adamw | adafactor | lion
-      lr=shape['lr'],
-      warmup_steps=shape['warmup_steps'],
-      decay='cosine',  # cosine | linear | rsqrt | constant
-      end_lr_ratio=0.1,  # Final learning rate as a fraction of the peak (cosine, linear).
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      weight_decay=0.1,
-      decay_embeddings=False,
-      decay_norms_and_biases=False,
-      clip_norm=1.0,  # 0 disables clipping.
-      grad_accum_steps=1,
-  ))
-
-  config.data = ml_collections.ConfigDict(dict(
-      # stdlib: this Python's standard-library sources (embedded default, no download);
-      # text: data.paths; markov: in-memory synthetic tokens (research/data/synthetic.py).
-      source='markov' if variant == 'nanogpt_cpu' else 'stdlib',
-      paths='',  # Comma-separated files, directories or globs, for source='text'.
-      data_dir='~/.cache/research/tfds',  # Where text sources are prepared as array_record.
-      validation_percent=5,
-      tokenizer='bytes',
-      markov_branching=2,
-      min_doc_len=8,
-  ))
-
-  config.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=500,
-      keep=3,
-      init_from='',  # Another run's workdir: start from its parameters (warm start).
-  ))
-
-  config.train = ml_collections.ConfigDict(dict(
-      batch_size=shape['batch_size'],  # Global batch, in sequences.
-      seq_len=shape['seq_len'],
-      num_steps=shape['num_steps'],
-      log_every=10,
-      eval_every=100,
-      eval_batches=4,
-      profile_start_step=-1,  # >= 0 captures a jax.profiler trace from this step.
-      profile_num_steps=5,
-      progress_bar=True,
-      tensorboard=True,
-      stop_at_step=-1,  # Stop (as if preempted) at this step; -1 runs to num_steps.
-      # Greedy sample printed at the end (prompt + sample within max_len); 0 disables.
-      sample_tokens=min(120, config.model.max_len - 8),
-      sample_prompt='def ',
-  ))
-
+  config = common.base_config(variant, shape,
+                              source='markov' if variant == 'nanogpt_cpu' else 'stdlib')
+  config.model = _model_defaults()
+  config.model.update(VARIANTS[variant])
+  config.objective = ml_collections.ConfigDict(dict(name='causal_lm'))
+  config.train.sample_tokens = min(120, config.model.max_len - 8)
   config.lock()
   return config

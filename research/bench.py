@@ -25,7 +25,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import linen as nn
@@ -35,12 +34,12 @@ from research import config as config_lib
 from research import decode
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
+from research import models
 from research import optim
 from research import partitioning
 from research import train
 from research import train_state
 from research.data import global_batch
-from research.models import decoder
 
 _WARMUP = flags.DEFINE_integer('warmup_steps', 5, 'Untimed steps after compilation.')
 _WINDOWS = flags.DEFINE_integer('windows', 7, 'Number of timed windows.')
@@ -56,25 +55,15 @@ _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'checkpoint: where
                                       'a temporary folder).')
 
 
-def synthetic_batch(rng, batch_size, seq_len, vocab_size):
-  """Full rows of uniform random tokens in the training batch format (one segment per row)."""
-  tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-  return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:],
-              weights=np.ones((batch_size, seq_len), np.float32),
-              positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
-              segment_ids=np.ones((batch_size, seq_len), np.int32))
-
-
 class _JaxTrainer:
   """Our train step on synthetic batches; run_steps(n) returns the tokens it trained on."""
 
   def __init__(self, config):
-    t = config.train
     mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
     self.trainer = train.setup(config, mesh)
     self.state = self.trainer.state
     self.rng = np.random.default_rng(0)
-    self.shape = (t.batch_size, t.seq_len, config.model.vocab_size)
+    self.config = config
     start = time.perf_counter()
     self.run_steps(1)
     self.compile_s = time.perf_counter() - start
@@ -82,11 +71,11 @@ class _JaxTrainer:
   def run_steps(self, count):
     tokens = 0.0
     for _ in range(count):
-      batch = synthetic_batch(self.rng, *self.shape)
+      batch = self.trainer.objective.synthetic_batch(self.rng)
       self.state, self.metrics = self.trainer.train_step(
           self.state, global_batch.to_global(batch, self.trainer.batch_shardings),
           self.trainer.dropout_rng)
-      tokens += float(batch['weights'].sum())
+      tokens += float(self.trainer.objective.tokens(batch))
     jax.block_until_ready((self.state, self.metrics))
     return tokens
 
@@ -116,9 +105,10 @@ def bench_train(config):
     for name, run_steps in runners.items():
       rates[name].append(_timed_rate(run_steps))
 
-  spec = decoder.DecoderSpec.from_config(config.model)
+  family = models.get(config.model.family)
   tokens_per_s = statistics.median(rates['ours'])
-  flops_per_token = metrics_lib.train_flops_per_token(spec, t.seq_len)
+  flops_per_token = ours.trainer.objective.flops_per_token(
+      family, family.spec_from_config(config.model))
   peak, peak_label = metrics_lib.device_peak(config.model.dtype)
   results = dict(
       variant=config.variant, devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
@@ -137,8 +127,13 @@ def bench_train(config):
 
 
 def bench_decode(config):
-  model = decoder.build(config.model)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  family = models.get(config.model.family)
+  if not getattr(family, 'GENERATES_TEXT', False):
+    raise config_lib.ConfigError(f'model.family={config.model.family!r} does not generate text; '
+                                 'benchmark decoding with a decoder config.')
+  model = family.build(config.model)
+  params = jax.jit(lambda key: model.init(key, **family.init_inputs(8), method='initialize'))(
+      jax.random.key(0))['params']
   params = nn.meta.unbox(params)
   batch, prompt_len, new = _DECODE_BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
   prompts = np.random.default_rng(0).integers(3, config.model.vocab_size, (batch, prompt_len))
@@ -178,10 +173,10 @@ def _fastest(run, repeats):
 
 def bench_checkpoint(config):
   mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
-  model = decoder.build(config.model, partitioning.ActivationSharding(mesh))
+  family = models.get(config.model.family)
+  model = family.build(config.model, partitioning.ActivationSharding(mesh))
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-  state, shardings = train_state.create(model, tx, mesh, jnp.zeros((1, 8), jnp.int32),
-                                        jax.random.key(0))
+  state, shardings = train_state.create(model, tx, mesh, family.init_inputs(8), jax.random.key(0))
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   checkpoint_lib.checksums(state)  # Compile.
   checksum_s = _fastest(lambda: checkpoint_lib.checksums(state), _REPEATS.value)
@@ -224,7 +219,7 @@ def main(argv):
   modes = {'train': bench_train, 'decode': bench_decode, 'checkpoint': bench_checkpoint}
   if len(argv) < 2 or argv[1] not in modes:
     print('usage: python -m research.bench train|decode|checkpoint --config '
-          'configs/decoder.py:VARIANT', file=sys.stderr)
+          'configs/<family>.py:VARIANT', file=sys.stderr)
     return 2
   try:
     config = config_lib.parse_flags([argv[0]] + argv[2:])

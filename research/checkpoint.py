@@ -306,7 +306,8 @@ class Checkpointer:
 def read_params(directory, abstract_params):
   """(params, step) from the newest checkpoint in `directory`, restored into `abstract_params`
   (ShapeDtypeStructs with shardings) and checked against their checksums; the optimizer state
-  is not read."""
+  is not read. `abstract_params` may instead be a function of the saved parameters' structure
+  ({name: [shape, dtype]}) that returns the part of them to read."""
   if not os.path.isdir(directory):
     raise CheckpointError(f'{directory} does not exist; point at the workdir of a finished run.')
   source = Checkpointer(directory, keep=None)
@@ -319,8 +320,12 @@ def read_params(directory, abstract_params):
         'fall back to an older step.')
     with _io_failures_raise(unreadable):
       record = source.read_record(step)
-    _check_structure(record, structure(abstract_params), record['settings'], directory,
-                     params_only=True)
+    if callable(abstract_params):
+      abstract_params = abstract_params({k[len('.params'):]: v for k, v in
+                                         record['structure'].items() if k.startswith('.params')})
+    else:
+      _check_structure(record, structure(abstract_params), record['settings'], directory,
+                       params_only=True)
     abstract = {'params': abstract_params}
     with _io_failures_raise(unreadable):
       restored = source.manager.restore(step, args=ocp.args.Composite(
@@ -336,8 +341,62 @@ def read_params(directory, abstract_params):
     source.close()
 
 
+def _matching(saved, expected, directory):
+  """The parameter names both trees hold; a name of another shape is one CheckpointError."""
+  shared = sorted(set(saved) & set(expected))
+  for name in shared:
+    if saved[name][0] != expected[name][0]:
+      raise CheckpointError(f'Parameter {name} has shape {saved[name][0]} in {directory} but '
+                            f'{expected[name][0]} in this model; warm start from a run of the '
+                            'same sizes, or rename the layer.')
+  if not shared:
+    raise CheckpointError(f'{directory} shares no parameter name with this model; warm start '
+                          'from a run of the same model family.')
+  return set(shared)
+
+
+def _subtrees(names):
+  """'a, b (2 of 3 arrays)' by top-level subtree, for one log line."""
+  counts = {}
+  for name in names:
+    top = name.split("'")[1] if "'" in name else name
+    counts[top] = counts.get(top, 0) + 1
+  return ', '.join(sorted(counts)) or 'none'
+
+
 def restore_params(source_workdir, state, state_shardings):
-  """Warm start: the parameters of the latest checkpoint under another run's workdir."""
-  params, step = read_params(os.path.join(source_workdir, 'checkpoints'),
-                             _abstract(state.params, state_shardings.params))
-  return state.replace(params=params), step
+  """Warm start from the newest checkpoint under another run's workdir: every parameter whose
+  name the source also holds (of the same shape) is taken from it, the rest (e.g. a new head)
+  keeps its fresh initialisation. Returns (state, step, description)."""
+  directory = os.path.join(source_workdir, 'checkpoints')
+  abstract = _abstract(state.params, state_shardings.params)
+  expected = structure(abstract)
+  paths = {jax.tree_util.keystr(p): p for p, _ in jax.tree_util.tree_leaves_with_path(abstract)}
+  shared = set()
+
+  def shared_part(saved):
+    """The abstract tree of the parameters the checkpoint also holds."""
+    shared.update(_matching(saved, expected, directory))
+    subset = {}
+    for name in shared:
+      node, keys = subset, [k.key for k in paths[name]]
+      for key in keys[:-1]:
+        node = node.setdefault(key, {})
+      node[keys[-1]] = _leaf(abstract, paths[name])
+    return subset
+
+  loaded, step = read_params(directory, shared_part)
+  flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, fresh: flat.get(jax.tree_util.keystr(p), fresh), state.params)
+  fresh = sorted(set(expected) - shared)
+  description = (f'warm start from the parameters of step {step} of {source_workdir}: loaded '
+                 f'{len(shared)} arrays ({_subtrees(shared)}), initialised {len(fresh)} afresh '
+                 f'({_subtrees(fresh)})')
+  return state.replace(params=params), step, description
+
+
+def _leaf(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree

@@ -22,6 +22,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from research import models
+from research import objectives
 from research.data import tokenizer as tokenizer_lib
 
 _CONFIG_FLAG = config_flags.DEFINE_config_file(
@@ -154,8 +156,12 @@ def _resolve_mesh_shape(mesh, num_devices):
 def validate(config, num_devices):
   """Checks a config against itself and the device count; returns the resolved mesh shape."""
   m, o, t = config.model, config.optim, config.train
+  try:
+    family = models.get(m.family)
+    objective = objectives.get(config.objective.name)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   choices = {
-      'model.style': (m.style, ('gpt2', 'llama')),
       'model.dtype': (m.dtype, ('float32', 'bfloat16')),
       'model.param_dtype': (m.param_dtype, ('float32', 'bfloat16')),
       'model.remat': (m.remat, ('none', 'full', 'dots')),
@@ -186,19 +192,15 @@ def validate(config, num_devices):
       raise ConfigError(f'config.{key} must not be negative, got {value}.')
   if not 0 <= m.dropout_rate < 1:
     raise ConfigError(f'config.model.dropout_rate={m.dropout_rate} must lie in [0, 1).')
-  if m.head_dim == 0 and m.emb_dim % m.num_heads:
-    raise ConfigError(f'model.num_heads={m.num_heads} must divide model.emb_dim={m.emb_dim} '
-                      '(or set model.head_dim explicitly).')
-  kv_heads = m.num_kv_heads or m.num_heads
-  if m.num_heads % kv_heads:
-    raise ConfigError(f'model.num_kv_heads={kv_heads} must divide model.num_heads={m.num_heads}.')
-  if m.style == 'gpt2' and m.num_kv_heads not in (0, m.num_heads):
-    raise ConfigError('GPT-2 style uses multi-head attention; set model.num_kv_heads=0 or use '
-                      "model.style='llama' for grouped-query attention.")
+  try:
+    family.check_config(m)
+    objective.check_config(config, family)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   if t.seq_len > m.max_len:
     raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={m.max_len}; shorten the '
                       'sequences or raise max_len.')
-  if t.sample_tokens > 0:
+  if t.sample_tokens > 0 and getattr(family, 'GENERATES_TEXT', False):
     prompt = len(tokenizer_lib.get(config.data.tokenizer).encode(t.sample_prompt))
     if prompt + t.sample_tokens > m.max_len:
       raise ConfigError(f'train.sample_prompt ({prompt} tokens) plus train.sample_tokens='
@@ -214,9 +216,10 @@ def validate(config, num_devices):
     raise ConfigError(f'train.batch_size={t.batch_size} must divide evenly over the data axes '
                       f'(data*fsdp={batch_shards}) times optim.grad_accum_steps='
                       f'{o.grad_accum_steps}; use a multiple of {batch_shards * o.grad_accum_steps}.')
-  if m.num_heads % mesh['tensor'] or kv_heads % mesh['tensor']:
-    raise ConfigError(f'mesh.tensor={mesh["tensor"]} must divide model.num_heads={m.num_heads} and '
-                      f'the KV heads ({kv_heads}).')
+  heads = family.sharded_heads(m)
+  if any(count % mesh['tensor'] for count in heads.values()):
+    raise ConfigError(f'mesh.tensor={mesh["tensor"]} must divide '
+                      + ' and '.join(f'{name} ({count})' for name, count in heads.items()) + '.')
   return mesh
 
 

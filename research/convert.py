@@ -1,4 +1,5 @@
-"""Hugging Face interop for GPT-2 and Llama checkpoints (safetensors + config.json).
+"""Hugging Face interop (safetensors + config.json) for every family with a converter: GPT-2 and
+Llama (decoder), BERT, RoBERTa and ALBERT (encoder).
 
   python -m research.convert from_hf --model_dir HF_DIR --workdir OUT
       writes a workdir of ours (config.json + an orbax checkpoint at step 0 with a fresh optimizer
@@ -21,11 +22,11 @@ from research import checkpoint as checkpoint_lib
 from research import config as config_lib
 from research import hf
 from research import mesh as mesh_lib
+from research import models
 from research import optim
 from research import train_state
 from research import workdir as workdir_lib
 from research.data import tokenizer as tokenizer_lib
-from research.models import decoder
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'Hugging Face model directory (from_hf).')
 _OUT = flags.DEFINE_string('out', None, 'Output Hugging Face directory (to_hf).')
@@ -35,20 +36,34 @@ _OVERWRITE = flags.DEFINE_boolean('overwrite', False, 'to_hf: replace config.jso
 
 _COMMANDS = {'from_hf': ('model_dir', 'workdir'), 'to_hf': ('workdir', 'out', 'overwrite')}
 
-_BASE_VARIANT = {'gpt2': 'gpt2_small', 'llama': 'llama_1b'}
-_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            'configs', 'decoder.py')
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def _family_for(model_type):
+  """(family name, family module) whose converter reads Hugging Face `model_type`."""
+  supported = []
+  for name in models.FAMILIES:
+    family = models.get(name)
+    supported += getattr(family, 'HF_MODEL_TYPES', ())
+    if model_type in getattr(family, 'HF_MODEL_TYPES', ()):
+      return name, family
+  raise hf.ConversionError(f'Hugging Face config field model_type={model_type!r} is not '
+                           f'supported (supported: {sorted(supported)}).')
 
 
 def config_for_hf(hf_config):
-  """Our decoder config for a Hugging Face config.json (sizes from it, training defaults ours)."""
-  overrides = hf.model_overrides_from_hf(hf_config)
-  config = config_lib.load_config_file(f'{_CONFIG_FILE}:{_BASE_VARIANT[overrides["style"]]}')
+  """Our config for a Hugging Face config.json (sizes from it, training defaults ours)."""
+  name, family = _family_for(hf_config.get('model_type'))
+  overrides = family.hf_converter().model_overrides_from_hf(hf_config)
+  variant = family.HF_BASE_VARIANTS[hf_config['model_type']]
+  config = config_lib.load_config_file(os.path.join(_CONFIGS, f'{name}.py:{variant}'))
   config.model.update(overrides)
   # Compute in the checkpoint's own precision class; parameters stay float32.
   stored = hf_config.get('dtype') or hf_config.get('torch_dtype') or 'float32'
   config.model.dtype = 'bfloat16' if stored in ('bfloat16', 'float16') else 'float32'
   config.train.seq_len = min(config.train.seq_len, config.model.max_len)
+  if 'max_predictions' in config.objective:  # Masked LM: as many as the shorter rows allow.
+    config.objective.max_predictions = min(config.objective.max_predictions, config.train.seq_len)
   config.train.sample_tokens = 0  # Its tokenizer is not ours: no text sample after training.
   return config
 
@@ -66,7 +81,7 @@ def from_hf(model_dir, workdir):
   generation_config = hf.read_generation_config(model_dir)
   config = config_for_hf(hf_config)
   config_lib.validate(config, jax.device_count())
-  params = hf.params_from_hf(tensors, config.model)
+  params = workdir_lib.family(config).hf_converter().params_from_hf(tensors, config.model)
   os.makedirs(workdir, exist_ok=True)
   hf.write_source(workdir, model_dir, hf_config, generation_config)
   write_workdir(config, params, workdir, data=dict(source='huggingface', model_dir=model_dir))
@@ -77,12 +92,13 @@ def write_workdir(config, params, workdir, data):
   """Saves layer-stacked numpy `params` in `workdir` as step 0 of a run of `config` (resolved
   config, environment record with `data`, checkpoint with a fresh optimizer state)."""
   if not config.model.scan_layers:
-    params = hf.unstack_layers(params, config.model.num_layers)
+    params = hf.unstack_layers(params, workdir_lib.family(config).param_layers(config.model))
   mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
-  model = decoder.build(config.model)
+  family = workdir_lib.family(config)
+  model = family.build(config.model)
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-  example = np.zeros((1, config.train.seq_len), np.int32)
-  state, shardings = train_state.create(model, tx, mesh, example, jax.random.key(config.seed))
+  state, shardings = train_state.create(model, tx, mesh, family.init_inputs(config.train.seq_len),
+                                        jax.random.key(config.seed))
   _check_tree(params, state.params)
   # Into the initialised parameters' dtype (config.model.param_dtype) and shardings.
   params = jax.tree.map(lambda x, ref, s: jax.device_put(x.astype(ref.dtype), s), params,
@@ -142,10 +158,17 @@ def to_hf(workdir, out_dir, overwrite=False):
   _check_out(workdir, out_dir, overwrite)
   ids, generation_config = _special_tokens(workdir, workdir_lib.load_config(workdir))
   config, params, _ = workdir_lib.load_params(workdir)
+  family = workdir_lib.family(config)
+  converter = getattr(family, 'hf_converter', None)
+  if converter is None:
+    raise hf.ConversionError(f'model.family={config.model.family!r} has no Hugging Face '
+                             'converter.')
   # np.asarray keeps the checkpoint's dtype (bfloat16 too, as an ml_dtypes array).
-  params = hf.stack_layers(jax.tree.map(np.asarray, params), config.model.num_layers)
-  hf.write_model_dir(out_dir, dict(hf.hf_config_from_model(config.model), **ids),
-                     hf.params_to_hf(params, config.model), generation_config)
+  params = hf.stack_layers(jax.tree.map(np.asarray, params), family.param_layers(config.model))
+  # The model's own fields win (RoBERTa's pad_token_id sets its position offset).
+  hf.write_model_dir(out_dir, dict(ids, **converter().hf_config_from_model(config.model)),
+                     converter().params_to_hf(params, config.model),
+                     generation_config if getattr(family, 'GENERATES_TEXT', False) else None)
 
 
 def main(argv):

@@ -1,4 +1,6 @@
-"""Batched autoregressive generation with a key/value cache.
+"""Batched autoregressive generation with a key/value cache, for families that generate text
+(their module has `decode` and `deterministic` fields, `__call__` returns hidden states and
+`logits` applies the output head).
 
 The cache is allocated once (prompt length + new tokens), updated in place inside one jitted
 `lax.while_loop`, so the prefill and the per-token step each compile once. Prompts of different
@@ -109,15 +111,18 @@ def _choose(logits, key, sampling):
 def _generate(model, params, tokens, segments, positions, sampling, rng):
   batch, prompt_length = tokens.shape
   new = sampling.max_new_tokens
+  model = model.clone(decode=True)
   cache_shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((batch, prompt_length + new), jnp.int32),
-                         decode=True)['cache'])
+                         method='language_model')['cache'])
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
 
   def forward(cache, tokens, positions, segments):
-    logits, variables = model.apply({'params': params, 'cache': cache}, tokens, positions,
-                                    segments, decode=True, mutable=['cache'])
-    return logits[:, -1], variables['cache']
+    # Only the last position's hidden state goes through the output head.
+    hidden, variables = model.apply({'params': params, 'cache': cache}, tokens, positions,
+                                    segments, mutable=['cache'])
+    logits = model.apply({'params': params}, hidden[:, -1], method='logits')
+    return logits, variables['cache']
 
   logits, cache = forward(cache, tokens, positions, segments)  # Prefill.
   stops = jnp.asarray(list(sampling.stop_tokens) or [-1], jnp.int32)

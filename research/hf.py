@@ -411,9 +411,12 @@ def read_generation_config(model_dir):
   return read_json(path) if os.path.exists(path) else None
 
 
-def write_model_dir(out_dir, config, tensors, generation_config):
+def write_model_dir(out_dir, config, tensors, generation_config=None):
+  """config.json, model.safetensors and, for models that generate text, generation_config.json."""
   os.makedirs(out_dir, exist_ok=True)
   for name, value in (('config.json', config), ('generation_config.json', generation_config)):
+    if value is None:
+      continue
     with open(os.path.join(out_dir, name), 'w') as f:
       json.dump(value, f, indent=2, sort_keys=True)
   path = os.path.join(out_dir, 'model.safetensors')

@@ -1,12 +1,9 @@
-"""Model FLOPs, MFU and metric writers (TensorBoard, JSONL, console progress bar).
+"""Device peaks, MFU and metric writers (TensorBoard, JSONL, console progress bar).
 
-Training FLOPs per token (forward + backward = 3x forward, multiply-add = 2 FLOPs):
-  6 * N_matmul + 6 * L * T * A
-where N_matmul counts the weights of every matrix product (attention projections, MLP, output
-projection; not embedding look-ups, norms or biases), L is the number of layers, T the sequence
-length and A = heads * head_dim. The second term is attention scores and weighted values,
-12 * L * T * A for full attention, halved because causal attention needs only half the products.
-MFU = achieved model FLOPs/s / device peak FLOPs/s.
+MFU = achieved model FLOPs/s / device peak FLOPs/s. Model FLOPs per token come from the run's
+family and objective (research/models, research/objectives): training = 3x forward, a
+multiply-add = 2 FLOPs, every matrix product counted where it is applied, attention full or
+causal as the family computes it.
 """
 
 import contextlib
@@ -28,17 +25,6 @@ _PUBLISHED_PEAKS = (
     ('TPU v5 lite', 'bfloat16', 197e12), ('TPU v5e', 'bfloat16', 197e12),
     ('TPU v4', 'bfloat16', 275e12),
 )
-
-
-def matmul_params(spec):
-  attention = spec.emb_dim * spec.head_dim * (2 * spec.num_heads + 2 * spec.num_kv_heads)
-  mlp = (2 if spec.is_gpt2 else 3) * spec.emb_dim * spec.mlp_dim
-  return spec.num_layers * (attention + mlp) + spec.emb_dim * spec.vocab_size
-
-
-def train_flops_per_token(spec, seq_len):
-  attention = 6 * spec.num_layers * seq_len * spec.num_heads * spec.head_dim
-  return 6 * matmul_params(spec) + attention
 
 
 _measured_cpu_peak = None

@@ -19,7 +19,6 @@ from research import decode
 from research import hf
 from research import workdir as workdir_lib
 from research.data import tokenizer as tokenizer_lib
-from research.models import decoder
 
 _PROMPTS = flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeat for a batch).')
 _PROMPT_IDS = flags.DEFINE_multi_string('prompt_ids', [], 'Comma-separated token ids (repeatable).')
@@ -60,6 +59,10 @@ def main(argv):
     if not 0 <= _SEED.value < 2**32:  # jax keys hold 32 bits: larger seeds alias or overflow.
       raise ValueError(f'--seed={_SEED.value} must lie in [0, 2**32).')
     config = workdir_lib.load_config(workdir)
+    family = workdir_lib.family(config)
+    if not getattr(family, 'GENERATES_TEXT', False):
+      raise ValueError(f'{workdir} holds a model.family={config.model.family!r} model, which '
+                       'does not generate text; pass the workdir of a decoder run.')
     tokenizer = None
     if _PROMPT_IDS.value:
       prompts = [parse_ids(ids) for ids in _PROMPT_IDS.value]
@@ -72,9 +75,9 @@ def main(argv):
                                      top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=stops,
                                      pad_id=pad)
     # Before the checkpoint is read, so that a bad input costs no restore.
-    decode.check_inputs(decoder.DecoderSpec.from_config(config.model), prompts, sampling)
+    decode.check_inputs(family.spec_from_config(config.model), prompts, sampling)
     config, params, step = workdir_lib.load_params(workdir)
-    outputs = decode.generate(decoder.build(config.model), params, prompts, sampling,
+    outputs = decode.generate(family.build(config.model), params, prompts, sampling,
                               rng=jax.random.key(_SEED.value))
   except ValueError as error:  # Includes CheckpointError and ConfigError.
     print(f'error: {error}', file=sys.stderr)

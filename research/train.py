@@ -13,13 +13,11 @@ optimizer, step 0); else initialise afresh.
 
 import contextlib
 import functools
-import math
 import os
 import sys
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -28,6 +26,8 @@ from research import config as config_lib
 from research import decode
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
+from research import models
+from research import objectives
 from research import optim
 from research import partitioning
 from research import preemption
@@ -36,17 +36,19 @@ from research import train_step as step_lib
 from research import workdir as workdir_lib
 from research.data import global_batch
 from research.data import pipeline as pipeline_lib
-from research.models import decoder
 
 
 class Trainer(NamedTuple):
   mesh: Mesh
   pipeline: pipeline_lib.Pipeline
-  model: decoder.Decoder
+  family: object  # The model family's module (research/models).
+  objective: object  # The objective's module (research/objectives).
+  model: object  # The family's linen module.
   state: train_state.TrainState
   state_shardings: train_state.TrainState
   train_step: Callable  # (state, batch, rng) -> (state, metrics), jitted, state donated.
   eval_step: Callable  # (params, batch) -> loss sums, jitted.
+  batch_shapes: dict
   batch_shardings: dict
   dropout_rng: jax.Array
 
@@ -55,29 +57,33 @@ def setup(config, mesh, pipeline=None):
   """Data pipeline, model, sharded state and compiled steps for `config` on `mesh`."""
   replicated = NamedSharding(mesh, PartitionSpec())
   t = config.train
+  family = models.get(config.model.family)
+  objective = objectives.build(config)
 
-  # Data.
+  # Data: the objective's batch spec gives every field's shape and sharding.
   pipeline = pipeline or pipeline_lib.build(config)
-  batch_shardings = global_batch.batch_shardings(t.batch_size, t.seq_len, mesh)
+  fields = objective.fields(t.seq_len)
+  batch_shapes = global_batch.batch_shapes(fields, t.batch_size)
+  batch_shardings = global_batch.batch_shardings(fields, t.batch_size, mesh)
 
   # Model and sharded state.
-  model = decoder.build(config.model, partitioning.ActivationSharding(mesh))
+  model = family.build(config.model, partitioning.ActivationSharding(mesh))
   tx, schedule = optim.make_optimizer(config.optim, t.num_steps)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  example = jnp.zeros((1, t.seq_len), jnp.int32)
-  state, state_shardings = train_state.create(model, tx, mesh, example, init_rng)
+  state, state_shardings = train_state.create(model, tx, mesh, family.init_inputs(t.seq_len),
+                                              init_rng)
 
   # Compiled steps: jitted once, explicit shardings, the state donated.
   train_step = jax.jit(
-      step_lib.make_train_step(model, tx, schedule, config.optim.grad_accum_steps,
+      step_lib.make_train_step(model, objective, tx, schedule, config.optim.grad_accum_steps,
                                dropout=config.model.dropout_rate > 0, mesh=mesh),
       in_shardings=(state_shardings, batch_shardings, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  eval_step = jax.jit(step_lib.make_eval_step(model),
+  eval_step = jax.jit(step_lib.make_eval_step(model, objective),
                       in_shardings=(state_shardings.params, batch_shardings),
                       out_shardings=replicated)
-  return Trainer(mesh, pipeline, model, state, state_shardings, train_step, eval_step,
-                 batch_shardings, dropout_rng)
+  return Trainer(mesh, pipeline, family, objective, model, state, state_shardings, train_step,
+                 eval_step, batch_shapes, batch_shardings, dropout_rng)
 
 
 def _progress_bar(config, start, total):
@@ -87,17 +93,18 @@ def _progress_bar(config, start, total):
   return tqdm(total=total, initial=start, unit='step', dynamic_ncols=True, file=sys.stderr)
 
 
+def _add(totals, more):
+  return more if totals is None else jax.tree.map(lambda a, b: a + b, totals, more)
+
+
 def _evaluate(trainer, params, num_batches):
-  totals = dict(loss=0.0, tokens=0.0, correct=0.0)
-  data = trainer.pipeline
+  """The objective's metrics over `num_batches` validation batches, named eval_*."""
+  totals = None
   for index in range(num_batches):
-    batch = global_batch.assemble(functools.partial(data.eval_batch, index),
-                                  (data.batch_size, data.seq_len), trainer.batch_shardings)
-    sums = jax.device_get(trainer.eval_step(params, batch))
-    totals = {k: totals[k] + float(sums[k]) for k in totals}
-  loss = totals['loss'] / max(totals['tokens'], 1.0)
-  return dict(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50.0)),
-              eval_accuracy=totals['correct'] / max(totals['tokens'], 1.0))
+    batch = global_batch.assemble(functools.partial(trainer.pipeline.eval_batch, index),
+                                  trainer.batch_shapes, trainer.batch_shardings)
+    totals = _add(totals, objectives.host_totals(trainer.eval_step(params, batch)))
+  return {f'eval_{k}': v for k, v in trainer.objective.metrics(totals).items()}
 
 
 def _start_up(config, trainer, checkpointer):
@@ -113,17 +120,21 @@ def _start_up(config, trainer, checkpointer):
     rng = checkpoint_lib.rng_from_record(record)
     return state, rng, f'resumed from step {int(state.step)} in {checkpointer.directory}'
   if config.checkpoint.init_from:
-    state, step = checkpoint_lib.restore_params(config.checkpoint.init_from, trainer.state,
-                                                trainer.state_shardings)
-    return state, trainer.dropout_rng, (f'warm start from the parameters of step {step} of '
-                                        f'{config.checkpoint.init_from}')
+    state, _, description = checkpoint_lib.restore_params(
+        config.checkpoint.init_from, trainer.state, trainer.state_shardings)
+    return state, trainer.dropout_rng, description
   return trainer.state, trainer.dropout_rng, 'fresh initialisation'
 
 
-def _summary(step_metrics, throughput):
-  """Means of the step metrics since the last log, perplexity, and the throughput over them."""
-  summary = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-  summary['perplexity'] = math.exp(min(summary['loss'], 50.0))
+def _summary(objective, step_metrics, throughput):
+  """The objective's metrics over the steps since the last log (from their summed totals),
+  the means of the other step metrics, and the throughput over those steps."""
+  totals = None
+  for m in step_metrics:
+    totals = _add(totals, objectives.host_totals(m['totals']))
+  summary = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]
+             if k not in ('totals', 'loss')}
+  summary.update(objective.metrics(totals))
   summary.update(throughput.report(steps=len(step_metrics),
                                    tokens=sum(m['tokens'] for m in step_metrics)))
   return summary
@@ -146,12 +157,14 @@ def _fetch_checked(pending, first_step):
 
 def _sample(trainer, params, config):
   tokenizer = trainer.pipeline.tokenizer
-  if config.train.sample_tokens <= 0 or not hasattr(tokenizer, 'decode'):
+  if (config.train.sample_tokens <= 0 or not hasattr(tokenizer, 'decode')
+      or not getattr(trainer.family, 'GENERATES_TEXT', False)):
     return None
   prompt = tokenizer.encode(config.train.sample_prompt)
   sampling = decode.SamplingConfig(max_new_tokens=config.train.sample_tokens,
                                    stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
-  model = decoder.build(config.model)  # Without the training mesh's activation constraints.
+  # Without the training mesh's activation constraints.
+  model = trainer.family.build(config.model)
   ids = decode.generate(model, params, [prompt.tolist()], sampling)[0]
   return config.train.sample_prompt + tokenizer.decode(ids)
 
@@ -190,10 +203,11 @@ def _train(config, workdir, mesh, stop):
   config_lib.record_run(config, workdir, data=pipeline.record)
 
   # Loop.
-  spec = decoder.DecoderSpec.from_config(config.model)
+  spec = trainer.family.spec_from_config(config.model)
   peak, peak_label = metrics_lib.device_peak(config.model.dtype)
-  throughput = metrics_lib.Throughput(metrics_lib.train_flops_per_token(spec, t.seq_len),
-                                      peak * jax.device_count() if peak else None)
+  throughput = metrics_lib.Throughput(
+      trainer.objective.flops_per_token(trainer.family, spec),
+      peak * jax.device_count() if peak else None)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard)
   print(f'MFU is relative to the {peak_label}', file=sys.stderr)
   bar = _progress_bar(config, start_step, stop_step)
@@ -205,7 +219,7 @@ def _train(config, workdir, mesh, stop):
         jax.profiler.start_trace(f'{workdir}/profile', create_perfetto_trace=True)
         profiling = True
       batch = global_batch.assemble(functools.partial(pipeline.train_batch, step),
-                                    (t.batch_size, t.seq_len), trainer.batch_shardings)
+                                    trainer.batch_shapes, trainer.batch_shardings)
       with (jax.profiler.StepTraceAnnotation('train', step_num=step) if profiling
             else contextlib.nullcontext()):
         state, step_metrics = trainer.train_step(state, batch, dropout_rng)
@@ -227,7 +241,7 @@ def _train(config, workdir, mesh, stop):
         pending = []
       scalars = {}
       if log:
-        last = _summary(unlogged, throughput)
+        last = _summary(trainer.objective, unlogged, throughput)
         scalars, unlogged = dict(last), []
       if evaluate:
         with throughput.paused():

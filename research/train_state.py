@@ -35,13 +35,15 @@ def _follow_params(abstract_opt_state, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt_state)
 
 
-def create(model, tx, mesh, example_tokens, rng):
+def create(model, tx, mesh, init_inputs, rng):
   """Initialises params and optimizer state directly into their shardings.
 
-  Returns (state, state_shardings); `state_shardings` is what the train step is jitted with.
+  `init_inputs`: keyword arguments of the model's `initialize` method, which creates every
+  parameter (see research/models). Returns (state, state_shardings); `state_shardings` is what
+  the train step is jitted with.
   """
   def init_params(key):
-    return model.init(key, example_tokens)['params']
+    return model.init(key, **init_inputs, method='initialize')['params']
 
   boxed = jax.eval_shape(init_params, rng)
   param_shardings = partitioning.tree_shardings(boxed, mesh)

@@ -1,9 +1,10 @@
 """Pure train and eval steps: (state, batch, rng) -> (state, metrics). No I/O here.
 
-A batch is a dict of [batch, length] arrays: tokens, targets, weights (0 for padding and for
-positions without a next token), positions, and optionally segment_ids (packing; 0 = padding).
-The loss is the sum of token losses over the whole global batch divided by its number of real
-target tokens, so micro-batching, packing and the host count leave the objective unchanged.
+A batch is a dict of arrays described by the objective's batch spec (research/objectives). The
+objective gives each loss term's sum over a (micro-)batch and its denominator over the whole
+global batch (counts depend on the batch, not on the parameters). Each micro-batch's loss is the
+sum over terms of (term sum / global term count), so gradients of micro-batches simply add up and
+micro-batching, packing and the host count leave every term unchanged.
 """
 
 import jax
@@ -12,15 +13,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from research import optim
-from research.objectives import causal_lm
-
-
-def _loss_sums(model, params, batch, rng):
-  deterministic = rng is None
-  logits = model.apply({'params': params}, batch['tokens'], batch['positions'],
-                       batch.get('segment_ids'), deterministic=deterministic,
-                       rngs=None if deterministic else {'dropout': rng})
-  return causal_lm.loss_sums(logits, batch['targets'], batch['weights'])
 
 
 def _split_micro_batches(batch, num_micro, mesh):
@@ -38,47 +30,58 @@ def _split_micro_batches(batch, num_micro, mesh):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model, tx, schedule, grad_accum_steps=1, dropout=False, mesh=None):
+def _objective_value(sums, counts):
+  return sum(sums[term]['loss'] / jnp.maximum(counts[term], 1.0) for term in counts)
+
+
+def _totals(sums, counts):
+  """{term: {'loss', 'correct', 'count'}}: what the objective's metrics are computed from."""
+  return {term: dict(sums[term], count=counts[term]) for term in counts}
+
+
+def make_train_step(model, objective, tx, schedule, grad_accum_steps=1, dropout=False, mesh=None):
   """Builds train_step(state, batch, rng); jit it at the call site with shardings and donation."""
 
-  def grads_and_sums(params, batch, rng):
+  def grads_and_sums(params, batch, rng, counts):
     def loss(p, micro, key):
-      sums = _loss_sums(model, p, micro, key)
-      return sums['loss'], sums
+      sums = objective.sums(model, p, micro, key)
+      return _objective_value(sums, counts), sums
     return jax.grad(loss, has_aux=True)(params, batch, rng)
 
   def train_step(state, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step) if dropout else None
+    counts = objective.counts(batch)  # Over the whole global batch, before any split.
     if grad_accum_steps == 1:
-      grads, sums = grads_and_sums(state.params, batch, step_rng)
+      grads, sums = grads_and_sums(state.params, batch, step_rng, counts)
     else:
       micro_batches = _split_micro_batches(batch, grad_accum_steps, mesh)
 
       def accumulate(carry, inputs):
         index, micro = inputs
         key = None if step_rng is None else jax.random.fold_in(step_rng, index)
-        grads, sums = grads_and_sums(state.params, micro, key)
+        grads, sums = grads_and_sums(state.params, micro, key, counts)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      zero_sums = dict(loss=jnp.zeros(()), tokens=jnp.zeros(()), correct=jnp.zeros(()))
+      shapes = jax.eval_shape(lambda p, micro: objective.sums(model, p, micro, None),
+                              state.params, jax.tree.map(lambda x: x[0], micro_batches))
+      zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums),
                                       (jnp.arange(grad_accum_steps), micro_batches))
-    denominator = jnp.maximum(sums['tokens'], 1.0)
-    grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
-    metrics = dict(loss=sums['loss'] / denominator, accuracy=sums['correct'] / denominator,
-                   tokens=sums['tokens'], grad_norm=optim.global_norm(grads),
-                   learning_rate=schedule(state.step))
+    metrics = dict(loss=_objective_value(sums, counts), tokens=objective.tokens(batch),
+                   grad_norm=optim.global_norm(grads), learning_rate=schedule(state.step),
+                   totals=_totals(sums, counts))
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model):
-  """eval_step(params, batch) -> summed loss, tokens and correct predictions (deterministic)."""
+def make_eval_step(model, objective):
+  """eval_step(params, batch) -> the objective's totals {term: {loss, correct, count}} (no
+  dropout); sum them over batches and pass them to objective.metrics."""
   def eval_step(params, batch):
-    return _loss_sums(model, params, batch, None)
+    return _totals(objective.sums(model, params, batch, None), objective.counts(batch))
   return eval_step

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from research import checkpoint as checkpoint_lib
-from research.models import decoder
+from research import models
 
 
 def load_config(workdir):
@@ -31,9 +31,14 @@ def load_params(workdir, config=None):
   config = config or load_config(workdir)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          decoder.abstract_params(config.model))
+                          family(config).abstract_params(config.model))
   params, step = checkpoint_lib.read_params(os.path.join(workdir, 'checkpoints'), abstract)
   return config, params, step
+
+
+def family(config):
+  """The model family a run's config names (a ConfigError-like ValueError if unknown)."""
+  return models.get(config.model.family)
 
 
 class WorkdirError(ValueError):

@@ -184,8 +184,8 @@ def test_schedules_match_closed_forms(decay, closed_form):
 def test_weight_decay_mask_leaves_norms_biases_and_embeddings_alone(decoder_config):
   config = decoder_config('nanogpt_cpu')
   model = decoder.build(config.model)
-  params = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params'])
+  params = nn.meta.unbox(jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32), method='initialize'))['params'])
   mask = optim.weight_decay_mask(params)
   flat = {jax.tree_util.keystr(path): value
           for path, value in jax.tree_util.tree_leaves_with_path(mask)}

@@ -75,7 +75,7 @@ def test_missing_text_source_is_one_sentence(tmp_path):
 def test_byte_tokenizer_round_trips_utf8():
   tokenizer = tokenizer_lib.ByteTokenizer()
   ids = tokenizer.encode('déf x():\n')
-  assert ids.min() >= 3 and tokenizer.vocab_size == 259
+  assert ids.min() >= 3 and tokenizer.vocab_size == 262
   assert tokenizer.decode(np.append(ids, tokenizer.eos_id)) == 'déf x():\n'
 
 
@@ -85,7 +85,7 @@ def _rows(seed=0, shuffle=True, seq_len=16):
   docs = [rng.integers(3, 259, n) for n in lengths]
   tokens = np.concatenate(docs)
   bounds = np.concatenate([[0], np.cumsum(lengths)])
-  return packed_rows.PackedRows(tokens, bounds, seq_len, seed, shuffle, pad_id=0), docs
+  return packed_rows.PackedRows(tokens, bounds, seq_len, seed, shuffle, causal_lm.Transform()), docs
 
 
 def test_packing_covers_every_target_once_with_right_segments_and_positions():
@@ -114,18 +114,19 @@ def test_packing_covers_every_target_once_with_right_segments_and_positions():
 def test_packed_rows_give_the_per_document_losses_of_separate_documents(decoder_config):
   config = decoder_config('tiny')
   model = decoder.build(config.model)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))['params']
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32), method='initialize')['params']
   rows, _ = _rows(seq_len=32)
   batch = rows.rows(0, rows.rows_per_epoch(0))
   row = int(np.argmax(batch['segment_ids'].max(axis=1)))  # The row with most documents.
   assert batch['segment_ids'][row].max() >= 2
   take = lambda x: jnp.asarray(x[row:row + 1])
   logits = model.apply({'params': params}, take(batch['tokens']), take(batch['positions']),
-                       take(batch['segment_ids']))
+                       take(batch['segment_ids']), method='language_model')
   packed = causal_lm.token_losses(logits, take(batch['targets']))[0]
   for s in range(1, batch['segment_ids'][row].max() + 1):
     span = np.flatnonzero(batch['segment_ids'][row] == s)
-    alone = model.apply({'params': params}, jnp.asarray(batch['tokens'][row, span][None]))
+    alone = model.apply({'params': params}, jnp.asarray(batch['tokens'][row, span][None]),
+                        method='language_model')
     separate = causal_lm.token_losses(alone, jnp.asarray(batch['targets'][row, span][None]))[0]
     np.testing.assert_allclose(packed[span], separate, atol=1e-5)
 

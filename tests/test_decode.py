@@ -15,7 +15,7 @@ def _model(decoder_config, style, max_len=64):
   m.style, m.num_layers, m.emb_dim, m.mlp_dim, m.max_len = style, 2, 64, 128, max_len
   m.num_kv_heads = 2 if style == 'llama' else 0
   model = decoder.build(m)
-  params = model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))['params']
+  params = model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32), method='initialize')['params']
   # Larger weights than at init make the next-token choice depend on the whole prefix.
   params = jax.tree.map(lambda x: x * 3.0 if x.ndim > 1 else x, params)
   return model, params
@@ -29,7 +29,7 @@ def test_cached_logits_equal_full_forward_over_the_same_prefix(decoder_config, s
   model, params = _model(decoder_config, style)
   sampling = decode.SamplingConfig(max_new_tokens=10)
   generated, logits = decode.generate(model, params, PROMPTS, sampling, return_logits=True)
-  forward = jax.jit(lambda tokens: model.apply({'params': params}, tokens))
+  forward = jax.jit(lambda tokens: model.apply({'params': params}, tokens, method='language_model'))
   for row, prompt in enumerate(PROMPTS):
     assert len(generated[row]) == 10
     sequence = prompt + generated[row]
@@ -88,7 +88,8 @@ def test_generation_uses_every_position_up_to_max_len_and_no_more(decoder_config
   generated = decode.generate(model, params, [prompt], decode.SamplingConfig(max_new_tokens=12))[0]
   assert len(generated) == 12
   # Every token, the last at position 15 included, is the argmax of a full forward pass.
-  logits = model.apply({'params': params}, jnp.asarray([prompt + generated[:-1]], jnp.int32))
+  logits = model.apply({'params': params}, jnp.asarray([prompt + generated[:-1]], jnp.int32),
+                       method='language_model')
   assert generated == np.argmax(np.asarray(logits)[0, len(prompt) - 1:], axis=-1).tolist()
   with pytest.raises(ValueError, match=r'needs 17 positions but the model has max_len=16'):
     decode.generate(model, params, [prompt], decode.SamplingConfig(max_new_tokens=13))

@@ -71,7 +71,8 @@ def test_logits_match_transformers_on_a_padded_batch(hf_model):
     want = torch_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
   positions = np.broadcast_to(np.arange(20), (3, 20))
   got = np.asarray(model.apply({'params': params}, jnp.asarray(tokens, jnp.int32),
-                               jnp.asarray(positions, jnp.int32), jnp.asarray(mask, jnp.int32)))
+                               jnp.asarray(positions, jnp.int32), jnp.asarray(mask, jnp.int32),
+                               method='language_model'))
   for row, length in enumerate(lengths):
     np.testing.assert_allclose(got[row, :length], want[row, :length], atol=1e-4, rtol=0)
 

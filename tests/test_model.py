@@ -14,7 +14,7 @@ def _model_and_params(config, style):
   if style == 'gpt2':
     m.num_kv_heads = 0
   model = decoder.build(m)
-  params = model.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))['params']
+  params = model.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32), method='initialize')['params']
   return model, params
 
 
@@ -22,10 +22,10 @@ def _model_and_params(config, style):
 def test_changing_a_future_token_never_changes_past_logits(decoder_config, style):
   model, params = _model_and_params(decoder_config('tiny'), style)
   tokens = jax.random.randint(jax.random.key(2), (2, 24), 0, 264)
-  base = model.apply({'params': params}, tokens)
+  base = model.apply({'params': params}, tokens, method='language_model')
   for t in (0, 7, 22):
     changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % 264)
-    logits = model.apply({'params': params}, changed)
+    logits = model.apply({'params': params}, changed, method='language_model')
     np.testing.assert_array_equal(logits[:, :t + 1], base[:, :t + 1])
     assert not np.allclose(logits[:, t + 1:], base[:, t + 1:])
 
@@ -41,9 +41,10 @@ def test_packed_rows_equal_documents_run_separately(decoder_config, style):
   positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(4)])
   packed = model.apply({'params': params}, jnp.asarray(tokens, jnp.int32),
                        jnp.asarray(positions[None], jnp.int32),
-                       jnp.asarray(segment_ids[None], jnp.int32))
+                       jnp.asarray(segment_ids[None], jnp.int32), method='language_model')
   start = 0
   for doc in docs:
-    alone = model.apply({'params': params}, jnp.asarray(doc[None], jnp.int32))
+    alone = model.apply({'params': params}, jnp.asarray(doc[None], jnp.int32),
+                        method='language_model')
     np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], atol=1e-5, rtol=0)
     start += len(doc)

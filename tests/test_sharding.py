@@ -11,6 +11,7 @@ from research import mesh as mesh_lib
 from research import train
 from research.data import global_batch
 from research.data import synthetic
+from research.objectives import causal_lm
 
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=1, tensor=4),
           dict(data=1, fsdp=4, tensor=2)]
@@ -74,7 +75,8 @@ def test_gradient_accumulation_matches_one_large_batch(decoder_config):
   config = _small_config(decoder_config, 'llama')
 
   source = synthetic.MarkovSource(config.model.vocab_size, config.data.markov_branching,
-                                  config.seed, config.data.min_doc_len)
+                                  config.seed, config.data.min_doc_len,
+                                  causal_lm.Transform())
   weights = source.batch(0, 16, 32)['weights']
   padding_per_micro_batch = [int((weights[i::4] == 0).sum()) for i in range(4)]
   assert len(set(padding_per_micro_batch)) > 1, padding_per_micro_batch  # Unequal padding.

@@ -9,6 +9,7 @@ import pytest
 
 from research.data import pipeline as pipeline_lib
 from research.data import synthetic
+from research.objectives import causal_lm
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,8 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
 
   config = decoder_config('tiny')
   source = synthetic.MarkovSource(256, config.data.markov_branching, config.seed,
-                                  config.data.min_doc_len)
+                                  config.data.min_doc_len,
+                                  causal_lm.Transform())
   unigram = source.unigram_entropy()
   assert unigram > 4.0  # A near-uniform stream over 256 tokens...
   records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]

@@ -15,6 +15,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from research import objectives
 from research.data import corpus
 from research.data import local_text
 from research.data import packed_rows
@@ -105,8 +106,10 @@ def _tokenize_split(builder, split, tokenizer):
 
 @dataclasses.dataclass
 class _SyntheticVocabulary:
-  """Synthetic tokens have a vocabulary size but no text: nothing to encode or decode."""
+  """Synthetic tokens have a vocabulary size but no text: nothing to encode or decode, and no
+  special ids but padding."""
   vocab_size: int
+  pad_id: int = 0
 
 
 class _MarkovRows:
@@ -115,7 +118,7 @@ class _MarkovRows:
   def __init__(self, source, split, seq_len):
     self.source, self.split, self.seq_len = source, split, seq_len
     sample = source.rows(0, 64, seq_len, split)
-    self.tokens = sample['targets'][sample['weights'] > 0]
+    self.tokens = sample['tokens'][sample['segment_ids'] > 0]
 
   def rows(self, start, stop):
     return self.source.rows(start, stop, self.seq_len, self.split)
@@ -123,13 +126,16 @@ class _MarkovRows:
 
 def build(config):
   d, t = config.data, config.train
+  objective = objectives.build(config)
   if d.source == 'markov':
-    source = synthetic.MarkovSource(config.model.vocab_size, d.markov_branching, config.seed,
-                                    d.min_doc_len)
+    vocabulary = _SyntheticVocabulary(config.model.vocab_size)
+    source = synthetic.MarkovSource(
+        config.model.vocab_size, d.markov_branching, config.seed, d.min_doc_len,
+        objective.transform(vocabulary))
     record = dict(source='markov', seed=config.seed, fingerprint=source.fingerprint())
     return Pipeline(t.batch_size, t.seq_len, _MarkovRows(source, 'train', t.seq_len),
                     _MarkovRows(source, 'validation', t.seq_len),
-                    _SyntheticVocabulary(config.model.vocab_size), record, config.seed)
+                    vocabulary, record, config.seed)
 
   tokenizer = tokenizer_lib.get(d.tokenizer)
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -152,6 +158,7 @@ def build(config):
   builder = local_text.prepare(files, os.path.expanduser(d.data_dir), d.validation_percent,
                                d.source, content_hash)
   rows = {}
+  transform = objective.transform(tokenizer)
   for split, shuffle in (('train', True), ('validation', False)):
     tokens, bounds = _tokenize_split(builder, split, tokenizer)
     if len(tokens) - (len(bounds) - 1) == 0:  # Every document is empty: only EOS tokens.
@@ -159,7 +166,7 @@ def build(config):
                       'documents; add files with text to data.paths or change '
                       'data.validation_percent.')
     rows[split] = packed_rows.PackedRows(tokens, bounds, t.seq_len, config.seed, shuffle,
-                                         tokenizer.pad_id)
+                                         transform)
   record = dict(source=d.source, files=len(files), fingerprint=content_hash,
                 prepared_at=builder.data_dir, tokenizer=d.tokenizer,
                 train_tokens=int(len(rows['train'].tokens)),

@@ -6,18 +6,20 @@ row is a pure function of (seed, split, row index).
 """
 
 import hashlib
+import itertools
 
 import numpy as np
 
 from research.data import packing
-from research.objectives import causal_lm
 
 _SPLITS = {'train': 0, 'validation': 1}
 
 
 class MarkovSource:
 
-  def __init__(self, vocab_size, branching, seed, min_doc_len):
+  def __init__(self, vocab_size, branching, seed, min_doc_len, transform):
+    """transform: the objective's data side (see research/data/packed_rows.py)."""
+    self.transform = transform
     table_rng = np.random.default_rng([seed, 7919])
     self.vocab_size = vocab_size
     self.seed = seed
@@ -34,10 +36,10 @@ class MarkovSource:
       tokens[i] = self.successors[tokens[i - 1], choices[i]]
     return tokens
 
-  def _examples(self, rng, seq_len):
-    while True:
+  def _examples(self, rng, seq_len, key):
+    for k in itertools.count():
       length = int(rng.integers(self.min_doc_len, 2 * seq_len)) + 1
-      yield causal_lm.example_from_document(self._document(rng, length))
+      yield self.transform.example(self._document(rng, length), key + (k,), 0, None)
 
   def rows(self, start, stop, seq_len, split='train'):
     """Packed rows [start, stop) of the endless stream: dict of [stop - start, seq_len] arrays.
@@ -45,10 +47,14 @@ class MarkovSource:
     Row g is packed from documents drawn with its own generator, seeded by (seed, split, g), so
     any range of rows can be produced by any host in any order.
     """
-    per_row = [packing.pack_examples(
-        self._examples(np.random.default_rng([self.seed, _SPLITS[split], g]), seq_len), 1,
-        seq_len)[0] for g in range(start, stop)]
-    return {name: np.concatenate([r[name] for r in per_row]) for name in packing.FIELDS}
+    fields = self.transform.packed_fields(seq_len)
+    per_row = []
+    for g in range(start, stop):
+      key = (_SPLITS[split], g)
+      examples = self._examples(np.random.default_rng((self.seed,) + key), seq_len, key)
+      packed = packing.pack_examples(examples, 1, seq_len, fields)[0]
+      per_row.append(self.transform.finish_row(packed))
+    return {name: np.concatenate([r[name] for r in per_row]) for name in per_row[0]}
 
   def batch(self, step, batch_size, seq_len, split='train'):
     """The global batch for `step` when every step takes `batch_size` rows."""
@@ -64,10 +70,10 @@ class MarkovSource:
     return float(np.log(self.successors.shape[1]))
 
   def unigram_entropy(self, num_batches=8, batch_size=64, seq_len=128):
-    """Entropy (nats) of the empirical token distribution of the training stream's targets."""
+    """Entropy (nats) of the empirical token distribution of the training stream."""
     counts = np.zeros(self.vocab_size)
     for step in range(num_batches):
       rows = self.batch(10_000 + step, batch_size, seq_len)
-      counts += np.bincount(rows['targets'][rows['weights'] > 0], minlength=self.vocab_size)
+      counts += np.bincount(rows['tokens'][rows['segment_ids'] > 0], minlength=self.vocab_size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

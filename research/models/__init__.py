@@ -1,1 +1,29 @@
-"""Model families: decoder-only (decoder.py); encoder and encoder-decoder slot in beside it."""
+"""Model families, chosen by `config.model.family`: one module per family.
+
+A family module provides
+  spec_from_config(model_config)      the network's explicit arguments
+  check_config(model_config)          ValueError in one sentence for what it cannot build
+  sharded_heads(model_config)         head counts that mesh.tensor must divide
+  build(model_config, sharding)       the linen module: __call__ returns hidden states, heads are
+                                      methods, `initialize` creates every parameter
+  init_inputs(seq_len)                arguments of `initialize` for abstract initialisation
+  abstract_params / count_params      the parameter tree without allocating it
+  param_layers(model_config)          blocks stored in the parameter tree (ALBERT shares one)
+  body_flops_per_token(spec, seq_len) and the FLOPs of its heads, for MFU
+  HF_MODEL_TYPES                      Hugging Face model types its converter reads (optional)
+  GENERATES_TEXT                      True when research.decode can sample from it (optional)
+"""
+
+import importlib
+
+FAMILIES = {
+    'decoder': 'research.models.decoder',
+    'encoder': 'research.models.encoder',
+}
+
+
+def get(name):
+  """The family module called `name`; an unknown name is a ValueError listing the families."""
+  if name not in FAMILIES:
+    raise ValueError(f'config.model.family={name!r} is not one of {sorted(FAMILIES)}.')
+  return importlib.import_module(FAMILIES[name])

@@ -1,4 +1,4 @@
-"""Causal scaled dot-product attention kernels.
+"""Scaled dot-product attention kernels: causal (decoders) or bidirectional (encoders).
 
 `jax.nn.dot_product_attention` is the path on accelerators (its cuDNN fused kernel on GPU).
 `explicit_attention` is for CPUs: the same mathematics with a hand-written backward pass. On
@@ -14,9 +14,12 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ('auto', 'explicit', 'xla', 'cudnn')
 
 
-def segment_mask(segment_ids, length):
-  """[batch or 1, 1, q, k] boolean mask: causal, and within one segment when packing."""
-  mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+def segment_mask(segment_ids, length, causal=True):
+  """[batch or 1, 1, q, k] boolean mask: causal when `causal`, and within one segment when
+  packing (a query sees only keys of its own segment id; padding, id 0, sees only padding, so no
+  row is ever empty)."""
+  mask = jnp.ones((length, length), bool)
+  mask = (jnp.tril(mask) if causal else mask)[None, None]
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
   return mask
@@ -69,10 +72,13 @@ def _explicit_bwd(residuals, d_out):
 _explicit.defvjp(_explicit_fwd, _explicit_bwd)
 
 
-def explicit_attention(q, k, v, segment_ids=None):
-  """q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; returns [b, t, heads, d]."""
+def explicit_attention(q, k, v, segment_ids=None, causal=True):
+  """q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; returns [b, t, heads, d].
+
+  The backward pass never assumes a causal mask, so bidirectional attention uses it as is.
+  """
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  return _explicit(q * scale, k, v, segment_mask(segment_ids, q.shape[1]))
+  return _explicit(q * scale, k, v, segment_mask(segment_ids, q.shape[1], causal))
 
 
 def resolve_implementation(implementation, dtype):
@@ -99,14 +105,21 @@ def masked_attention(q, k, v, mask, implementation='auto'):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-def causal_attention(q, k, v, segment_ids, implementation='auto'):
-  """Causal attention with the kernel `implementation` (see IMPLEMENTATIONS).
+def dot_product_attention(q, k, v, segment_ids, causal, implementation='auto'):
+  """Self-attention with the kernel `implementation` (see IMPLEMENTATIONS).
 
-  q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; segment_ids: [b, t] or None.
+  q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; segment_ids: [b, t] or None (no packing and
+  no padding: with causal=False every query sees every key).
   """
   implementation = resolve_implementation(implementation, q.dtype)
   if implementation == 'explicit':
-    return explicit_attention(q, k, v, segment_ids)
-  mask = None if segment_ids is None else segment_mask(segment_ids, q.shape[1])
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+    return explicit_attention(q, k, v, segment_ids, causal)
+  # The causal part is left to is_causal: cuDNN then skips the masked blocks.
+  mask = None if segment_ids is None else segment_mask(segment_ids, q.shape[1], causal=False)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                       implementation=implementation)
+
+
+def causal_attention(q, k, v, segment_ids, implementation='auto'):
+  """Causal attention (decoders); see dot_product_attention."""
+  return dot_product_attention(q, k, v, segment_ids, True, implementation)

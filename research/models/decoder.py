@@ -105,63 +105,154 @@ _REMAT_POLICIES = {
 
 
 class Decoder(nn.Module):
-  """tokens [batch, length] -> float32 logits [batch, length, vocab]."""
+  """tokens [batch, length] -> hidden states [batch, length, emb_dim] (after the final norm).
+
+  `logits(hidden)` applies the output head (tied or not) to hidden states of any leading shape,
+  so that an objective projects only the positions it needs; `language_model` does both.
+  decode=True runs against the 'cache' collection (see layers.Attention); `init` with a
+  [batch, cache_length] input allocates it.
+  """
   spec: DecoderSpec
   sharding: Optional[Callable] = None
+  deterministic: bool = True  # False: dropout on (needs a 'dropout' rng).
+  decode: bool = False
 
-  @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True, decode=False):
-    """decode=True runs against the 'cache' collection (see layers.Attention); `init` with a
-    [batch, cache_length] input allocates it."""
+  def setup(self):
+    spec = self.spec
+    self.token_embed = layers.Embed(spec.vocab_size, spec.emb_dim, dtype=spec.dtype,
+                                    param_dtype=spec.param_dtype)
+    if spec.is_gpt2:
+      self.position_embed = layers.Embed(spec.max_len, spec.emb_dim, axes=('length', 'embed'),
+                                         init_std=0.02, dtype=spec.dtype,
+                                         param_dtype=spec.param_dtype)
+    self.dropout = nn.Dropout(spec.dropout_rate, deterministic=self.deterministic)
+    block = DecoderBlock
+    if spec.remat != 'none' and not self.decode:  # Remat only matters for gradients.
+      block = nn.remat(block, policy=_REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
+    args = (spec, self.deterministic, self.sharding, self.decode)
+    if spec.scan_layers:
+      self.layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
+                            split_rngs={'params': True, 'dropout': True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=spec.num_layers,
+                            metadata_params={nn.PARTITION_NAME: 'layers'})(*args)
+    else:
+      self.layers = [block(*args) for _ in range(spec.num_layers)]  # layers_0, layers_1...
+    self.final_norm = _norm(spec, None)
+    if not spec.tie_embeddings:
+      self.lm_head = layers.DenseGeneral((spec.vocab_size,), ('embed', 'vocab'), dtype=spec.dtype,
+                                         param_dtype=spec.param_dtype)
+
+  def __call__(self, tokens, positions=None, segment_ids=None):
     spec = self.spec
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    embed = layers.Embed(spec.vocab_size, spec.emb_dim, dtype=spec.dtype,
-                         param_dtype=spec.param_dtype, name='token_embed')
-    x = embed(tokens)
+    x = self.token_embed(tokens)
     if spec.is_gpt2:
-      x = x + layers.Embed(spec.max_len, spec.emb_dim, axes=('length', 'embed'), init_std=0.02,
-                           dtype=spec.dtype, param_dtype=spec.param_dtype,
-                           name='position_embed')(positions)
-    x = nn.Dropout(spec.dropout_rate, deterministic=deterministic)(x)
+      x = x + self.position_embed(positions)
+    x = self.dropout(x)
     x = constrain(x, self.sharding, ('batch', 'length', 'act_embed'))
-
-    block = DecoderBlock
-    if spec.remat != 'none' and not decode:  # Remat only matters for gradients.
-      block = nn.remat(block, policy=_REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
     if spec.scan_layers:
-      stack = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
-                      split_rngs={'params': True, 'dropout': True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=spec.num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(spec, deterministic, self.sharding, decode, name='layers')(
-          x, positions, segment_ids)
+      x, _ = self.layers(x, positions, segment_ids)
     else:
-      for i in range(spec.num_layers):
-        x, _ = block(spec, deterministic, self.sharding, decode, name=f'layers_{i}')(
-            x, positions, segment_ids)
+      for block in self.layers:
+        x, _ = block(x, positions, segment_ids)
+    return self.final_norm(x)
 
-    x = _norm(spec, 'final_norm')(x)
-    if spec.tie_embeddings:
-      logits = embed.attend(x)
+  def logits(self, hidden):
+    """float32 logits [..., vocab] of hidden states [..., emb_dim]."""
+    if self.spec.tie_embeddings:
+      logits = self.token_embed.attend(hidden)
     else:
-      logits = layers.DenseGeneral((spec.vocab_size,), ('embed', 'vocab'), dtype=spec.dtype,
-                                   param_dtype=spec.param_dtype, name='lm_head')(x)
-    logits = constrain(logits, self.sharding, ('batch', 'length', 'act_vocab'))
+      logits = self.lm_head(hidden)
+    if logits.ndim == 3:
+      logits = constrain(logits, self.sharding, ('batch', 'length', 'act_vocab'))
     return logits.astype(jnp.float32)
+
+  def language_model(self, tokens, positions=None, segment_ids=None):
+    """Next-token logits at every position; also what `init` calls to create every parameter."""
+    return self.logits(self(tokens, positions, segment_ids))
+
+  initialize = language_model
+
+
+HF_MODEL_TYPES = ('gpt2', 'llama')  # Converted by research/hf.py.
+GENERATES_TEXT = True  # research/decode.py samples from it.
+# The config variant whose training defaults a converted model of each type takes.
+HF_BASE_VARIANTS = {'gpt2': 'gpt2_small', 'llama': 'llama_1b'}
+
+
+def hf_converter():
+  """The module that converts this family to and from Hugging Face tensors and configs."""
+  from research import hf  # Imported on use: only conversion needs safetensors.
+  return hf
+STYLES = ('gpt2', 'llama')
+
+
+def spec_from_config(model_config):
+  return DecoderSpec.from_config(model_config)
+
+
+def check_config(model_config):
+  """Raises ValueError, in one sentence, for settings this family cannot build."""
+  m = model_config
+  if m.style not in STYLES:
+    raise ValueError(f'config.model.style={m.style!r} is not one of {list(STYLES)}.')
+  if m.head_dim == 0 and m.emb_dim % m.num_heads:
+    raise ValueError(f'model.num_heads={m.num_heads} must divide model.emb_dim={m.emb_dim} '
+                     '(or set model.head_dim explicitly).')
+  kv_heads = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv_heads:
+    raise ValueError(f'model.num_kv_heads={kv_heads} must divide model.num_heads={m.num_heads}.')
+  if m.style == 'gpt2' and m.num_kv_heads not in (0, m.num_heads):
+    raise ValueError('GPT-2 style uses multi-head attention; set model.num_kv_heads=0 or use '
+                     "model.style='llama' for grouped-query attention.")
+
+
+def param_layers(model_config):
+  """The length of the parameter tree's 'layers' axis (hf.stack_layers / unstack_layers)."""
+  return model_config.num_layers
+
+
+def sharded_heads(model_config):
+  """Head counts that mesh.tensor must divide."""
+  return {'model.num_heads': model_config.num_heads,
+          'the KV heads': model_config.num_kv_heads or model_config.num_heads}
 
 
 def build(model_config, sharding=None):
   return Decoder(DecoderSpec.from_config(model_config), sharding=sharding)
 
 
+def init_inputs(seq_len):
+  """Arguments of `Decoder.initialize` for abstract or real initialisation."""
+  return dict(tokens=jnp.zeros((1, seq_len), jnp.int32))
+
+
 def abstract_params(model_config):
   """The parameter tree as ShapeDtypeStructs (no memory is allocated)."""
   model = build(model_config)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **init_inputs(8),
+                                             method='initialize'))
   return nn.meta.unbox(shapes)['params']
 
 
 def count_params(model_config):
   """Exact parameter count."""
   return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(model_config)))
+
+
+# Model FLOPs for MFU (training = 3x forward, a multiply-add = 2 FLOPs), split so that an
+# objective adds the heads it applies at the positions it applies them.
+
+def body_flops_per_token(spec, seq_len):
+  """6 * (attention and MLP weights) + 6 * L * T * heads * head_dim: attention scores and
+  weighted values cost 12 * L * T * A for full attention, halved because causal attention needs
+  only half the products."""
+  attention = spec.emb_dim * spec.head_dim * (2 * spec.num_heads + 2 * spec.num_kv_heads)
+  mlp = (2 if spec.is_gpt2 else 3) * spec.emb_dim * spec.mlp_dim
+  return 6 * spec.num_layers * (attention + mlp) + 6 * spec.num_layers * seq_len * (
+      spec.num_heads * spec.head_dim)
+
+
+def lm_head_flops_per_position(spec):
+  return 6 * spec.emb_dim * spec.vocab_size

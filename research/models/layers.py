@@ -133,7 +133,7 @@ def rotary_embedding(x, positions, theta):
 
 
 class Attention(nn.Module):
-  """Multi-head / grouped-query causal self-attention."""
+  """Multi-head / grouped-query self-attention: causal (decoders) or bidirectional (encoders)."""
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -146,6 +146,7 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   sharding: Optional[Callable] = None
   decode: bool = False  # Autoregressive decoding with a key/value cache (collection 'cache').
+  causal: bool = True  # False: every query sees every key of its segment (encoders).
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
@@ -166,7 +167,8 @@ class Attention(nn.Module):
     if self.decode:
       out = self._cached_attention(q, k, v, segment_ids)
     else:
-      out = attention.causal_attention(q, k, v, segment_ids, self.implementation)
+      out = attention.dot_product_attention(q, k, v, segment_ids, self.causal,
+                                            self.implementation)
     return DenseGeneral((x.shape[-1],), ('heads', 'head_dim', 'embed'), contract_dims=2,
                         use_bias=self.use_bias, init_std=self.out_init_std, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='out')(out)
@@ -200,8 +202,13 @@ class Attention(nn.Module):
     return attention.masked_attention(q, keys.value, values.value, mask, self.implementation)
 
 
+# GELU variants of the ungated Mlp: the tanh approximation ('gelu_new' of GPT-2 and ALBERT) and
+# the exact erf form (BERT, RoBERTa). Checkpoints are trained with one; the other shifts outputs.
+GELU_APPROXIMATE = {'gelu_tanh': True, 'gelu': False}
+
+
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2) or gated SiLU MLP (SwiGLU, Llama)."""
+  """GELU MLP (GPT-2, BERT) or gated SiLU MLP (SwiGLU, Llama)."""
   hidden_dim: int
   gated: bool
   use_bias: bool
@@ -210,6 +217,7 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   sharding: Optional[Callable] = None
+  activation: str = 'gelu_tanh'  # Ungated only: a key of GELU_APPROXIMATE.
 
   @nn.compact
   def __call__(self, x):
@@ -223,6 +231,6 @@ class Mlp(nn.Module):
       h = nn.silu(gate) * up
     else:
       h = nn.gelu(dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'fc')(x),
-                  approximate=True)
+                  approximate=GELU_APPROXIMATE[self.activation])
     h = constrain(h, self.sharding, ('batch', 'length', 'act_mlp'))
     return dense(x.shape[-1], ('mlp', 'embed'), self.out_init_std, 'proj')(h)

@@ -1,1 +1,100 @@
-"""Pretraining objectives: each file holds the data-side transform and the loss side by side."""
+"""Training objectives, chosen by `config.objective.name`: one module per objective.
+
+An objective module provides `check_config(config, family)` (ValueError in one sentence for what
+it cannot train) and a class `Objective(config)` with
+  fields(seq_len) -> {name: Field}      the batch spec: it drives the batch shardings, the host
+                                        assembly of global batches and padding
+  transform(tokenizer)                  the data side (research/data/packed_rows.py): documents ->
+                                        examples, deterministic in the seed and the example's
+                                        index (and the epoch where the objective wants it),
+                                        packed into rows and finished into the batch fields
+  counts(batch) -> {term: count}        each loss term's denominator over the WHOLE global batch
+  sums(model, params, batch, rng)       {term: {'loss': sum, 'correct': sum}} of a (micro-)batch
+  tokens(batch)                         real input tokens, for throughput
+  metrics(totals) -> {name: value}      what training and evaluation report, from summed totals
+  flops_per_token(family, spec)         model FLOPs per token position, for MFU
+  synthetic_batch(rng)                  a batch of random tokens, for benchmarks
+
+The train step divides each term's sum by its global count before adding the terms, so
+micro-batching, packing and the host count leave every term unchanged.
+"""
+
+import dataclasses
+import importlib
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+OBJECTIVES = {
+    'causal_lm': 'research.objectives.causal_lm',
+    'mlm': 'research.objectives.mlm',
+}
+
+
+def get(name):
+  """The objective module called `name`; an unknown name is a ValueError listing them."""
+  if name not in OBJECTIVES:
+    raise ValueError(f'config.objective.name={name!r} is not one of {sorted(OBJECTIVES)}.')
+  return importlib.import_module(OBJECTIVES[name])
+
+
+def build(config):
+  """The configured objective of `config`."""
+  return get(config.objective.name).Objective(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One array of a batch: its shape, dtype and logical axis names per row (the batch dimension,
+  logical name 'batch', comes first), and the value of its padding."""
+  shape: Tuple[int, ...]
+  dtype: type
+  axes: Tuple[str, ...]
+  pad: int = 0
+
+  def per_token(self, seq_len):
+    return self.shape == (seq_len,)
+
+
+def token_fields(seq_len, names, pad_id=0):
+  """Per-token fields: int32 ids (tokens padded with `pad_id`) and float32 `*weights`."""
+  fields = {}
+  for name in names:
+    dtype = np.float32 if name.endswith('weights') else np.int32
+    fields[name] = Field((seq_len,), dtype, ('length',), pad_id if name == 'tokens' else 0)
+  return fields
+
+
+def token_losses(logits, targets):
+  """Per-position cross entropy in float32: logsumexp(logits) - logits[target]."""
+  logits = logits.astype(jnp.float32)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target_logits
+
+
+def cross_entropy_sums(logits, targets, weights):
+  """{'loss': weighted cross-entropy sum, 'correct': weighted count of correct argmaxes}."""
+  weights = weights.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return dict(loss=jnp.sum(token_losses(logits, targets) * weights),
+              correct=jnp.sum(correct * weights))
+
+
+def apply(model, params, rng, *args, method=None):
+  """model.apply with dropout when `rng` is given (training) and without it otherwise; `method`
+  may be a function of the bound module (to run the body and several heads in one apply)."""
+  if rng is None:
+    return model.apply({'params': params}, *args, method=method)
+  return model.clone(deterministic=False).apply({'params': params}, *args, method=method,
+                                                rngs={'dropout': rng})
+
+
+def ratio(total, count):
+  return total / max(float(count), 1.0)
+
+
+def host_totals(totals):
+  """Device totals as nested dicts of Python floats."""
+  return jax.tree.map(float, jax.device_get(totals))

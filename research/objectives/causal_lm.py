@@ -1,29 +1,94 @@
-"""Causal language modelling: predict token t+1 from tokens <= t.
+"""Causal language modelling: predict token t+1 from tokens <= t (decoder family).
 
-Losses are returned as sums with their token counts so that callers can normalise by the number
-of real target tokens of the whole global batch (across micro-batches and hosts).
+Data side: documents are cut into examples of at most seq_len + 1 tokens that overlap by one
+token, so every token but a document's first is a target exactly once; packing puts several
+examples in a row with segment ids. Loss: cross entropy summed over real targets, divided by
+the number of real targets of the whole global batch.
 """
 
-import jax
+import math
+
 import jax.numpy as jnp
+import numpy as np
+
+from research import objectives
+
+TERM = 'lm'
+FIELDS = ('tokens', 'targets', 'weights', 'positions', 'segment_ids')
+token_losses = objectives.token_losses
 
 
-def example_from_document(tokens):
-  """Data side: a document of n + 1 tokens gives n (input, target) pairs."""
-  return tokens[:-1], tokens[1:]
+def check_config(config, family):
+  if not getattr(family, 'GENERATES_TEXT', False):
+    raise ValueError(f'objective.name=causal_lm needs a family that predicts the next token; '
+                     f'model.family={config.model.family!r} does not (use model.family=decoder).')
 
 
-def token_losses(logits, targets):
-  """Per-token cross entropy in float32: logsumexp(logits) - logits[target]."""
-  logits = logits.astype(jnp.float32)
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target_logits
+class Transform:
+  """Documents -> (tokens, targets, weights) examples; rows need no finishing."""
+
+  def __init__(self, pad_id=0):
+    self.pad_id = pad_id
+
+  def packed_fields(self, seq_len):
+    """What packing fills: the batch fields themselves."""
+    return objectives.token_fields(seq_len, FIELDS, self.pad_id)
+
+  def span(self, seq_len):
+    """(tokens per example at most, stride between example starts within a document)."""
+    return seq_len + 1, seq_len
+
+  def positions(self, length):
+    """Row positions taken by an example cut from `length` document tokens."""
+    return length - 1
+
+  def example(self, tokens, index, epoch, split):
+    del index, epoch, split  # Nothing random, nothing from other examples.
+    return dict(tokens=tokens[:-1], targets=tokens[1:], weights=np.ones(len(tokens) - 1, np.float32))
+
+  def finish_row(self, row):
+    return row
 
 
-def loss_sums(logits, targets, weights):
-  """Weighted sums: cross entropy, number of target tokens, number of correct argmax predictions."""
-  weights = weights.astype(jnp.float32)
-  losses = token_losses(logits, targets)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return dict(loss=jnp.sum(losses * weights), tokens=jnp.sum(weights),
-              correct=jnp.sum(correct * weights))
+class Objective:
+
+  def __init__(self, config):
+    self.config = config
+
+  def fields(self, seq_len):
+    return objectives.token_fields(seq_len, FIELDS)
+
+  def transform(self, tokenizer):
+    return Transform(tokenizer.pad_id)
+
+  def counts(self, batch):
+    return {TERM: jnp.sum(batch['weights'].astype(jnp.float32))}
+
+  def tokens(self, batch):
+    return jnp.sum(batch['weights'].astype(jnp.float32))
+
+  def sums(self, model, params, batch, rng):
+    logits = objectives.apply(model, params, rng, batch['tokens'], batch['positions'],
+                              batch.get('segment_ids'), method='language_model')
+    return {TERM: objectives.cross_entropy_sums(logits, batch['targets'], batch['weights'])}
+
+  def metrics(self, totals):
+    lm = totals[TERM]
+    loss = objectives.ratio(lm['loss'], lm['count'])
+    return dict(loss=loss, accuracy=objectives.ratio(lm['correct'], lm['count']),
+                perplexity=math.exp(min(loss, 50.0)))
+
+  def flops_per_token(self, family, spec):
+    """The body at every position plus the output head at every position."""
+    return (family.body_flops_per_token(spec, self.config.train.seq_len)
+            + family.lm_head_flops_per_position(spec))
+
+  def synthetic_batch(self, rng):
+    """Full rows of uniform random tokens in this objective's batch format (one document per
+    row), for benchmarks."""
+    c = self.config
+    b, t = c.train.batch_size, c.train.seq_len
+    tokens = rng.integers(0, c.model.vocab_size, (b, t + 1), dtype=np.int32)
+    return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], weights=np.ones((b, t), np.float32),
+                positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+                segment_ids=np.ones((b, t), np.int32))

@@ -1,0 +1,1 @@
+"""Config files: one per model family (`get_config(variant)`), sharing configs/common.py."""

@@ -1,0 +1,76 @@
+"""Sections every family's config shares: seed, mesh, optim, data, checkpoint, train.
+
+A family file (configs/<family>.py) adds its `model` and `objective` sections and overrides the
+training shape of its variants; nothing here is copied into a family file.
+"""
+
+import ml_collections
+
+
+def base_config(variant, shape, source='stdlib'):
+  """Everything but `model` and `objective` (which the family file adds before locking).
+
+  shape: batch_size (global, in sequences), seq_len, num_steps, warmup_steps, lr.
+  """
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.seed = 0
+
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # -1: whatever devices the other axes leave.
+      fsdp=1,
+      tensor=1,
+  ))
+
+  config.optim = ml_collections.ConfigDict(dict(
+      name='adamw',  # adamw | adafactor | lion
+      lr=shape['lr'],
+      warmup_steps=shape['warmup_steps'],
+      decay='cosine',  # cosine | linear | rsqrt | constant
+      end_lr_ratio=0.1,  # Final learning rate as a fraction of the peak (cosine, linear).
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      decay_embeddings=False,
+      decay_norms_and_biases=False,
+      clip_norm=1.0,  # 0 disables clipping.
+      grad_accum_steps=1,
+  ))
+
+  config.data = ml_collections.ConfigDict(dict(
+      # stdlib: this Python's standard-library sources (embedded default, no download);
+      # text: data.paths; markov: in-memory synthetic tokens (research/data/synthetic.py).
+      source=source,
+      paths='',  # Comma-separated files, directories or globs, for source='text'.
+      data_dir='~/.cache/research/tfds',  # Where text sources are prepared as array_record.
+      validation_percent=5,
+      tokenizer='bytes',
+      markov_branching=2,
+      min_doc_len=8,
+  ))
+
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=500,
+      keep=3,
+      init_from='',  # Another run's workdir: start from its parameters (warm start).
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=shape['batch_size'],  # Global batch, in sequences.
+      seq_len=shape['seq_len'],
+      num_steps=shape['num_steps'],
+      log_every=10,
+      eval_every=100,
+      eval_batches=4,
+      profile_start_step=-1,  # >= 0 captures a jax.profiler trace from this step.
+      profile_num_steps=5,
+      progress_bar=True,
+      tensorboard=True,
+      stop_at_step=-1,  # Stop (as if preempted) at this step; -1 runs to num_steps.
+      # Greedy sample printed at the end by families that generate text (prompt + sample
+      # within max_len); 0 disables.
+      sample_tokens=0,
+      sample_prompt='def ',
+  ))
+  return config
