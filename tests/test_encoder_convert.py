@@ -4,7 +4,6 @@ same outputs; the workdir in between resumes training."""
 
 import pytest
 import torch
-import transformers
 from safetensors.numpy import load_file
 
 import runs
