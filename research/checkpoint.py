@@ -356,12 +356,8 @@ def _matching(saved, expected, directory):
 
 
 def _subtrees(names):
-  """'a, b (2 of 3 arrays)' by top-level subtree, for one log line."""
-  counts = {}
-  for name in names:
-    top = name.split("'")[1] if "'" in name else name
-    counts[top] = counts.get(top, 0) + 1
-  return ', '.join(sorted(counts)) or 'none'
+  """The top-level subtrees of parameter names like "['pooler']['kernel']", for one log line."""
+  return ', '.join(sorted({name.split("'")[1] for name in names})) or 'none'
 
 
 def restore_params(source_workdir, state, state_shardings):
@@ -371,7 +367,8 @@ def restore_params(source_workdir, state, state_shardings):
   directory = os.path.join(source_workdir, 'checkpoints')
   abstract = _abstract(state.params, state_shardings.params)
   expected = structure(abstract)
-  paths = {jax.tree_util.keystr(p): p for p, _ in jax.tree_util.tree_leaves_with_path(abstract)}
+  leaves = {jax.tree_util.keystr(p): (p, x)
+            for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
   shared = set()
 
   def shared_part(saved):
@@ -379,10 +376,11 @@ def restore_params(source_workdir, state, state_shardings):
     shared.update(_matching(saved, expected, directory))
     subset = {}
     for name in shared:
-      node, keys = subset, [k.key for k in paths[name]]
-      for key in keys[:-1]:
-        node = node.setdefault(key, {})
-      node[keys[-1]] = _leaf(abstract, paths[name])
+      path, leaf = leaves[name]
+      node = subset
+      for key in path[:-1]:
+        node = node.setdefault(key.key, {})
+      node[path[-1].key] = leaf
     return subset
 
   loaded, step = read_params(directory, shared_part)
@@ -395,8 +393,3 @@ def restore_params(source_workdir, state, state_shardings):
                  f'({_subtrees(fresh)})')
   return state.replace(params=params), step, description
 
-
-def _leaf(tree, path):
-  for key in path:
-    tree = tree[key.key]
-  return tree

@@ -11,11 +11,13 @@ checks and both directions of the conversion cannot drift apart.
 
 import numpy as np
 
+from research import models
 from research.hf import ConversionError
 from research.hf import _contiguous
 from research.hf import _field
 from research.hf import _unsupported
-from research.models import encoder
+
+encoder = models.get('encoder')  # The family this module converts.
 
 # transformers class -> (model_type, pooler, pair_head). The ...Model classes have no masked-LM
 # head: their configs read, but their weights lack the head that pretraining trains.

@@ -21,7 +21,6 @@ class PackedRows:
     """tokens: all documents concatenated; doc_bounds: [num_docs + 1] offsets into tokens;
     transform: the objective's data side."""
     self.tokens = tokens
-    self.doc_bounds = doc_bounds
     self.seq_len = seq_len
     self.seed = seed
     self.shuffle = shuffle

@@ -54,9 +54,6 @@ class Field:
   axes: Tuple[str, ...]
   pad: int = 0
 
-  def per_token(self, seq_len):
-    return self.shape == (seq_len,)
-
 
 def token_fields(seq_len, names, pad_id=0):
   """Per-token fields: int32 ids (tokens padded with `pad_id`) and float32 `*weights`."""
