@@ -54,6 +54,10 @@ def base_config(variant, shape, source='stdlib'):
       every_steps=500,
       keep=3,
       init_from='',  # Another run's workdir: start from its parameters (warm start).
+      # An evaluation metric (e.g. eval_accuracy): the state with its best value so far is also
+      # kept in <workdir>/best, beside the latest checkpoints; '' keeps only the latest.
+      best_metric='',
+      best_mode='max',  # max | min: which values of best_metric are better.
   ))
 
   config.train = ml_collections.ConfigDict(dict(

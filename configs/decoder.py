@@ -61,6 +61,7 @@ def _model_defaults():
       scan_layers=True,
       remat='dots',  # none | full | dots (save weight-matmul outputs, recompute the rest).
       attention='auto',  # auto | explicit | xla | cudnn (research/models/attention.py).
+      num_labels=0,  # > 0: a sequence-classification head (configs/finetune.py).
   ))
 
 

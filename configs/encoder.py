@@ -76,6 +76,7 @@ def _model_defaults():
       share_layers=False,  # ALBERT: one block's parameters applied num_layers times.
       pooler=True,  # tanh(dense(first token)) for sentence-level heads.
       pair_head='nsp',  # none | nsp | sop: the sentence-pair head on the pooled output.
+      num_labels=0,  # > 0: a sequence-classification head (configs/finetune.py).
   ))
 
 

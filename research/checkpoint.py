@@ -303,6 +303,46 @@ class Checkpointer:
     self.manager.close()
 
 
+class BestKeeper:
+  """Keeps, in a directory of its own, the state whose evaluation metric is the best so far.
+
+  The latest checkpoints live elsewhere (<workdir>/checkpoints), so keeping the best never
+  deletes the latest. The best value so far is read back from the kept record on resume.
+  """
+
+  def __init__(self, directory, metric, mode):
+    self.metric, self.mode = metric, mode
+    self.checkpointer = Checkpointer(directory, keep=1)
+    step = self.checkpointer.latest_step()
+    self.value = None
+    if step is not None:
+      with _io_failures_raise(lambda reason: CheckpointError(
+          f'The best checkpoint in {directory} is unreadable ({reason}); move it aside to keep '
+          'training.')):
+        self.value = self.checkpointer.read_record(step)['best']['value']
+
+  def offer(self, step, state, record, metrics):
+    """Saves `state` (asynchronously) when metrics[metric] beats the best so far; returns
+    whether it did."""
+    value = metrics[self.metric]
+    improved = self.value is None or (value > self.value if self.mode == 'max' else
+                                      value < self.value)
+    if not improved or step in self.checkpointer.manager.all_steps():
+      return False
+    self.value = value
+    self.checkpointer.save(step, state, dict(record, best=dict(metric=self.metric, value=value)))
+    return True
+
+  def check(self):
+    self.checkpointer.check()
+
+  def wait(self):
+    self.checkpointer.wait()
+
+  def close(self):
+    self.checkpointer.close()
+
+
 def read_params(directory, abstract_params):
   """(params, step) from the newest checkpoint in `directory`, restored into `abstract_params`
   (ShapeDtypeStructs with shardings) and checked against their checksums; the optimizer state

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from research import models
 from research import objectives
+from research.data import labeled
 from research.data import tokenizer as tokenizer_lib
 
 _CONFIG_FLAG = config_flags.DEFINE_config_file(
@@ -168,7 +169,7 @@ def validate(config, num_devices):
       'model.attention': (m.attention, ('auto', 'explicit', 'xla', 'cudnn')),
       'optim.name': (o.name, ('adamw', 'adafactor', 'lion')),
       'optim.decay': (o.decay, ('cosine', 'linear', 'rsqrt', 'constant')),
-      'data.source': (config.data.source, ('stdlib', 'text', 'markov')),
+      'data.source': (config.data.source, ('stdlib', 'text', 'markov') + labeled.SOURCES),
       'data.tokenizer': (config.data.tokenizer, tuple(tokenizer_lib.TOKENIZERS)),
   }
   for key, (value, allowed) in choices.items():
@@ -197,6 +198,14 @@ def validate(config, num_devices):
     objective.check_config(config, family)
   except ValueError as error:
     raise ConfigError(str(error)) from None
+  c = config.checkpoint
+  if c.best_metric:
+    names = [f'eval_{name}' for name in objectives.build(config).metric_names()]
+    if c.best_metric not in names:
+      raise ConfigError(f'checkpoint.best_metric={c.best_metric!r} is not an evaluation metric of '
+                        f'objective.name={config.objective.name!r}; choose one of {names}.')
+    if c.best_mode not in ('max', 'min'):
+      raise ConfigError(f"checkpoint.best_mode={c.best_mode!r} is not one of ['max', 'min'].")
   if t.seq_len > m.max_len:
     raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={m.max_len}; shorten the '
                       'sequences or raise max_len.')

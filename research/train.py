@@ -98,9 +98,10 @@ def _add(totals, more):
 
 
 def _evaluate(trainer, params, num_batches):
-  """The objective's metrics over `num_batches` validation batches, named eval_*."""
+  """The objective's metrics over `num_batches` validation batches (or the whole validation set
+  when the pipeline knows how many batches cover it), named eval_*."""
   totals = None
-  for index in range(num_batches):
+  for index in range(trainer.pipeline.eval_batches or num_batches):
     batch = global_batch.assemble(functools.partial(trainer.pipeline.eval_batch, index),
                                   trainer.batch_shapes, trainer.batch_shardings)
     totals = _add(totals, objectives.host_totals(trainer.eval_step(params, batch)))
@@ -209,6 +210,10 @@ def _train(config, workdir, mesh, stop):
       trainer.objective.flops_per_token(trainer.family, spec),
       peak * jax.device_count() if peak else None)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard)
+  best = None
+  if config.checkpoint.best_metric:
+    best = checkpoint_lib.BestKeeper(os.path.join(workdir, 'best'),
+                                     config.checkpoint.best_metric, config.checkpoint.best_mode)
   print(f'MFU is relative to the {peak_label}', file=sys.stderr)
   bar = _progress_bar(config, start_step, stop_step)
   pending, unlogged, last = [], [], {}
@@ -229,6 +234,8 @@ def _train(config, workdir, mesh, stop):
         jax.profiler.stop_trace()
         profiling = False
       checkpointer.check()  # A failed asynchronous save stops the run here.
+      if best is not None:
+        best.check()
 
       done = step + 1
       stopping = stop.signal is not None  # Read once: a signal may arrive at any moment.
@@ -248,6 +255,10 @@ def _train(config, workdir, mesh, stop):
           evaluation = _evaluate(trainer, state.params, t.eval_batches)
         last.update(evaluation)
         scalars.update(evaluation)
+        if best is not None:
+          with throughput.paused():
+            best.offer(done, state, checkpoint_lib.make_record(
+                done, dropout_rng, pipeline.position(done), config), evaluation)
       if scalars:
         writer.write(done, scalars)
         if bar is not None:
@@ -277,8 +288,12 @@ def _train(config, workdir, mesh, stop):
     writer.close()
     try:
       checkpointer.wait()  # Earlier good saves still finish when the loop fails.
+      if best is not None:
+        best.wait()
     finally:
       checkpointer.close()
+      if best is not None:
+        best.close()
   if stopping:
     print(f'Stopped at step {done} on {stop.signal} with its checkpoint saved; rerun the same '
           'command to continue.', file=sys.stderr)

@@ -134,7 +134,7 @@ def test_misspelt_command_line_key_names_the_closest_valid_keys(tmp_path):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert lines == ["error: Unknown config key 'model.num_layrs'; closest valid keys: "
-                   'model.num_layers, model.scan_layers, model.num_heads.'], result.stderr
+                   'model.num_layers, model.num_labels, model.scan_layers.'], result.stderr
   assert not os.listdir(tmp_path)  # Nothing is written by a run that fails at start.
 
 

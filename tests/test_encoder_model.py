@@ -27,7 +27,7 @@ def _model_config(**overrides):
       family='encoder', style='bert', num_layers=12, num_heads=12, emb_dim=768, embedding_dim=0,
       mlp_dim=3072, vocab_size=30522, max_len=512, type_vocab_size=2, pad_id=0, norm_eps=1e-12,
       dropout_rate=0.0, dtype='float32', param_dtype='float32', scan_layers=True, remat='none',
-      attention='explicit', share_layers=False, pooler=True, pair_head='nsp'))
+      attention='explicit', share_layers=False, pooler=True, pair_head='nsp', num_labels=0))
   config.update(overrides)
   return config
 

@@ -236,7 +236,7 @@ def test_mlm_config_errors_are_one_sentence():
       (dict(objective=dict(mask_rate=1.5)), 'objective.mask_rate=1.5 must lie in (0, 1)'),
       (dict(objective=dict(max_predictions=0)), 'objective.max_predictions=0 must lie in'),
       (dict(objective=dict(pair='both')), "objective.pair='both' is not one of"),
-      (dict(data=dict(source='markov')), 'needs text with special tokens'),
+      (dict(data=dict(source='markov')), 'needs documents of text with special tokens'),
       (dict(objective=dict(name='mlm'), model=dict(family='decoder')), None),
   ]
   for overrides, fragment in cases:

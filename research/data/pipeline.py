@@ -17,6 +17,7 @@ from absl import logging
 
 from research import objectives
 from research.data import corpus
+from research.data import labeled
 from research.data import local_text
 from research.data import packed_rows
 from research.data import synthetic
@@ -40,6 +41,7 @@ class Pipeline:
   tokenizer: object
   record: dict  # What the workdir records about the data (source, fingerprint, sizes).
   seed: int
+  eval_batches: int = 0  # > 0: batches that cover the validation set (else train.eval_batches).
   origin_step: int = 0
   origin_row: int = 0
 
@@ -124,9 +126,25 @@ class _MarkovRows:
     return self.source.rows(start, stop, self.seq_len, self.split)
 
 
+def _labeled(config, objective):
+  """A pipeline of labelled examples (fine-tuning), one example per row."""
+  t = config.train
+  tokenizer = tokenizer_lib.get(config.data.tokenizer)
+  examples, fingerprint = labeled.read(config)
+  transform = objective.transform(tokenizer)
+  rows = {split: labeled.LabeledRows(examples[split], tokenizer, config.seed, split == 'train',
+                                     transform) for split in examples}
+  record = dict(source=config.data.source, fingerprint=fingerprint, tokenizer=config.data.tokenizer,
+                train_examples=len(rows['train']), validation_examples=len(rows['validation']))
+  return Pipeline(t.batch_size, t.seq_len, rows['train'], rows['validation'], tokenizer, record,
+                  config.seed, eval_batches=-(-len(rows['validation']) // t.batch_size))
+
+
 def build(config):
   d, t = config.data, config.train
   objective = objectives.build(config)
+  if d.source in labeled.SOURCES:
+    return _labeled(config, objective)
   if d.source == 'markov':
     vocabulary = _SyntheticVocabulary(config.model.vocab_size)
     source = synthetic.MarkovSource(

@@ -40,6 +40,7 @@ class DecoderSpec:
   scan_layers: bool
   remat: str
   attention: str  # See research/models/attention.py.
+  num_labels: int  # > 0: a sequence-classification head (fine-tuning).
 
   @classmethod
   def from_config(cls, model):
@@ -52,7 +53,7 @@ class DecoderSpec:
                norm_eps=model.norm_eps, dropout_rate=model.dropout_rate,
                dtype=_DTYPES[model.dtype], param_dtype=_DTYPES[model.param_dtype],
                scan_layers=model.scan_layers, remat=model.remat,
-               attention=model.attention)
+               attention=model.attention, num_labels=model.num_labels)
 
   @property
   def is_gpt2(self):
@@ -141,6 +142,9 @@ class Decoder(nn.Module):
     if not spec.tie_embeddings:
       self.lm_head = layers.DenseGeneral((spec.vocab_size,), ('embed', 'vocab'), dtype=spec.dtype,
                                          param_dtype=spec.param_dtype)
+    if spec.num_labels:  # No bias, as transformers' ...ForSequenceClassification `score`.
+      self.classifier = layers.DenseGeneral((spec.num_labels,), ('embed', None),
+                                            dtype=spec.dtype, param_dtype=spec.param_dtype)
 
   def __call__(self, tokens, positions=None, segment_ids=None):
     spec = self.spec
@@ -169,10 +173,26 @@ class Decoder(nn.Module):
     return logits.astype(jnp.float32)
 
   def language_model(self, tokens, positions=None, segment_ids=None):
-    """Next-token logits at every position; also what `init` calls to create every parameter."""
+    """Next-token logits at every position."""
     return self.logits(self(tokens, positions, segment_ids))
 
-  initialize = language_model
+  def classify(self, hidden, segment_ids=None):
+    """float32 class logits [batch, num_labels] from the hidden state of each row's last real
+    token (the only one that has seen the whole text); rows hold one right-padded example."""
+    if segment_ids is None:
+      last = jnp.full((hidden.shape[0],), hidden.shape[1] - 1)
+    else:
+      last = jnp.maximum(jnp.sum(segment_ids > 0, axis=1) - 1, 0)
+    summary = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return self.classifier(summary).astype(jnp.float32)
+
+  def initialize(self, tokens, positions=None, segment_ids=None):
+    """The body and every head (what `init` calls to create every parameter)."""
+    hidden = self(tokens, positions, segment_ids)
+    outputs = dict(logits=self.logits(hidden))
+    if self.spec.num_labels:
+      outputs['class_logits'] = self.classify(hidden, segment_ids)
+    return outputs
 
 
 HF_MODEL_TYPES = ('gpt2', 'llama')  # Converted by research/hf.py.
@@ -203,6 +223,9 @@ def check_config(model_config):
   kv_heads = m.num_kv_heads or m.num_heads
   if m.num_heads % kv_heads:
     raise ValueError(f'model.num_kv_heads={kv_heads} must divide model.num_heads={m.num_heads}.')
+  if m.num_labels < 0 or m.num_labels == 1:
+    raise ValueError(f'model.num_labels={m.num_labels} must be 0 (no classification head) or '
+                     'at least 2.')
   if m.style == 'gpt2' and m.num_kv_heads not in (0, m.num_heads):
     raise ValueError('GPT-2 style uses multi-head attention; set model.num_kv_heads=0 or use '
                      "model.style='llama' for grouped-query attention.")

@@ -54,6 +54,7 @@ class EncoderSpec:
   share_layers: bool
   pooler: bool
   pair_head: str
+  num_labels: int  # > 0: a sequence-classification head (fine-tuning).
 
   @classmethod
   def from_config(cls, model):
@@ -65,7 +66,8 @@ class EncoderSpec:
                norm_eps=model.norm_eps, dropout_rate=model.dropout_rate,
                dtype=_DTYPES[model.dtype], param_dtype=_DTYPES[model.param_dtype],
                scan_layers=model.scan_layers, remat=model.remat, attention=model.attention,
-               share_layers=model.share_layers, pooler=model.pooler, pair_head=model.pair_head)
+               share_layers=model.share_layers, pooler=model.pooler, pair_head=model.pair_head,
+               num_labels=model.num_labels)
 
   @property
   def factorised(self):
@@ -194,6 +196,10 @@ class Encoder(nn.Module):
       self.pooler = _dense(spec, spec.emb_dim, ('embed', 'embed'))
     if spec.pair_head != 'none':
       self.pair_head = _dense(spec, 2, ('embed', None))
+    if spec.num_labels and not spec.pooler:  # RoBERTa's head: its own dense + tanh first.
+      self.classifier_dense = _dense(spec, spec.emb_dim, ('embed', 'embed'))
+    if spec.num_labels:
+      self.classifier = _dense(spec, spec.num_labels, ('embed', None))
 
   def _blocks(self):
     """nn.scan over the blocks ('layers', stacked on a 'layers' axis) or a list of them
@@ -252,6 +258,17 @@ class Encoder(nn.Module):
     """float32 logits [batch, 2] of next-sentence (nsp) or sentence-order (sop) prediction."""
     return self.pair_head(pooled).astype(jnp.float32)
 
+  def classify(self, hidden, segment_ids=None):
+    """float32 class logits [batch, num_labels] from the first token ([CLS]): BERT and ALBERT
+    read the pooled output, RoBERTa its own dense + tanh (as their sequence-classification
+    models do); dropout before each projection."""
+    del segment_ids  # The first token summarises the sequence.
+    if self.spec.pooler:
+      summary = self.pooled(hidden)
+    else:
+      summary = jnp.tanh(self.classifier_dense(self.dropout(hidden[:, 0])))
+    return self.classifier(self.dropout(summary)).astype(jnp.float32)
+
   def initialize(self, tokens, positions=None, segment_ids=None, token_types=None):
     """The body and every head of the spec (what `init` calls to create every parameter)."""
     hidden = self(tokens, positions, segment_ids, token_types)
@@ -260,6 +277,8 @@ class Encoder(nn.Module):
       outputs['pooled'] = self.pooled(hidden)
       if self.spec.pair_head != 'none':
         outputs['pair_logits'] = self.pair_logits(outputs['pooled'])
+    if self.spec.num_labels:
+      outputs['class_logits'] = self.classify(hidden, segment_ids)
     return outputs
 
 
@@ -309,6 +328,9 @@ def check_config(model_config):
     raise ValueError(f'model.max_len={m.max_len} must be positive.')
   if m.pad_id < 0:
     raise ValueError(f'model.pad_id={m.pad_id} must not be negative.')
+  if m.num_labels < 0 or m.num_labels == 1:
+    raise ValueError(f'model.num_labels={m.num_labels} must be 0 (no classification head) or '
+                     'at least 2.')
 
 
 def sharded_heads(model_config):

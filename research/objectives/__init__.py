@@ -12,6 +12,7 @@ it cannot train) and a class `Objective(config)` with
   sums(model, params, batch, rng)       {term: {'loss': sum, 'correct': sum}} of a (micro-)batch
   tokens(batch)                         real input tokens, for throughput
   metrics(totals) -> {name: value}      what training and evaluation report, from summed totals
+  metric_names()                        the names metrics() returns
   flops_per_token(family, spec)         model FLOPs per token position, for MFU
   synthetic_batch(rng)                  a batch of random tokens, for benchmarks
 
@@ -30,6 +31,7 @@ import numpy as np
 OBJECTIVES = {
     'causal_lm': 'research.objectives.causal_lm',
     'mlm': 'research.objectives.mlm',
+    'classification': 'research.objectives.classification',
 }
 
 

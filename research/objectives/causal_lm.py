@@ -18,10 +18,16 @@ FIELDS = ('tokens', 'targets', 'weights', 'positions', 'segment_ids')
 token_losses = objectives.token_losses
 
 
+SOURCES = ('stdlib', 'text', 'markov')
+
+
 def check_config(config, family):
   if not getattr(family, 'GENERATES_TEXT', False):
     raise ValueError(f'objective.name=causal_lm needs a family that predicts the next token; '
                      f'model.family={config.model.family!r} does not (use model.family=decoder).')
+  if config.data.source not in SOURCES:
+    raise ValueError(f'objective.name=causal_lm reads documents; set data.source to one of '
+                     f'{list(SOURCES)} (it is {config.data.source!r}).')
 
 
 class Transform:
@@ -71,6 +77,9 @@ class Objective:
     logits = objectives.apply(model, params, rng, batch['tokens'], batch['positions'],
                               batch.get('segment_ids'), method='language_model')
     return {TERM: objectives.cross_entropy_sums(logits, batch['targets'], batch['weights'])}
+
+  def metric_names(self):
+    return ('loss', 'accuracy', 'perplexity')
 
   def metrics(self, totals):
     lm = totals[TERM]

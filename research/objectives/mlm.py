@@ -36,9 +36,9 @@ def check_config(config, family):
   if not hasattr(family.build(m), 'mlm_logits'):
     raise ValueError(f'objective.name=mlm needs a family with a masked-LM head; '
                      f'model.family={m.family!r} has none (use model.family=encoder).')
-  if config.data.source == 'markov':
-    raise ValueError("objective.name=mlm needs text with special tokens; set data.source to "
-                     "'stdlib' or 'text' (synthetic markov tokens have no [MASK]).")
+  if config.data.source not in ('stdlib', 'text'):
+    raise ValueError("objective.name=mlm needs documents of text with special tokens; set "
+                     f"data.source to 'stdlib' or 'text' (it is {config.data.source!r}).")
   if o.pair not in PAIRS:
     raise ValueError(f'objective.pair={o.pair!r} is not one of {list(PAIRS)}.')
   if o.pair != m.pair_head:
@@ -223,6 +223,10 @@ class Objective:
       sums[pair] = objectives.cross_entropy_sums(logits[pair], batch['pair_label'],
                                                  jnp.ones(batch['pair_label'].shape))
     return sums
+
+  def metric_names(self):
+    terms = ('mlm',) + ((self.pair,) if self.pair != 'none' else ())
+    return ('loss',) + tuple(f'{t}_{k}' for t in terms for k in ('loss', 'accuracy'))
 
   def metrics(self, totals):
     metrics, loss = {}, 0.0

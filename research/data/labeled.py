@@ -1,0 +1,196 @@
+"""Labelled examples (text, optional text pair, integer label) for fine-tuning.
+
+Sources (`config.data.source`):
+  csv, jsonl  local files `data.train_path` and `data.validation_path` (a header row / one JSON
+              object per line) with the columns `data.text_field`, `data.pair_field` (optional)
+              and `data.label_field`
+  tfds        a TFDS dataset by name (`data.tfds_name`, e.g. glue/sst2) already prepared as
+              array_record under `data.data_dir`, read with `as_data_source()`; without
+              TensorFlow TFDS cannot prepare it, so a missing one is one sentence saying how
+Every value is checked where it enters: a missing column, a label that is not an integer in
+[0, model.num_labels), a missing text pair: one sentence naming the file and row.
+
+Rows hold one example each. Training visits the examples in an order drawn from (seed, epoch),
+epoch after epoch, so the batch at step N is a pure function of the step; validation visits them
+once, in order, and pads its last batch with rows of weight 0.
+"""
+
+import csv
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from research.data.local_text import DataError
+
+SOURCES = ('csv', 'jsonl', 'tfds')
+
+
+def _where(path, row):
+  return f'row {row} of {path}'
+
+
+def _read_csv(path):
+  with open(path, newline='', encoding='utf-8') as f:
+    reader = csv.DictReader(f)
+    columns = reader.fieldnames or []
+    return columns, [(i + 2, dict(r)) for i, r in enumerate(reader)]  # Line numbers (1 = header).
+
+
+def _read_jsonl(path):
+  records, columns = [], set()
+  with open(path, encoding='utf-8') as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as error:
+        raise DataError(f'Line {line_number} of {path} is not JSON ({error.msg}); write one '
+                        'object per line.') from None
+      if not isinstance(record, dict):
+        raise DataError(f'Line {line_number} of {path} is not a JSON object; write one object '
+                        'per line.')
+      columns.update(record)
+      records.append((line_number, record))
+  return sorted(columns), records
+
+
+def _label(value, where, num_labels, field):
+  try:
+    label = int(value)
+    if isinstance(value, float) and value != label or isinstance(value, bool):
+      raise ValueError
+  except (TypeError, ValueError):
+    raise DataError(f'The {field!r} of {where} is {value!r}, not an integer class id; write '
+                    f'labels as integers in [0, {num_labels - 1}].') from None
+  if not 0 <= label < num_labels:
+    raise DataError(f'The {field!r} of {where} is {label}, outside [0, {num_labels - 1}]; fix the '
+                    'label or raise model.num_labels.')
+  return label
+
+
+def _text(value, where, field, hint):
+  if isinstance(value, bytes):
+    value = value.decode('utf-8', errors='replace')
+  if not isinstance(value, str) or not value:
+    raise DataError(f'The {field!r} of {where} is missing or empty; {hint}.')
+  return value
+
+
+def _records_to_examples(records, columns, path, d, num_labels):
+  """[(text, pair or None, label)] from (row, dict) records, checked field by field."""
+  for field in [d.text_field, d.label_field] + ([d.pair_field] if d.pair_field else []):
+    if field not in columns:
+      raise DataError(f'{path} has no field {field!r} (it has {sorted(columns)}); set '
+                      f'data.{_setting(d, field)} to one of them.')
+  examples = []
+  for row, record in records:
+    where = _where(path, row)
+    text = _text(record.get(d.text_field), where, d.text_field, 'every example needs a text')
+    pair = None
+    if d.pair_field:
+      pair = _text(record.get(d.pair_field), where, d.pair_field, 'every example needs its '
+                   "text pair (or set data.pair_field='' for single texts)")
+    examples.append((text, pair, _label(record.get(d.label_field), where, num_labels,
+                                        d.label_field)))
+  if not examples:
+    raise DataError(f'{path} holds no example; add rows to it.')
+  return examples
+
+
+def _setting(d, field):
+  for name in ('text_field', 'pair_field', 'label_field'):
+    if d[name] == field:
+      return name
+  return 'text_field'
+
+
+def _local_split(path, d, num_labels):
+  if not path:
+    raise DataError(f"data.source={d.source!r} needs data.train_path and data.validation_path.")
+  matches = sorted(glob.glob(os.path.expanduser(path)))
+  if not matches:
+    raise DataError(f'{path} does not exist; fix data.train_path or data.validation_path.')
+  examples, digest = [], hashlib.sha256()
+  for file in matches:
+    with open(file, 'rb') as f:
+      digest.update(f.read())
+    columns, records = (_read_csv if d.source == 'csv' else _read_jsonl)(file)
+    examples += _records_to_examples(records, columns, file, d, num_labels)
+  return examples, digest.hexdigest()
+
+
+def _tfds_dir(data_dir, name):
+  """The newest prepared version folder of TFDS dataset `name` under data_dir, or None."""
+  root = os.path.join(os.path.expanduser(data_dir), name)
+  versions = [v for v in glob.glob(os.path.join(root, '*.*.*'))
+              if os.path.exists(os.path.join(v, 'dataset_info.json'))]
+  key = lambda v: tuple(int(p) if p.isdigit() else 0 for p in os.path.basename(v).split('.'))
+  return max(versions, key=key) if versions else None
+
+
+def _tfds_split(d, split, num_labels):
+  import tensorflow_datasets as tfds  # Imported on use: it is slow to import.
+  directory = _tfds_dir(d.data_dir, d.tfds_name)
+  if directory is None:
+    raise DataError(f'TFDS dataset {d.tfds_name} is not prepared under {d.data_dir}; prepare it '
+                    'where TensorFlow is installed (tfds build '
+                    f'{d.tfds_name} --data_dir=DIR --file_format=array_record) and copy DIR/'
+                    f'{d.tfds_name} there, or set data.data_dir.')
+  builder = tfds.builder_from_directory(directory)
+  if split not in builder.info.splits:
+    raise DataError(f'TFDS dataset {d.tfds_name} has no split {split!r} (it has '
+                    f'{sorted(builder.info.splits)}); set data.validation_split.')
+  source = builder.as_data_source(split=split)
+  columns = list(builder.info.features.keys())
+  records = ((i, source[i]) for i in range(len(source)))
+  where = f'{d.tfds_name} {split}'
+  examples = _records_to_examples(records, columns, where, d, num_labels)
+  return examples, f'{builder.info.full_name}:{split}:{len(source)}'
+
+
+def read(config):
+  """{'train': examples, 'validation': examples} and a fingerprint of both."""
+  d, num_labels = config.data, config.model.num_labels
+  if d.source == 'tfds':
+    train, train_id = _tfds_split(d, 'train', num_labels)
+    validation, validation_id = _tfds_split(d, d.validation_split, num_labels)
+  else:
+    train, train_id = _local_split(d.train_path, d, num_labels)
+    validation, validation_id = _local_split(d.validation_path, d, num_labels)
+  fields = f'{d.text_field}|{d.pair_field}|{d.label_field}'
+  fingerprint = hashlib.sha256(f'{train_id}|{validation_id}|{fields}'.encode()).hexdigest()
+  return dict(train=train, validation=validation), fingerprint
+
+
+class LabeledRows:
+  """Rows of one example each: training endless over shuffled epochs, validation once in order
+  (indices past its end are padding rows of weight 0)."""
+
+  def __init__(self, examples, tokenizer, seed, shuffle, transform):
+    self.examples = [(tokenizer.encode(text), None if pair is None else tokenizer.encode(pair),
+                      label) for text, pair, label in examples]
+    self.tokens = np.concatenate([e[0] for e in self.examples])
+    self.seed, self.shuffle, self.transform = seed, shuffle, transform
+    self._orders = {}
+
+  def __len__(self):
+    return len(self.examples)
+
+  def _example(self, index):
+    if not self.shuffle:
+      return self.examples[index] if index < len(self.examples) else None
+    epoch, position = divmod(index, len(self.examples))
+    if epoch not in self._orders:
+      if len(self._orders) > 4:
+        self._orders.pop(min(self._orders))
+      self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
+          len(self.examples))
+    return self.examples[self._orders[epoch][position]]
+
+  def rows(self, start, stop):
+    per_row = [self.transform.row(self._example(i)) for i in range(start, stop)]
+    return {name: np.concatenate([r[name] for r in per_row]) for name in per_row[0]}
