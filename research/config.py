@@ -170,11 +170,14 @@ def validate(config, num_devices):
       'optim.name': (o.name, ('adamw', 'adafactor', 'lion')),
       'optim.decay': (o.decay, ('cosine', 'linear', 'rsqrt', 'constant')),
       'data.source': (config.data.source, ('stdlib', 'text', 'markov') + labeled.SOURCES),
-      'data.tokenizer': (config.data.tokenizer, tuple(tokenizer_lib.TOKENIZERS)),
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f'config.{key}={value!r} is not one of {list(allowed)}.')
+  try:
+    tokenizer_lib.check_name(config.data.tokenizer)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   positive = {'model.num_layers': m.num_layers, 'model.num_heads': m.num_heads,
               'model.emb_dim': m.emb_dim, 'model.mlp_dim': m.mlp_dim,
               'model.vocab_size': m.vocab_size, 'train.batch_size': t.batch_size,

@@ -80,6 +80,8 @@ def from_hf(model_dir, workdir):
   hf_config, tensors = hf.read_model_dir(model_dir)
   generation_config = hf.read_generation_config(model_dir)
   config = config_for_hf(hf_config)
+  if os.path.isfile(os.path.join(model_dir, 'tokenizer.json')):  # Its text goes through it.
+    config.data.tokenizer = tokenizer_lib.HF_PREFIX + os.path.abspath(model_dir)
   config_lib.validate(config, jax.device_count())
   params = workdir_lib.family(config).hf_converter().params_from_hf(tensors, config.model)
   os.makedirs(workdir, exist_ok=True)

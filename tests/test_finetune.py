@@ -201,3 +201,56 @@ def test_fine_tuning_starts_from_the_pretraining_run_and_learns_word_order(tmp_p
   assert 0 < final['eval_f1'] <= 1
   # The best state is kept apart, and keeping it never removed the latest.
   assert os.listdir(run / 'best') and '300' in os.listdir(run / 'checkpoints')
+
+
+def _wordpiece_tokenizer(directory):
+  """A WordPiece tokenizer.json over single letters and a few '##' pieces, as BERT's."""
+  import tokenizers
+  specials = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
+  letters = list('abcdefghijklmnopqrstuvwxyz')
+  vocab = {token: i for i, token in enumerate(specials + letters + ['##' + c for c in letters])}
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token='[UNK]'))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tokenizer.decoder = tokenizers.decoders.WordPiece()
+  os.makedirs(directory, exist_ok=True)
+  tokenizer.save(os.path.join(directory, 'tokenizer.json'))
+  return len(vocab)
+
+
+def test_a_hugging_face_tokenizer_gives_special_ids_and_words(tmp_path):
+  _wordpiece_tokenizer(tmp_path)
+  tokenizer = tokenizer_lib.get(f'hf:{tmp_path}')
+  assert (tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id) == (0, 2, 3, 4)
+  ids = tokenizer.encode('ab c')
+  assert tokenizer.decode(ids) == 'ab c'
+  np.testing.assert_array_equal(tokenizer.word_ids(ids), [0, 0, 1])  # a ##b | c
+  with pytest.raises(ValueError, match=r'names no folder with a tokenizer\.json'):
+    tokenizer_lib.get(f'hf:{tmp_path / "nothing"}')
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_model_imported_from_hugging_face_with_its_tokenizer(tmp_path):
+  import torch
+  import transformers
+  vocab_size = _wordpiece_tokenizer(tmp_path / 'hf')
+  torch.manual_seed(0)
+  transformers.BertForPreTraining(transformers.BertConfig(
+      vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=128, max_position_embeddings=64)).save_pretrained(tmp_path / 'hf')
+  imported = tmp_path / 'imported'
+  runs.ok(runs.command('research.convert', 'from_hf', '--model_dir', str(tmp_path / 'hf'),
+                       '--workdir', str(imported)))
+  train = _write_csv(tmp_path / 'train.csv', _word_order_rows(2000, seed=0))
+  dev = _write_csv(tmp_path / 'dev.csv', _word_order_rows(300, seed=1))
+  run = tmp_path / 'run'
+  result = runs.ok(runs.command(
+      'research.train', '--config', f'configs/finetune.py:csv,{imported}', '--workdir', str(run),
+      f'--config.checkpoint.init_from={imported}', f'--config.data.train_path={train}',
+      f'--config.data.validation_path={dev}', '--config.train.seq_len=32',
+      '--config.train.num_steps=300', '--config.optim.lr=1e-3', '--config.model.dropout_rate=0',
+      '--config.train.progress_bar=false', '--config.mesh.data=8'))
+  assert 'initialised 2 afresh (classifier)' in result.stderr, result.stderr
+  config = json.load(open(run / 'config.json'))
+  assert config['data']['tokenizer'] == f'hf:{tmp_path / "hf"}'
+  final = runs.metrics(run)[-1]
+  assert final['eval_accuracy'] > 0.9, final
