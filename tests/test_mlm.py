@@ -14,6 +14,7 @@ from research import objectives
 from research import train
 from research.data import global_batch
 from research.data import packed_rows
+from research.data import pipeline as pipeline_lib
 from research.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,3 +254,19 @@ def test_mlm_config_errors_are_one_sentence():
       config_lib.validate(config, 8)
     message = str(error.value)
     assert fragment in message and '\n' not in message and message.endswith('.'), message
+
+
+def test_resuming_with_other_objective_settings_is_one_sentence(tmp_path):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  (corpus / 'a.txt').write_text('some text to mask\n' * 50)
+  (corpus / 'b.txt').write_text('more text\n' * 50)
+  config = _config('none')
+  config.data.source, config.data.paths = 'text', str(corpus)
+  config.data.data_dir = str(tmp_path / 'tfds')
+  position = pipeline_lib.build(config).position(3)
+  config.objective.mask_rate = 0.2
+  with pytest.raises(pipeline_lib.DataError) as error:
+    pipeline_lib.build(config).check_position(position)
+  message = str(error.value)
+  assert 'objective.mask_rate: 0.15 there, 0.2 here' in message and '\n' not in message

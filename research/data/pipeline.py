@@ -42,6 +42,8 @@ class Pipeline:
   record: dict  # What the workdir records about the data (source, fingerprint, sizes).
   seed: int
   eval_batches: int = 0  # > 0: batches that cover the validation set (else train.eval_batches).
+  # config.objective: what turns documents into rows (masking rates, sentence pairs...).
+  objective: dict = dataclasses.field(default_factory=dict)
   origin_step: int = 0
   origin_row: int = 0
 
@@ -54,7 +56,7 @@ class Pipeline:
   def position(self, step):
     """What a checkpoint at `step` records to continue the data exactly (see check_position)."""
     return dict(next_step=step, rows_consumed=self.first_row(step), seq_len=self.seq_len,
-                seed=self.seed, fingerprint=self.record['fingerprint'])
+                seed=self.seed, fingerprint=self.record['fingerprint'], objective=self.objective)
 
   def check_position(self, position):
     """Refuses, in one sentence, a position whose rows mean something else in this run."""
@@ -71,6 +73,14 @@ class Pipeline:
                       f"{position['fingerprint'][:16]} there, {self.record['fingerprint'][:16]} "
                       'here); resume with the same data settings, or warm start a new --workdir '
                       'with --config.checkpoint.init_from.')
+    saved = position.get('objective')  # Absent from checkpoints of earlier versions.
+    if saved is not None and saved != self.objective:
+      changed = ', '.join(f'objective.{k}: {saved.get(k)!r} there, {self.objective.get(k)!r} here'
+                          for k in sorted(set(saved) | set(self.objective))
+                          if saved.get(k) != self.objective.get(k))
+      raise DataError(f"The checkpoint's rows were made with other objective settings "
+                      f'({changed}); resume with those, or warm start a new --workdir with '
+                      '--config.checkpoint.init_from.')
 
   def train_batch(self, step, lo=0, hi=None):
     hi = self.batch_size if hi is None else hi
@@ -141,6 +151,13 @@ def _labeled(config, objective):
 
 
 def build(config):
+  """The pipeline of `config`'s data for its objective."""
+  pipeline = _build(config)
+  pipeline.objective = config.objective.to_dict()
+  return pipeline
+
+
+def _build(config):
   d, t = config.data, config.train
   objective = objectives.build(config)
   if d.source in labeled.SOURCES:
