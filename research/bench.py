@@ -7,7 +7,8 @@
 `train` times full training steps (host batch creation and transfer, forward, backward, optimizer)
 on synthetic full-length token batches after warm-up, and reports the median over several timed
 windows of tokens/s, step time and MFU, plus the compile time. With --peer=torch it also trains
-the same model in PyTorch (research/peers/torch_gpt.py, nanoGPT-equivalent), alternating timed
+the same model in PyTorch (the family's TORCH_PEER: research/peers/torch_gpt.py, nanoGPT-
+equivalent; research/peers/torch_bert.py, transformers' BERT, RoBERTa and ALBERT), alternating timed
 windows between the two so that both see the same machine, and reports the ratio.
 
 `checkpoint` times the per-array content checksums (research/checkpoint.py) against the save and
@@ -17,6 +18,7 @@ the restore they protect, on a freshly initialised train state of the config's m
 prefill of the prompts and the per-token decode step separately (fastest of the repeats).
 """
 
+import importlib
 import json
 import os
 import statistics
@@ -55,12 +57,15 @@ _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'checkpoint: where
                                       'a temporary folder).')
 
 
+_NO_DATA = object()
+
+
 class _JaxTrainer:
   """Our train step on synthetic batches; run_steps(n) returns the tokens it trained on."""
 
   def __init__(self, config):
     mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
-    self.trainer = train.setup(config, mesh)
+    self.trainer = train.setup(config, mesh, pipeline=_NO_DATA)  # Batches are synthetic.
     self.state = self.trainer.state
     self.rng = np.random.default_rng(0)
     self.config = config
@@ -91,13 +96,11 @@ def bench_train(config):
   ours = _JaxTrainer(config)
   runners = {'ours': ours.run_steps}
   if _PEER.value == 'torch':
-    from research.peers import torch_gpt
-    if config.model.style != 'gpt2':
-      raise config_lib.ConfigError('The torch peer implements the GPT-2 style only; use a gpt2 '
-                                   'variant such as nanogpt_cpu.')
-    runners['torch'] = torch_gpt.make_trainer(config.model, t.batch_size, t.seq_len,
-                                              config.optim.lr, config.optim.weight_decay,
-                                              config.optim.clip_norm)
+    peer = importlib.import_module(models.get(config.model.family).TORCH_PEER)
+    try:
+      runners['torch'] = peer.make_trainer(config, t.batch_size, t.seq_len)
+    except ValueError as error:
+      raise config_lib.ConfigError(str(error)) from None
   for run_steps in runners.values():
     run_steps(_WARMUP.value)
   rates = {name: [] for name in runners}

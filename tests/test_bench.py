@@ -28,6 +28,24 @@ def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_train_of_an_encoder_against_transformers(tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'research.bench', 'train', '--config', 'configs/encoder.py:bert_tiny',
+       '--cpu_devices=2', '--peer=torch', '--windows=2', '--window_steps=2', '--warmup_steps=1',
+       f'--json={out}'], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(out))
+  assert results['tokens_per_s'] > 0 and results['torch_tokens_per_s'] > 0
+  assert results['ratio_to_torch'] == results['tokens_per_s'] / results['torch_tokens_per_s']
+  assert 0 < results['mfu'] < 1
+  # Full bidirectional attention, the MLM head over 20 gathered positions of 128, NSP once a row.
+  body = 6 * 2 * (4 * 128 * 128 + 2 * 128 * 512) + 12 * 2 * 128 * 128
+  head = 6 * (128 * 128 + 128 * 264) * 20 / 128 + 6 * (128 * 128 + 128 * 2) / 128
+  assert abs(results['flops_per_token'] - (body + head)) < 1e-6 * body
+
+
+@pytest.mark.slow
 def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
   out = tmp_path / 'decode.json'
   result = subprocess.run(

@@ -12,6 +12,7 @@ A family module provides
   body_flops_per_token(spec, seq_len) and the FLOPs of its heads, for MFU
   HF_MODEL_TYPES                      Hugging Face model types its converter reads (optional)
   GENERATES_TEXT                      True when research.decode can sample from it (optional)
+  TORCH_PEER                          the PyTorch module research.bench --peer=torch times
 """
 
 import importlib

@@ -197,6 +197,7 @@ class Decoder(nn.Module):
 
 HF_MODEL_TYPES = ('gpt2', 'llama')  # Converted by research/hf.py.
 GENERATES_TEXT = True  # research/decode.py samples from it.
+TORCH_PEER = 'research.peers.torch_gpt'  # research.bench --peer=torch.
 # The config variant whose training defaults a converted model of each type takes.
 HF_BASE_VARIANTS = {'gpt2': 'gpt2_small', 'llama': 'llama_1b'}
 

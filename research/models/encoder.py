@@ -284,6 +284,7 @@ class Encoder(nn.Module):
 
 HF_MODEL_TYPES = STYLES  # Converted by research/hf_encoder.py.
 GENERATES_TEXT = False
+TORCH_PEER = 'research.peers.torch_bert'  # research.bench --peer=torch.
 # The config variant whose training defaults a converted model of each type takes.
 HF_BASE_VARIANTS = {'bert': 'bert_base', 'roberta': 'roberta_base', 'albert': 'albert_base'}
 

@@ -10,7 +10,7 @@ it cannot train) and a class `Objective(config)` with
                                         packed into rows and finished into the batch fields
   counts(batch) -> {term: count}        each loss term's denominator over the WHOLE global batch
   sums(model, params, batch, rng)       {term: {'loss': sum, 'correct': sum}} of a (micro-)batch
-  tokens(batch)                         real input tokens, for throughput
+  tokens(batch)                         real input tokens, for throughput (host or device arrays)
   metrics(totals) -> {name: value}      what training and evaluation report, from summed totals
   metric_names()                        the names metrics() returns
   flops_per_token(family, spec)         model FLOPs per token position, for MFU

@@ -71,7 +71,8 @@ class Objective:
     return {TERM: jnp.sum(batch['weights'].astype(jnp.float32))}
 
   def tokens(self, batch):
-    return jnp.sum(batch['weights'].astype(jnp.float32))
+    """Works on host (numpy) and device arrays alike."""
+    return batch['weights'].astype(np.float32).sum()
 
   def sums(self, model, params, batch, rng):
     logits = objectives.apply(model, params, rng, batch['tokens'], batch['positions'],

@@ -81,7 +81,8 @@ class Objective:
     return {TERM: jnp.sum(batch['label_weight'])}
 
   def tokens(self, batch):
-    return jnp.sum((batch['segment_ids'] > 0).astype(jnp.float32))
+    """Works on host (numpy) and device arrays alike."""
+    return (batch['segment_ids'] > 0).astype(np.float32).sum()
 
   def sums(self, model, params, batch, rng):
     def forward(module):

@@ -4,16 +4,18 @@ The model is transformers' own pretraining class for `config.model` (BertForPreT
 BertForMaskedLM without a pair head; RobertaForMaskedLM; AlbertForPreTraining, or
 AlbertForMaskedLM), float32, in train mode with the config's dropout, so that the ratio measures
 us against how transformers trains. It holds exactly our parameters (`parameter_count` equals
-research.models.encoder.count_params): like ours it drops out hidden states but not attention
+research.models.encoder.count_params, except for a pooler without a pair head, which the
+masked-LM classes leave out); like ours it drops out hidden states but not attention
 probabilities, and ALBERT's sentence-order head has no dropout of its own.
-Attention is 'sdpa' (`scaled_dot_product_attention`): faster than 'eager' on CPU at every shape
-we timed, by about a tenth at bert_tiny's and more as the model grows.
+Attention is 'sdpa' (`scaled_dot_product_attention`, transformers' default): on CPU it is a few
+percent faster than 'eager' at bert_tiny's shape (32 x 128) and about a tenth at length 512, and
+level with it at base size, where the dense layers dominate.
 The masked-LM loss reads `max_predictions` random positions per row, as ours does, but
 transformers projects every position onto the vocabulary and ignores the unlabelled ones (-100):
 that extra work is part of how transformers trains, and so part of the ratio.
-AdamW as our optimizer (no decay on biases and norms), constant learning rate, global-norm
-clipping. Needs `pip install -r requirements-bench.txt` (torch, transformers); never imported by
-the framework itself.
+AdamW with the config's settings and no decay on biases and norms (as BERT), at a constant
+learning rate, with global-norm clipping. Needs torch and transformers (`pip install -r
+requirements-test.txt`); never imported by the framework itself.
 """
 
 import torch

@@ -60,10 +60,14 @@ class TorchGPT(nn.Module):
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def make_trainer(model_config, batch_size, seq_len, lr, weight_decay, clip_norm):
+def make_trainer(config, batch_size, seq_len):
   """Returns run_steps(n) -> non-padding tokens trained, like research.bench's JAX side."""
+  if config.model.style != 'gpt2':
+    raise ValueError('The torch peer of the decoder implements the GPT-2 style only; use a gpt2 '
+                     'variant such as nanogpt_cpu.')
   torch.manual_seed(0)
-  m = model_config
+  m, o = config.model, config.optim
+  lr, weight_decay, clip_norm = o.lr, o.weight_decay, o.clip_norm
   model = TorchGPT(m.vocab_size, m.max_len, m.emb_dim, m.num_heads, m.num_layers, m.mlp_dim)
   decay = [p for p in model.parameters() if p.dim() >= 2]
   no_decay = [p for p in model.parameters() if p.dim() < 2]
