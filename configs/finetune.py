@@ -85,6 +85,6 @@ def _pretraining_config(model, arg):
   family, _, variant = model.partition('.')
   try:
     return importlib.import_module(f'configs.{family}').get_config(variant)
-  except ModuleNotFoundError:
+  except (ModuleNotFoundError, AttributeError):  # No such file, or a file without variants.
     raise ValueError(f'Unknown model {model!r} in {arg!r}; write FAMILY.VARIANT (e.g. '
                      'encoder.bert_tiny or decoder.tiny) or the path of a workdir.') from None

@@ -346,8 +346,8 @@ class BestKeeper:
 def read_params(directory, abstract_params):
   """(params, step) from the newest checkpoint in `directory`, restored into `abstract_params`
   (ShapeDtypeStructs with shardings) and checked against their checksums; the optimizer state
-  is not read. `abstract_params` may instead be a function of the saved parameters' structure
-  ({name: [shape, dtype]}) that returns the part of them to read."""
+  is not read. `abstract_params` may instead be a function of the checkpoint's record that returns
+  the part of the parameters to read."""
   if not os.path.isdir(directory):
     raise CheckpointError(f'{directory} does not exist; point at the workdir of a finished run.')
   source = Checkpointer(directory, keep=None)
@@ -361,8 +361,7 @@ def read_params(directory, abstract_params):
     with _io_failures_raise(unreadable):
       record = source.read_record(step)
     if callable(abstract_params):
-      abstract_params = abstract_params({k[len('.params'):]: v for k, v in
-                                         record['structure'].items() if k.startswith('.params')})
+      abstract_params = abstract_params(record)
     else:
       _check_structure(record, structure(abstract_params), record['settings'], directory,
                        params_only=True)
@@ -400,10 +399,15 @@ def _subtrees(names):
   return ', '.join(sorted({name.split("'")[1] for name in names})) or 'none'
 
 
-def restore_params(source_workdir, state, state_shardings):
+# Settings that decide what a parameter's name means: across them, equal names are no match.
+_LAYOUT_SETTINGS = ('model.family', 'model.scan_layers', 'model.share_layers')
+
+
+def restore_params(source_workdir, state, state_shardings, current_settings):
   """Warm start from the newest checkpoint under another run's workdir: every parameter whose
   name the source also holds (of the same shape) is taken from it, the rest (e.g. a new head)
-  keeps its fresh initialisation. Returns (state, step, description)."""
+  keeps its fresh initialisation. A source of another family or layer layout is refused.
+  Returns (state, step, description)."""
   directory = os.path.join(source_workdir, 'checkpoints')
   abstract = _abstract(state.params, state_shardings.params)
   expected = structure(abstract)
@@ -411,8 +415,15 @@ def restore_params(source_workdir, state, state_shardings):
             for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
   shared = set()
 
-  def shared_part(saved):
+  def shared_part(record):
     """The abstract tree of the parameters the checkpoint also holds."""
+    for key in _LAYOUT_SETTINGS:
+      there, here = record['settings'].get(key), current_settings.get(key)
+      if there != here:
+        raise CheckpointError(f'{source_workdir} was trained with {key}={there!r} but this run '
+                              f'has {here!r}; warm start from a run with the same {key}.')
+    saved = {k[len('.params'):]: v for k, v in record['structure'].items()
+             if k.startswith('.params')}
     shared.update(_matching(saved, expected, directory))
     subset = {}
     for name in shared:

@@ -62,7 +62,8 @@ def config_for_hf(hf_config):
   stored = hf_config.get('dtype') or hf_config.get('torch_dtype') or 'float32'
   config.model.dtype = 'bfloat16' if stored in ('bfloat16', 'float16') else 'float32'
   config.train.seq_len = min(config.train.seq_len, config.model.max_len)
-  if 'max_predictions' in config.objective:  # Masked LM: as many as the shorter rows allow.
+  if config.objective.name == 'mlm':  # Its pair task is the imported model's head, if any.
+    config.objective.pair = config.model.pair_head
     config.objective.max_predictions = min(config.objective.max_predictions, config.train.seq_len)
   config.train.sample_tokens = 0  # Its tokenizer is not ours: no text sample after training.
   return config
@@ -80,14 +81,26 @@ def from_hf(model_dir, workdir):
   hf_config, tensors = hf.read_model_dir(model_dir)
   generation_config = hf.read_generation_config(model_dir)
   config = config_for_hf(hf_config)
-  if os.path.isfile(os.path.join(model_dir, 'tokenizer.json')):  # Its text goes through it.
-    config.data.tokenizer = tokenizer_lib.HF_PREFIX + os.path.abspath(model_dir)
+  config.data.tokenizer = _hf_tokenizer(model_dir) or config.data.tokenizer
   config_lib.validate(config, jax.device_count())
   params = workdir_lib.family(config).hf_converter().params_from_hf(tensors, config.model)
   os.makedirs(workdir, exist_ok=True)
   hf.write_source(workdir, model_dir, hf_config, generation_config)
   write_workdir(config, params, workdir, data=dict(source='huggingface', model_dir=model_dir))
   return config
+
+
+def _hf_tokenizer(model_dir):
+  """data.tokenizer for the model's own tokenizer.json when our tokenizer interface reads it
+  (BERT, RoBERTa, ALBERT); None otherwise (text then goes in as ids, see research.sample)."""
+  name = tokenizer_lib.HF_PREFIX + os.path.abspath(model_dir)
+  if not os.path.isfile(os.path.join(model_dir, 'tokenizer.json')):
+    return None
+  try:
+    tokenizer_lib.get(name)
+  except ValueError:  # No [CLS]/[SEP]/[MASK]-like tokens: a decoder's tokenizer.
+    return None
+  return name
 
 
 def write_workdir(config, params, workdir, data):

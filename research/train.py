@@ -1,4 +1,4 @@
-"""Pretraining entry point.
+"""Training entry point: pretraining and fine-tuning, for every family and objective.
 
   python -m research.train --config configs/decoder.py:tiny --workdir /tmp/tiny \
       [--config.optim.lr=1e-3 ...]
@@ -42,12 +42,12 @@ class Trainer(NamedTuple):
   mesh: Mesh
   pipeline: pipeline_lib.Pipeline
   family: object  # The model family's module (research/models).
-  objective: object  # The objective's module (research/objectives).
+  objective: object  # The configured objective (research/objectives).
   model: object  # The family's linen module.
   state: train_state.TrainState
   state_shardings: train_state.TrainState
   train_step: Callable  # (state, batch, rng) -> (state, metrics), jitted, state donated.
-  eval_step: Callable  # (params, batch) -> loss sums, jitted.
+  eval_step: Callable  # (params, batch) -> the objective's totals, jitted.
   batch_shapes: dict
   batch_shardings: dict
   dropout_rng: jax.Array
@@ -122,7 +122,8 @@ def _start_up(config, trainer, checkpointer):
     return state, rng, f'resumed from step {int(state.step)} in {checkpointer.directory}'
   if config.checkpoint.init_from:
     state, _, description = checkpoint_lib.restore_params(
-        config.checkpoint.init_from, trainer.state, trainer.state_shardings)
+        config.checkpoint.init_from, trainer.state, trainer.state_shardings,
+        checkpoint_lib.settings(config))
     return state, trainer.dropout_rng, description
   return trainer.state, trainer.dropout_rng, 'fresh initialisation'
 

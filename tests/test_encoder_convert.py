@@ -4,6 +4,7 @@ same outputs; the workdir in between resumes training."""
 
 import pytest
 import torch
+import transformers
 from safetensors.numpy import load_file
 
 import runs
@@ -14,11 +15,17 @@ def _convert(*args):
   return runs.command('research.convert', *args)
 
 
+def _bert_masked_lm():
+  """What bert-base-uncased declares: BertForMaskedLM, no sentence-pair head."""
+  config = HF_MODELS['bert']().config
+  return transformers.BertForMaskedLM(config)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('style', ['bert', 'roberta', 'albert'])
+@pytest.mark.parametrize('style', ['bert', 'roberta', 'albert', 'bert_masked_lm'])
 def test_from_hf_then_to_hf_round_trips_bitwise(style, tmp_path):
   torch.manual_seed(0)
-  model = HF_MODELS[style]().eval()
+  model = (_bert_masked_lm if style == 'bert_masked_lm' else HF_MODELS[style])().eval()
   model.save_pretrained(tmp_path / 'hf')
   runs.ok(_convert('from_hf', '--model_dir', str(tmp_path / 'hf'), '--workdir',
                    str(tmp_path / 'ours')))

@@ -142,6 +142,27 @@ def test_bad_labelled_data_is_one_sentence(tmp_path, rows, fields, overrides, fr
   assert fragment in message and '\n' not in message and message.endswith('.'), message
 
 
+def test_unreadable_files_and_a_small_vocabulary_are_one_sentence(tmp_path):
+  path = tmp_path / 'latin1.csv'
+  path.write_bytes(b'text,label\ncaf\xe9,1\n')
+  config = _config('csv', train_path=str(path), validation_path=str(path))
+  with pytest.raises(labeled.DataError, match=r'is not a readable UTF-8 csv file'):
+    pipeline_lib.build(config)
+  good = str(_write_csv(tmp_path / 'good.csv', [dict(text='x', label=1)]))
+  small = _config('csv', model='decoder.nanogpt_cpu', train_path=good, validation_path=good)
+  with pytest.raises(labeled.DataError, match=r'tokens but model.vocab_size=65; raise'):
+    pipeline_lib.build(small)
+
+
+def test_a_model_with_one_token_type_gives_pairs_type_zero():
+  config = _config('csv', model='encoder.roberta_base')
+  transform = objectives.build(config).transform(TOKENIZER)
+  row = transform.row((TOKENIZER.encode('one'), TOKENIZER.encode('two'), 1))
+  assert not row['token_types'].any()
+  bert = objectives.build(_config('csv')).transform(TOKENIZER)
+  assert bert.row((TOKENIZER.encode('one'), TOKENIZER.encode('two'), 1))['token_types'].any()
+
+
 def test_a_bad_data_file_stops_the_command_with_one_sentence(tmp_path):
   path = _write_csv(tmp_path / 'bad.csv', [dict(text='x', label=2)])
   result = runs.command('research.train', '--config', 'configs/finetune.py:csv', '--workdir',

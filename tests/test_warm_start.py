@@ -48,7 +48,8 @@ def test_warm_start_loads_the_body_and_initialises_a_new_head(tmp_path):
   _save(source, source_config, str(tmp_path / 'source'))
   target = _trainer(_config('nsp', seed=2))
   state, step, description = checkpoint_lib.restore_params(
-      str(tmp_path / 'source'), target.state, target.state_shardings)
+      str(tmp_path / 'source'), target.state, target.state_shardings,
+      checkpoint_lib.settings(_config('nsp')))
   assert step == 7
   assert 'initialised 4 afresh (pair_head, pooler)' in description, description
   loaded, fresh, before = _flat(state.params), _flat(source.state.params), _flat(
@@ -66,6 +67,20 @@ def test_warm_start_from_another_width_is_one_sentence(tmp_path):
   _save(_trainer(source_config), source_config, str(tmp_path / 'source'))
   target = _trainer(_config('nsp'))
   with pytest.raises(checkpoint_lib.CheckpointError) as error:
-    checkpoint_lib.restore_params(str(tmp_path / 'source'), target.state, target.state_shardings)
+    checkpoint_lib.restore_params(str(tmp_path / 'source'), target.state, target.state_shardings,
+                                  checkpoint_lib.settings(_config('nsp')))
   message = str(error.value)
   assert message.startswith('Parameter [') and 'has shape [' in message and '\n' not in message
+
+
+def test_warm_start_from_another_family_or_layer_layout_is_one_sentence(tmp_path):
+  source_config = _config('none')
+  _save(_trainer(source_config), source_config, str(tmp_path / 'source'))
+  for key, value in (('family', 'decoder'), ('scan_layers', False)):
+    settings = checkpoint_lib.settings(_config('nsp'))
+    settings[f'model.{key}'] = value
+    target = _trainer(_config('nsp'))
+    with pytest.raises(checkpoint_lib.CheckpointError) as error:
+      checkpoint_lib.restore_params(str(tmp_path / 'source'), target.state,
+                                    target.state_shardings, settings)
+    assert f'was trained with model.{key}=' in str(error.value)

@@ -33,7 +33,7 @@ def _where(path, row):
 
 
 def _read_csv(path):
-  with open(path, newline='', encoding='utf-8') as f:
+  with open(path, newline='', encoding='utf-8-sig') as f:  # A spreadsheet's byte-order mark too.
     reader = csv.DictReader(f)
     columns = reader.fieldnames or []
     return columns, [(i + 2, dict(r)) for i, r in enumerate(reader)]  # Line numbers (1 = header).
@@ -63,7 +63,7 @@ def _label(value, where, num_labels, field):
     label = int(value)
     if isinstance(value, float) and value != label or isinstance(value, bool):
       raise ValueError
-  except (TypeError, ValueError):
+  except (TypeError, ValueError, OverflowError):
     raise DataError(f'The {field!r} of {where} is {value!r}, not an integer class id; write '
                     f'labels as integers in [0, {num_labels - 1}].') from None
   if not 0 <= label < num_labels:
@@ -118,7 +118,11 @@ def _local_split(path, d, num_labels):
   for file in matches:
     with open(file, 'rb') as f:
       digest.update(f.read())
-    columns, records = (_read_csv if d.source == 'csv' else _read_jsonl)(file)
+    try:
+      columns, records = (_read_csv if d.source == 'csv' else _read_jsonl)(file)
+    except (UnicodeDecodeError, csv.Error) as error:
+      raise DataError(f'{file} is not a readable UTF-8 {d.source} file ({error}); fix or convert '
+                      'it.') from None
     examples += _records_to_examples(records, columns, file, d, num_labels)
   return examples, digest.hexdigest()
 
@@ -142,8 +146,9 @@ def _tfds_split(d, split, num_labels):
                     f'{d.tfds_name} there, or set data.data_dir.')
   builder = tfds.builder_from_directory(directory)
   if split not in builder.info.splits:
+    setting = 'set data.validation_split' if split != 'train' else 'prepare its train split'
     raise DataError(f'TFDS dataset {d.tfds_name} has no split {split!r} (it has '
-                    f'{sorted(builder.info.splits)}); set data.validation_split.')
+                    f'{sorted(builder.info.splits)}); {setting}.')
   source = builder.as_data_source(split=split)
   columns = list(builder.info.features.keys())
   records = ((i, source[i]) for i in range(len(source)))
@@ -173,7 +178,6 @@ class LabeledRows:
   def __init__(self, examples, tokenizer, seed, shuffle, transform):
     self.examples = [(tokenizer.encode(text), None if pair is None else tokenizer.encode(pair),
                       label) for text, pair, label in examples]
-    self.tokens = np.concatenate([e[0] for e in self.examples])
     self.seed, self.shuffle, self.transform = seed, shuffle, transform
     self._orders = {}
 

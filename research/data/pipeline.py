@@ -136,10 +136,22 @@ class _MarkovRows:
     return self.source.rows(start, stop, self.seq_len, self.split)
 
 
+def _tokenizer(config):
+  """config.data.tokenizer, checked against the model's vocabulary."""
+  try:
+    tokenizer = tokenizer_lib.get(config.data.tokenizer)
+  except ValueError as error:
+    raise DataError(str(error)) from None
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise DataError(f'The {config.data.tokenizer!r} tokenizer has {tokenizer.vocab_size} tokens '
+                    f'but model.vocab_size={config.model.vocab_size}; raise model.vocab_size.')
+  return tokenizer
+
+
 def _labeled(config, objective):
   """A pipeline of labelled examples (fine-tuning), one example per row."""
   t = config.train
-  tokenizer = tokenizer_lib.get(config.data.tokenizer)
+  tokenizer = _tokenizer(config)
   examples, fingerprint = labeled.read(config)
   transform = objective.transform(tokenizer)
   rows = {split: labeled.LabeledRows(examples[split], tokenizer, config.seed, split == 'train',
@@ -172,10 +184,7 @@ def _build(config):
                     _MarkovRows(source, 'validation', t.seq_len),
                     vocabulary, record, config.seed)
 
-  tokenizer = tokenizer_lib.get(d.tokenizer)
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise DataError(f'The {d.tokenizer!r} tokenizer has {tokenizer.vocab_size} tokens but '
-                    f'model.vocab_size={config.model.vocab_size}; raise model.vocab_size.')
+  tokenizer = _tokenizer(config)
   if d.source == 'stdlib':
     files = [f for f in local_text.resolve_files(corpus.stdlib_sources())
              if corpus.is_stdlib_file(f[1])]

@@ -206,6 +206,8 @@ def hf_converter():
   """The module that converts this family to and from Hugging Face tensors and configs."""
   from research import hf  # Imported on use: only conversion needs safetensors.
   return hf
+
+
 STYLES = ('gpt2', 'llama')
 
 

@@ -81,6 +81,13 @@ def cross_entropy_sums(logits, targets, weights):
               correct=jnp.sum(correct * weights))
 
 
+def token_types(model_config):
+  """How many token types (sentence A/B) the model embeds: 0 for a family without them (the
+  decoder). The second sentence of a pair takes type 1 only when there are two (RoBERTa has one,
+  and gives both sentences type 0)."""
+  return model_config.type_vocab_size if 'type_vocab_size' in model_config else 0
+
+
 def apply(model, params, rng, *args, method=None):
   """model.apply with dropout when `rng` is given (training) and without it otherwise; `method`
   may be a function of the bound module (to run the body and several heads in one apply)."""

@@ -28,6 +28,12 @@ def check_config(config, family):
   if config.data.source not in labeled.SOURCES:
     raise ValueError(f'objective.name=classification reads labelled examples; set data.source '
                      f'to one of {list(labeled.SOURCES)} (it is {config.data.source!r}).')
+  missing = [k for k in ('train_path', 'validation_path', 'tfds_name', 'validation_split',
+                         'text_field', 'pair_field', 'label_field') if k not in config.data]
+  if missing:
+    raise ValueError(f'objective.name=classification needs the data settings of '
+                     f'configs/finetune.py (data.{missing[0]} is missing); start from --config '
+                     'configs/finetune.py:TASK.')
   if config.train.seq_len < 3:
     raise ValueError(f'train.seq_len={config.train.seq_len} leaves no room for [CLS] text '
                      '[SEP]; use at least 3.')
@@ -36,8 +42,8 @@ def check_config(config, family):
 class Transform:
   """(text ids, pair ids or None, label) -> one row; None -> a padding row of weight 0."""
 
-  def __init__(self, tokenizer, seq_len):
-    self.tokenizer, self.seq_len = tokenizer, seq_len
+  def __init__(self, tokenizer, seq_len, pair_type=1):
+    self.tokenizer, self.seq_len, self.pair_type = tokenizer, seq_len, pair_type
 
   def row(self, example):
     t, n = self.tokenizer, self.seq_len
@@ -58,7 +64,7 @@ class Transform:
     row['tokens'][0, :length] = ids
     row['positions'][0, :length] = np.arange(length)
     row['segment_ids'][0, :length] = 1
-    row['token_types'][0, len(text) + 2:length] = 1
+    row['token_types'][0, len(text) + 2:length] = self.pair_type
     return dict(row, label=np.full(1, label, np.int32), label_weight=np.ones(1, np.float32))
 
 
@@ -67,6 +73,7 @@ class Objective:
   def __init__(self, config):
     self.config = config
     self.num_labels = config.model.num_labels
+    self.types = objectives.token_types(config.model)
 
   def fields(self, seq_len):
     fields = objectives.token_fields(seq_len, _TOKEN_FIELDS)
@@ -75,7 +82,7 @@ class Objective:
     return fields
 
   def transform(self, tokenizer):
-    return Transform(tokenizer, self.config.train.seq_len)
+    return Transform(tokenizer, self.config.train.seq_len, pair_type=int(self.types > 1))
 
   def counts(self, batch):
     return {TERM: jnp.sum(batch['label_weight'])}
@@ -87,7 +94,7 @@ class Objective:
   def sums(self, model, params, batch, rng):
     def forward(module):
       inputs = [batch['tokens'], batch['positions'], batch['segment_ids']]
-      if hasattr(module.spec, 'type_vocab_size'):  # Encoders embed sentence A/B; decoders not.
+      if self.types:  # Encoders embed sentence A/B; decoders do not.
         inputs.append(batch['token_types'])
       hidden = module(*inputs)
       return module.classify(hidden, batch['segment_ids'])
@@ -123,8 +130,9 @@ class Objective:
     from research.data import tokenizer as tokenizer_lib
     c = self.config
     tokenizer = tokenizer_lib.get(c.data.tokenizer)
-    transform = Transform(tokenizer, c.train.seq_len)
-    rows = [transform.row((rng.integers(3, 259, c.train.seq_len), None,
+    transform = self.transform(tokenizer)
+    text = np.setdiff1d(np.arange(tokenizer.vocab_size), tokenizer.special_ids)
+    rows = [transform.row((rng.choice(text, c.train.seq_len), None,
                            int(rng.integers(self.num_labels)))) for _ in range(c.train.batch_size)]
     return {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
 

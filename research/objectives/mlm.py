@@ -54,6 +54,11 @@ def check_config(config, family):
   if not 1 <= o.max_predictions <= t.seq_len:
     raise ValueError(f'objective.max_predictions={o.max_predictions} must lie in [1, '
                      f'train.seq_len={t.seq_len}] (about 15% of seq_len, e.g. 20 at 128).')
+  chosen = round(o.mask_rate * (t.seq_len - 2))
+  if o.max_predictions < chosen:
+    raise ValueError(f'objective.max_predictions={o.max_predictions} is fewer than the about '
+                     f'{chosen} tokens objective.mask_rate={o.mask_rate} chooses in rows of '
+                     f'train.seq_len={t.seq_len}; raise it (BERT: 20 at 128, 80 at 512).')
   if t.seq_len < 5:
     raise ValueError(f'train.seq_len={t.seq_len} leaves no room for [CLS] A [SEP] B [SEP]; '
                      'use at least 5.')
@@ -69,6 +74,7 @@ class Transform:
     self.mask_share, self.random_share = o.mask_token_rate, o.random_token_rate
     self.dynamic, self.whole_word = o.dynamic_masking, o.whole_word
     self.tokenizer = tokenizer
+    self.pair_type = int(objectives.token_types(config.model) > 1)
     self.special = np.asarray(tokenizer.special_ids)
     # Random replacements are text tokens, never special ones.
     self.text_ids = np.setdiff1d(np.arange(tokenizer.vocab_size), self.special)
@@ -105,7 +111,7 @@ class Transform:
       second = self._other_document_text(index, max(len(second), 1), rng, split)
     ids = np.concatenate([[t.cls_id], first, [t.sep_id], second, [t.sep_id]]).astype(np.int32)
     types = np.zeros(len(ids), np.int32)
-    types[len(first) + 2:] = 1
+    types[len(first) + 2:] = self.pair_type
     return ids, types, int(negative)
 
   def _other_document_text(self, index, length, rng, split):
@@ -128,9 +134,9 @@ class Transform:
       return np.sort(rng.permutation(candidates)[:count])
     words = self.tokenizer.word_ids(ids[candidates])
     chosen = []
-    for word in rng.permutation(words[-1] + 1):  # Whole words while they fit the budget.
+    for word in rng.permutation(words[-1] + 1):  # Whole words while they fit the budget...
       members = candidates[words == word]
-      if len(chosen) + len(members) <= count:
+      if len(chosen) + len(members) <= count or not chosen:  # ...and at least one word.
         chosen.extend(members)
     return np.sort(np.asarray(chosen, np.int64))
 

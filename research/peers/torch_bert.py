@@ -15,7 +15,7 @@ transformers projects every position onto the vocabulary and ignores the unlabel
 that extra work is part of how transformers trains, and so part of the ratio.
 AdamW with the config's settings and no decay on biases and norms (as BERT), at a constant
 learning rate, with global-norm clipping. Needs torch and transformers (`pip install -r
-requirements-test.txt`); never imported by the framework itself.
+requirements-bench.txt`); never imported by the framework itself.
 """
 
 import torch
@@ -101,6 +101,9 @@ def _train_step(model, optimizer, batch, clip_norm):
 
 def make_trainer(config, batch_size, seq_len):
   """Returns run_steps(n) -> non-padding tokens trained, like research.bench's JAX side."""
+  if config.objective.name != 'mlm':
+    raise ValueError('The torch peer of the encoder pretrains with masked LM; benchmark a '
+                     'configs/encoder.py variant.')
   torch.manual_seed(0)
   model = _build(config.model)
   optimizer = _optimizer(model, config.optim)
