@@ -179,7 +179,12 @@ def expected_shapes(names, m):
 def check_tensors(tensors, m):
   """Raises ConversionError naming the first tensor that is missing, unexpected, or of another
   shape than config.json implies: a reshape would fail on it, or silently scramble it."""
-  required, optional = expected_shapes(tensors, m)
+  check_shapes(tensors, *expected_shapes(tensors, m), m.style)
+
+
+def check_shapes(tensors, required, optional, style):
+  """The check behind every family's check_tensors: each required tensor present, none
+  unknown, each of the shape config.json implies."""
   missing = sorted(set(required) - set(tensors))
   if missing:
     raise ConversionError(f'The Hugging Face weights lack tensor {missing[0]}; use the config.json '
@@ -187,7 +192,7 @@ def check_tensors(tensors, m):
   for name in sorted(tensors):
     want = required.get(name, optional.get(name))
     if want is None:
-      raise ConversionError(f'The Hugging Face weights hold tensor {name}, which a {m.style} '
+      raise ConversionError(f'The Hugging Face weights hold tensor {name}, which a {style} '
                             'model of this config.json does not have; use the config.json the '
                             'weights were saved with.')
     if tuple(tensors[name].shape) != want:

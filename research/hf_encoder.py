@@ -13,6 +13,7 @@ import numpy as np
 
 from research import models
 from research.hf import ConversionError
+from research.hf import check_shapes
 from research.hf import _contiguous
 from research.hf import _field
 from research.hf import _unsupported
@@ -312,21 +313,7 @@ def check_tensors(tensors, m):
     raise ConversionError(f'The Hugging Face weights hold no masked-LM head ({head} and the rest '
                           f'of it); convert a {" or ".join(_masked_lm_classes(m.style))} '
                           'checkpoint.')
-  required, optional = expected_shapes(tensors, m)
-  missing = sorted(set(required) - set(tensors))
-  if missing:
-    raise ConversionError(f'The Hugging Face weights lack tensor {missing[0]}; use the config.json '
-                          'the weights were saved with.')
-  for name in sorted(tensors):
-    want = required.get(name, optional.get(name))
-    if want is None:
-      raise ConversionError(f'The Hugging Face weights hold tensor {name}, which a {m.style} '
-                            'model of this config.json does not have; use the config.json the '
-                            'weights were saved with.')
-    if tuple(tensors[name].shape) != want:
-      raise ConversionError(f'Hugging Face tensor {name} has shape {list(tensors[name].shape)} '
-                            f'but config.json implies {list(want)}; use the config.json and '
-                            'weights of one model, saved by transformers.')
+  check_shapes(tensors, *expected_shapes(tensors, m), m.style)
 
 
 def _set(tree, path, value):

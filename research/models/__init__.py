@@ -16,11 +16,27 @@ A family module provides
 """
 
 import importlib
+import math
 
 FAMILIES = {
     'decoder': 'research.models.decoder',
     'encoder': 'research.models.encoder',
 }
+
+
+def abstract_params_of(model, init_inputs):
+  """The parameter tree of a family's `model` as ShapeDtypeStructs (nothing is allocated)."""
+  import jax  # Imported on use: the registry itself stays light.
+  from flax import linen as nn
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **init_inputs,
+                                             method='initialize'))
+  return nn.meta.unbox(shapes)['params']
+
+
+def size(tree):
+  """The number of parameters in a tree of arrays or ShapeDtypeStructs."""
+  import jax
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def get(name):

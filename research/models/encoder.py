@@ -15,13 +15,13 @@ masked-LM head only to the positions it predicts.
 
 import dataclasses
 import functools
-import math
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from research import models
 from research.models import layers
 from research.partitioning import constrain
 
@@ -356,15 +356,12 @@ def init_inputs(seq_len):
 
 def abstract_params(model_config):
   """The parameter tree as ShapeDtypeStructs (no memory is allocated)."""
-  model = build(model_config)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **init_inputs(8),
-                                             method='initialize'))
-  return nn.meta.unbox(shapes)['params']
+  return models.abstract_params_of(build(model_config), init_inputs(8))
 
 
 def count_params(model_config):
   """Exact parameter count."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(model_config)))
+  return models.size(abstract_params(model_config))
 
 
 # Model FLOPs for MFU (training = 3x forward, a multiply-add = 2 FLOPs), split so that an
