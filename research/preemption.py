@@ -6,6 +6,7 @@ Ctrl-C or SIGTERM ends the process at once (the last finished checkpoint is kept
 atomic). Agreement on the stopping step across hosts belongs to the multi-host runtime.
 """
 
+import os
 import signal
 import sys
 import threading
@@ -31,8 +32,13 @@ class StopRequest:
 
   def _handle(self, number, frame):
     del frame
+    if self.signal is not None:  # A second signal before the defaults were back: exit at once.
+      signal.signal(number, signal.SIG_DFL)
+      os.kill(os.getpid(), number)
+      return
     self.signal = signal.Signals(number).name
-    for s in _SIGNALS:
-      signal.signal(s, signal.SIG_DFL)
+    # Said before the defaults return, so that a quick second signal cannot cut the message off.
     print(f'\n{self.signal} received: stopping after the current step once its checkpoint is '
           'saved (Ctrl-C again exits at once).', file=sys.stderr, flush=True)
+    for s in _SIGNALS:
+      signal.signal(s, signal.SIG_DFL)
