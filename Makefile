@@ -5,10 +5,13 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup test test-fast demo bench clean
 
-$(VENV)/.runtime: requirements.txt
+# The project itself is installed editable (pyproject.toml), so that tests and every worker of
+# a multi-host job import the same package without path edits.
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
@@ -20,7 +23,7 @@ setup: $(VENV)/.test
 # Both tiers: the fast one first (a few minutes), then the end-to-end `slow` runs. Test files run
 # in parallel (pytest-xdist), each file on one worker so that its fixtures are built once.
 WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(WORKERS) --dist loadfile --durations=15
 
 test: $(VENV)/.test
 	$(PYTEST) -m "not slow" tests

@@ -19,7 +19,12 @@ def base_config(variant, shape, source='stdlib'):
   config.mesh = ml_collections.ConfigDict(dict(
       data=-1,  # -1: whatever devices the other axes leave.
       fsdp=1,
+      sequence=1,  # Shards activations along the sequence (long contexts).
       tensor=1,
+      # Of each size above, how many shards lie in different slices (TPU slices, or hosts on
+      # GPU and CPU), talking over the data-centre network; the product is the slice count.
+      dcn_data=1,
+      dcn_fsdp=1,
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
@@ -58,6 +63,17 @@ def base_config(variant, shape, source='stdlib'):
       # kept in <workdir>/best, beside the latest checkpoints; '' keeps only the latest.
       best_metric='',
       best_mode='max',  # max | min: which values of best_metric are better.
+  ))
+
+  config.watchdog = ml_collections.ConfigDict(dict(
+      # A step slower than slow_factor x the median recent step (and than slow_min_s) makes
+      # every process write its Python stacks to stderr.
+      slow_factor=10.0,
+      slow_min_s=30.0,
+      exit_after_s=3600.0,  # A step this long ends the process with code 1; 0 never does.
+      # A process silent this long is declared lost by the multi-host runtime, which then ends
+      # every other process with an error naming it.
+      peer_timeout_s=100,
   ))
 
   config.train = ml_collections.ConfigDict(dict(

@@ -59,7 +59,7 @@ def _model_defaults():
       dtype='bfloat16',  # Compute dtype; softmax and loss always run in float32.
       param_dtype='float32',
       scan_layers=True,
-      remat='dots',  # none | full | dots (save weight-matmul outputs, recompute the rest).
+      remat='dots',  # none | full | dots | minimal | offload (research/models/layers.py).
       attention='auto',  # auto | explicit | xla | cudnn (research/models/attention.py).
       num_labels=0,  # > 0: a sequence-classification head (configs/finetune.py).
   ))

@@ -71,7 +71,7 @@ def _model_defaults():
       dtype='bfloat16',  # Compute dtype; softmax, norms and the loss run in float32.
       param_dtype='float32',
       scan_layers=True,
-      remat='dots',  # none | full | dots
+      remat='dots',  # none | full | dots | minimal | offload (research/models/layers.py)
       attention='auto',  # auto | explicit | xla | cudnn (research/models/attention.py).
       share_layers=False,  # ALBERT: one block's parameters applied num_layers times.
       pooler=True,  # tanh(dense(first token)) for sentence-level heads.

@@ -22,7 +22,9 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from research import mesh as mesh_lib
 from research import models
+from research.models import layers
 from research import objectives
 from research.data import labeled
 from research.data import tokenizer as tokenizer_lib
@@ -134,24 +136,14 @@ def parse_command_flags(argv, names, foreign):
                        f'{", --".join(names)}).')
 
 
-def _resolve_mesh_shape(mesh, num_devices):
-  sizes = {'data': mesh.data, 'fsdp': mesh.fsdp, 'tensor': mesh.tensor}
-  auto = [name for name, size in sizes.items() if size == -1]
-  if len(auto) > 1:
-    raise ConfigError(f'Only one mesh axis may be -1, got {auto}; set the others to explicit sizes.')
-  if any(size == 0 or size < -1 for size in sizes.values()):
-    raise ConfigError(f'Mesh axis sizes must be positive or -1, got {sizes}.')
-  fixed = math.prod(size for size in sizes.values() if size != -1)
-  if auto:
-    if num_devices % fixed:
-      raise ConfigError(f'The mesh axes {sizes} leave no whole size for {auto[0]!r} on {num_devices} '
-                        f'devices; make the fixed axes multiply to a divisor of {num_devices}.')
-    sizes[auto[0]] = num_devices // fixed
-  if math.prod(sizes.values()) != num_devices:
-    raise ConfigError(f'The mesh {sizes} has {math.prod(sizes.values())} devices but '
-                      f'{num_devices} are available; make data*fsdp*tensor equal {num_devices} '
-                      'or set one axis to -1.')
-  return sizes
+def mesh_sizes(config):
+  """{axis: size} of config.mesh (one may be -1)."""
+  return {axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES}
+
+
+def dcn_sizes(config):
+  """{axis: slices} for the axes that may span slices (config.mesh.dcn_<axis>)."""
+  return {axis: config.mesh[f'dcn_{axis}'] for axis in mesh_lib.DCN_AXES}
 
 
 def validate(config, num_devices):
@@ -165,7 +157,7 @@ def validate(config, num_devices):
   choices = {
       'model.dtype': (m.dtype, ('float32', 'bfloat16')),
       'model.param_dtype': (m.param_dtype, ('float32', 'bfloat16')),
-      'model.remat': (m.remat, ('none', 'full', 'dots')),
+      'model.remat': (m.remat, tuple(layers.REMAT_POLICIES)),
       'model.attention': (m.attention, ('auto', 'explicit', 'xla', 'cudnn')),
       'optim.name': (o.name, ('adamw', 'adafactor', 'lion')),
       'optim.decay': (o.decay, ('cosine', 'linear', 'rsqrt', 'constant')),
@@ -194,6 +186,13 @@ def validate(config, num_devices):
   for key, value in {'seed': config.seed, 'optim.clip_norm': o.clip_norm}.items():
     if value < 0:
       raise ConfigError(f'config.{key} must not be negative, got {value}.')
+  w = config.watchdog
+  if w.slow_factor <= 1 or w.slow_min_s < 0 or w.exit_after_s < 0 or w.peer_timeout_s < 1:
+    raise ConfigError(f'config.watchdog needs slow_factor > 1, slow_min_s >= 0, exit_after_s >= 0 '
+                      f'and peer_timeout_s >= 1, got {w.to_dict()}.')
+  if m.remat == 'offload' and jax.default_backend() == 'cpu':
+    raise ConfigError("config.model.remat='offload' keeps activations in pinned host memory, "
+                      "which needs a GPU or TPU; use 'dots' or 'full' on CPU.")
   if not 0 <= m.dropout_rate < 1:
     raise ConfigError(f'config.model.dropout_rate={m.dropout_rate} must lie in [0, 1).')
   try:
@@ -222,16 +221,26 @@ def validate(config, num_devices):
   if not 1 <= config.data.validation_percent <= 50:
     raise ConfigError(f'data.validation_percent={config.data.validation_percent} must lie in '
                       '[1, 50].')
-  mesh = _resolve_mesh_shape(config.mesh, num_devices)
-  batch_shards = mesh['data'] * mesh['fsdp']
+  dcn = dcn_sizes(config)
+  try:
+    mesh = mesh_lib.resolve_shape(mesh_sizes(config), dcn, num_devices,
+                                  mesh_lib.num_granules() if math.prod(dcn.values()) > 1 else 1)
+  except mesh_lib.MeshError as error:
+    raise ConfigError(str(error)) from None
+  batch_shards = math.prod(mesh[axis] for axis in mesh_lib.BATCH_AXES)
   if t.batch_size % (batch_shards * o.grad_accum_steps):
     raise ConfigError(f'train.batch_size={t.batch_size} must divide evenly over the data axes '
-                      f'(data*fsdp={batch_shards}) times optim.grad_accum_steps='
+                      f'({"*".join(mesh_lib.BATCH_AXES)}={batch_shards}) times optim.grad_accum_steps='
                       f'{o.grad_accum_steps}; use a multiple of {batch_shards * o.grad_accum_steps}.')
   heads = family.sharded_heads(m)
-  if any(count % mesh['tensor'] for count in heads.values()):
-    raise ConfigError(f'mesh.tensor={mesh["tensor"]} must divide '
+  tensor = mesh[mesh_lib.TENSOR]
+  if any(count % tensor for count in heads.values()):
+    raise ConfigError(f'mesh.{mesh_lib.TENSOR}={tensor} must divide '
                       + ' and '.join(f'{name} ({count})' for name, count in heads.items()) + '.')
+  sequence = mesh[mesh_lib.SEQUENCE]
+  if t.seq_len % sequence:
+    raise ConfigError(f'train.seq_len={t.seq_len} must divide evenly over mesh.'
+                      f'{mesh_lib.SEQUENCE}={sequence}.')
   return mesh
 
 

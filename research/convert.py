@@ -6,7 +6,11 @@ Llama (decoder), BERT, RoBERTa and ALBERT (encoder).
       state) that research.train resumes from and research.sample reads;
   python -m research.convert to_hf --workdir DIR --out HF_DIR [--overwrite]
       writes the newest checkpoint of a run as a directory that `transformers` loads, in the
-      checkpoint's dtype, with the special-token ids and a generation_config.json.
+      checkpoint's dtype, with the special-token ids and a generation_config.json;
+  python -m research.convert layout --workdir DIR --out NEW_DIR
+      writes the newest checkpoint of a run (parameters, optimizer state, data position) as a
+      new workdir in the other layer layout (model.scan_layers flipped: stacked <-> per layer);
+      training resumes there exactly, with --config.model.scan_layers set to the new value.
 
 Every input is checked before anything is converted; a bad one stops with one sentence.
 """
@@ -15,12 +19,14 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 from absl import flags
 
 from research import checkpoint as checkpoint_lib
 from research import config as config_lib
 from research import hf
+from research import layout
 from research import mesh as mesh_lib
 from research import models
 from research import optim
@@ -29,12 +35,14 @@ from research import workdir as workdir_lib
 from research.data import tokenizer as tokenizer_lib
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'Hugging Face model directory (from_hf).')
-_OUT = flags.DEFINE_string('out', None, 'Output Hugging Face directory (to_hf).')
+_OUT = flags.DEFINE_string('out', None, 'Output directory: a Hugging Face model (to_hf) or a new '
+                           'workdir (layout).')
 _OVERWRITE = flags.DEFINE_boolean('overwrite', False, 'to_hf: replace config.json, '
                                   'generation_config.json and model.safetensors in a non-empty '
                                   '--out.')
 
-_COMMANDS = {'from_hf': ('model_dir', 'workdir'), 'to_hf': ('workdir', 'out', 'overwrite')}
+_COMMANDS = {'from_hf': ('model_dir', 'workdir'), 'to_hf': ('workdir', 'out', 'overwrite'),
+             'layout': ('workdir', 'out')}
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
@@ -107,7 +115,7 @@ def write_workdir(config, params, workdir, data):
   """Saves layer-stacked numpy `params` in `workdir` as step 0 of a run of `config` (resolved
   config, environment record with `data`, checkpoint with a fresh optimizer state)."""
   if not config.model.scan_layers:
-    params = hf.unstack_layers(params, workdir_lib.family(config).param_layers(config.model))
+    params = layout.unstack(params, workdir_lib.family(config).param_layers(config.model))
   mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
   family = workdir_lib.family(config)
   model = family.build(config.model)
@@ -179,33 +187,79 @@ def to_hf(workdir, out_dir, overwrite=False):
     raise hf.ConversionError(f'model.family={config.model.family!r} has no Hugging Face '
                              'converter.')
   # np.asarray keeps the checkpoint's dtype (bfloat16 too, as an ml_dtypes array).
-  params = hf.stack_layers(jax.tree.map(np.asarray, params), family.param_layers(config.model))
+  params = layout.stack(jax.tree.map(np.asarray, params), family.param_layers(config.model))
   # The model's own fields win (RoBERTa's pad_token_id sets its position offset).
   hf.write_model_dir(out_dir, dict(ids, **converter().hf_config_from_model(config.model)),
                      converter().params_to_hf(params, config.model),
                      generation_config if getattr(family, 'GENERATES_TEXT', False) else None)
 
 
+def change_layout(workdir, out_dir):
+  """The newest checkpoint of `workdir` into a new workdir `out_dir` in the other layer layout;
+  returns the new config."""
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise hf.ConversionError(f'--out {out_dir} is not empty; pass a new or empty folder for the '
+                             'converted run.')
+  _check_out(workdir, out_dir, overwrite=False)
+  config = workdir_lib.load_config(workdir)
+  family = workdir_lib.family(config)
+  source = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None)
+  try:
+    if source.latest_step() is None:
+      raise checkpoint_lib.CheckpointError(f'{workdir} holds no finished checkpoint.')
+    mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
+    tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+    abstract, shardings = train_state.abstract(family.build(config.model), tx, mesh,
+                                               family.init_inputs(config.train.seq_len))
+    state, record = source.restore(abstract, shardings, checkpoint_lib.settings(config))
+  finally:
+    source.close()
+  new = ml_collections.ConfigDict(config.to_dict())
+  new.model.scan_layers = not config.model.scan_layers
+  state = layout.convert(state, family.param_layers(config.model), new.model.scan_layers)
+  tx, _ = optim.make_optimizer(new.optim, new.train.num_steps)
+  new_abstract, new_shardings = train_state.abstract(family.build(new.model), tx, mesh,
+                                                     family.init_inputs(new.train.seq_len))
+  _check_tree(state.params, new_abstract.params)
+  state = jax.device_put(state, new_shardings)
+  config_lib.record_run(new, out_dir, data=dict(source='layout', workdir=workdir))
+  target = checkpoint_lib.Checkpointer(os.path.join(out_dir, 'checkpoints'), keep=None)
+  try:
+    target.save(record['step'], state, checkpoint_lib.make_record(
+        record['step'], checkpoint_lib.rng_from_record(record), record['data'], new))
+    target.wait()
+  finally:
+    target.close()
+  return new
+
+
 def main(argv):
   try:
     command = argv[1] if len(argv) > 1 else None
     if command not in _COMMANDS:
-      raise ValueError('Pass a command first: from_hf --model_dir HF_DIR --workdir OUT, or to_hf '
-                       '--workdir DIR --out HF_DIR [--overwrite].')
+      raise ValueError('Pass a command first: from_hf --model_dir HF_DIR --workdir OUT, to_hf '
+                       '--workdir DIR --out HF_DIR [--overwrite], or layout --workdir DIR --out '
+                       'NEW_DIR.')
     names = _COMMANDS[command]
     other = {n for c in _COMMANDS.values() for n in c} - set(names)
     config_lib.parse_command_flags([argv[0]] + argv[2:], names,
-                                   sorted(other) + ['config', 'cpu_devices'])
+                                   sorted(other) + ['config', 'cpu_devices', 'mesh'])
     if command == 'from_hf':
       if not (_MODEL_DIR.value and config_lib.WORKDIR.value):
         raise ValueError('from_hf needs --model_dir and --workdir.')
       from_hf(_MODEL_DIR.value, config_lib.WORKDIR.value)
       print(f'wrote {config_lib.WORKDIR.value}')
-    else:
+    elif command == 'to_hf':
       if not (config_lib.WORKDIR.value and _OUT.value):
         raise ValueError('to_hf needs --workdir and --out.')
       to_hf(config_lib.WORKDIR.value, _OUT.value, _OVERWRITE.value)
       print(f'wrote {_OUT.value}')
+    else:
+      if not (config_lib.WORKDIR.value and _OUT.value):
+        raise ValueError('layout needs --workdir and --out.')
+      new = change_layout(config_lib.WORKDIR.value, _OUT.value)
+      print(f'wrote {_OUT.value} with model.scan_layers={new.model.scan_layers}; resume it with '
+            f'--config.model.scan_layers={new.model.scan_layers}')
   except ValueError as error:  # Includes ConversionError, CheckpointError and ConfigError.
     print(f'error: {error}', file=sys.stderr)
     return 2

@@ -16,6 +16,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +108,8 @@ def _choose(logits, key, sampling):
   return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _generate(model, params, tokens, segments, positions, sampling, rng):
+@functools.partial(jax.jit, static_argnums=(0, 5, 7))
+def _generate(model, params, tokens, segments, positions, sampling, rng, mesh):
   batch, prompt_length = tokens.shape
   new = sampling.max_new_tokens
   model = model.clone(decode=True)
@@ -143,21 +144,37 @@ def _generate(model, params, tokens, segments, positions, sampling, rng):
                 rng=rng, out=out, step_logits=step_logits)
 
   state = jax.lax.while_loop(lambda s: (s['i'] < new) & ~jnp.all(s['done']), step, state)
-  return state['out'], state['step_logits'], state['i']
+  outputs = state['out'], state['step_logits'], state['i']
+  if mesh is not None:  # Replicated, so that every process can read them.
+    outputs = jax.lax.with_sharding_constraint(outputs, NamedSharding(mesh, PartitionSpec()))
+  return outputs
 
 
-def generate(model, params, prompts, sampling=SamplingConfig(), rng=None, return_logits=False):
+def _replicated(x, mesh):
+  """A host array as one global array replicated over `mesh` (on every process)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()),
+                                      lambda index: x[index])
+
+
+def generate(model, params, prompts, sampling=SamplingConfig(), rng=None, return_logits=False,
+             mesh=None):
   """Continues each prompt (a list of token ids); returns a list of generated id lists.
 
   A row ends at its first stop token (not included). With return_logits, also returns the
-  [batch, steps, vocab] logits from which each step's token was chosen.
+  [batch, steps, vocab] logits from which each step's token was chosen. With `mesh`, `params`
+  may be sharded over it (across processes too: every process calls this with the same inputs);
+  the cache and activations follow the parameters' shardings.
   """
   sampling = dataclasses.replace(sampling, stop_tokens=tuple(int(t) for t in sampling.stop_tokens))
   check_inputs(model.spec, prompts, sampling)
   tokens, segments, positions = left_pad(prompts, sampling.pad_id)
   rng = jax.random.key(0) if rng is None else rng
-  out, step_logits, steps = _generate(model, params, jnp.asarray(tokens), jnp.asarray(segments),
-                                      jnp.asarray(positions), sampling, rng)
+  place = jnp.asarray if mesh is None else functools.partial(_replicated, mesh=mesh)
+  if mesh is not None:
+    rng = jax.random.wrap_key_data(_replicated(jax.random.key_data(rng), mesh))
+  out, step_logits, steps = _generate(model, params, place(tokens), place(segments),
+                                      place(positions), sampling, rng, mesh)
   out, steps = np.asarray(out), int(steps)
   results = []
   for row in out[:, :steps].tolist():

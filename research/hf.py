@@ -9,7 +9,6 @@ misplaced shards, and every tensor's name and shape against those the config imp
 import json
 import os
 
-import jax
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
@@ -318,23 +317,6 @@ def _contiguous(tree):
   if isinstance(tree, dict):
     return {k: _contiguous(v) for k, v in tree.items()}
   return np.ascontiguousarray(tree)
-
-
-def stack_layers(params, num_layers):
-  """layers_0..layers_{L-1} (model.scan_layers=False) -> one 'layers' subtree stacked on axis 0."""
-  if 'layers' in params:
-    return params
-  rest = {k: v for k, v in params.items() if not k.startswith('layers_')}
-  per_layer = [params[f'layers_{i}'] for i in range(num_layers)]
-  rest['layers'] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-  return rest
-
-
-def unstack_layers(params, num_layers):
-  rest = {k: v for k, v in params.items() if k != 'layers'}
-  for i in range(num_layers):
-    rest[f'layers_{i}'] = jax.tree.map(lambda x: x[i], params['layers'])
-  return rest
 
 
 # --- files ---------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The one place where logical axis names meet mesh axes.
 
 Parameters are annotated with logical names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`,
-`vocab`, `layers`); activations with `batch`, `length`, `act_embed`, `act_heads`, `act_mlp`,
-`act_vocab`. LOGICAL_AXIS_RULES maps each name to mesh axes, tried in order: a candidate is taken
-when none of its mesh axes is already used by another dimension of the same array and their size
-divides the dimension. Otherwise that dimension stays replicated.
+`vocab`, `positions`, `layers`); activations and batches with `batch`, `length`, `kv_length`,
+`act_embed`, `act_heads`, `act_kv_heads`, `act_mlp`, `act_vocab`, `predictions`.
+LOGICAL_AXIS_RULES maps each name to mesh axes, tried in order: a candidate is taken when its mesh
+axes are all in the mesh, none is already used by another dimension of the same array, and their
+size divides the dimension; otherwise that dimension stays replicated. A name that is neither in
+the rules nor in UNSHARDED is an error, so that a misspelt name is never silently replicated.
 """
 
 import dataclasses
@@ -14,20 +16,32 @@ import jax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from research.mesh import BATCH_AXES, DATA, EXPERT, FSDP, SEQUENCE, STAGE, TENSOR
+
 LOGICAL_AXIS_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('batch', 'data'),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('act_heads', 'tensor'),
-    ('act_kv_heads', 'tensor'),
-    ('act_mlp', 'tensor'),
-    ('act_vocab', 'tensor'),
-    # Not sharded: head_dim, layers, length, act_embed.
+    ('batch', BATCH_AXES),
+    ('batch', DATA),
+    ('length', SEQUENCE),  # Activations along the sequence (queries, hidden states).
+    ('vocab', TENSOR),
+    ('embed', FSDP),
+    ('mlp', TENSOR),
+    ('heads', TENSOR),
+    ('kv_heads', TENSOR),
+    ('act_heads', TENSOR),
+    ('act_kv_heads', TENSOR),
+    ('act_mlp', TENSOR),
+    ('act_vocab', TENSOR),
+    # Reserved for mixture-of-experts and pipeline layers (mesh axes not built yet).
+    ('expert', EXPERT),
+    ('act_expert', EXPERT),
+    ('stage', STAGE),
 )
+
+# Logical names that are never sharded. `kv_length`: attention gathers keys and values along the
+# whole sequence, whatever the sharding of the queries.
+UNSHARDED = ('head_dim', 'layers', 'positions', 'kv_length', 'act_embed', 'predictions')
+
+LOGICAL_AXES = frozenset(name for name, _ in LOGICAL_AXIS_RULES) | frozenset(UNSHARDED)
 
 
 def _as_tuple(mesh_axes):
@@ -41,10 +55,15 @@ def logical_to_spec(logical_axes, shape, mesh, rules=LOGICAL_AXIS_RULES):
   used = set()
   spec = []
   for name, size in zip(logical_axes, shape):
+    if name is not None and name not in LOGICAL_AXES:
+      raise ValueError(f'Unknown logical axis name {name!r}; use one of {sorted(LOGICAL_AXES)} '
+                       'or add it to LOGICAL_AXIS_RULES (or UNSHARDED) in '
+                       'research/partitioning.py.')
     chosen = None
     for rule_name, mesh_axes in rules:
       axes = _as_tuple(mesh_axes)
-      if rule_name != name or not axes or used & set(axes):
+      if (rule_name != name or not axes or used & set(axes)
+          or not set(axes) <= set(mesh.axis_names)):
         continue
       if size % math.prod(mesh.shape[a] for a in axes) == 0:
         chosen = axes

@@ -4,6 +4,8 @@
       [--max_new_tokens 200 --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0]
   python -m research.sample --workdir DIR --prompt_ids 15496,11 ...   (token ids in and out,
       e.g. for a model converted from Hugging Face, whose tokenizer is not ours)
+  python -m research.sample --workdir DIR --prompt "def " --mesh fsdp=-1   (parameters sharded
+      over every device: a model larger than one device)
 
 Every input is checked before the checkpoint is read; a bad one stops with one sentence.
 """
@@ -17,6 +19,7 @@ from absl import flags
 from research import config as config_lib
 from research import decode
 from research import hf
+from research import mesh as mesh_lib
 from research import workdir as workdir_lib
 from research.data import tokenizer as tokenizer_lib
 
@@ -28,7 +31,7 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Keep the smallest set with this probability mass.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed, in [0, 2**32).')
 _FLAG_NAMES = ('workdir', 'prompt', 'prompt_ids', 'max_new_tokens', 'temperature', 'top_k',
-               'top_p', 'seed')
+               'top_p', 'seed', 'mesh', 'cpu_devices')
 
 
 def parse_ids(text):
@@ -46,9 +49,22 @@ def _tokenizer(workdir, config):
   return tokenizer_lib.get(config.data.tokenizer)
 
 
+def _mesh(config, family):
+  """The --mesh over every device; its tensor axis must divide the model's heads."""
+  sizes = mesh_lib.resolve_shape(mesh_lib.parse_sizes(mesh_lib.MESH_FLAG.value), {},
+                                 jax.device_count(), 1)
+  heads = family.sharded_heads(config.model)
+  if any(count % sizes[mesh_lib.TENSOR] for count in heads.values()):
+    raise ValueError(f'--mesh {mesh_lib.TENSOR}={sizes[mesh_lib.TENSOR]} must divide '
+                     + ' and '.join(f'{name} ({count})' for name, count in heads.items()) + '.')
+  return mesh_lib.make_mesh(sizes)
+
+
 def main(argv):
   try:
-    config_lib.parse_command_flags(argv, _FLAG_NAMES, ('config', 'cpu_devices'))
+    config_lib.parse_command_flags(argv, _FLAG_NAMES, ('config',))
+    mesh_lib.configure_cpu_devices()
+    mesh_lib.initialize_distributed()  # A model sharded over several hosts samples on all.
     workdir = config_lib.WORKDIR.value
     if not workdir or bool(_PROMPTS.value) == bool(_PROMPT_IDS.value):
       raise ValueError('Pass --workdir and either --prompt (text) or --prompt_ids (token ids), '
@@ -76,12 +92,15 @@ def main(argv):
                                      pad_id=pad)
     # Before the checkpoint is read, so that a bad input costs no restore.
     decode.check_inputs(family.spec_from_config(config.model), prompts, sampling)
-    config, params, step = workdir_lib.load_params(workdir)
+    mesh = _mesh(config, family) if mesh_lib.MESH_FLAG.value else None
+    config, params, step = workdir_lib.load_params(workdir, config, mesh)
     outputs = decode.generate(family.build(config.model), params, prompts, sampling,
-                              rng=jax.random.key(_SEED.value))
+                              rng=jax.random.key(_SEED.value), mesh=mesh)
   except ValueError as error:  # Includes CheckpointError and ConfigError.
     print(f'error: {error}', file=sys.stderr)
     return 2
+  if jax.process_index() != 0:  # Every process sampled; one prints.
+    return 0
   print(f'# {workdir}, step {step}', file=sys.stderr)
   for prompt, ids in zip(_PROMPTS.value or _PROMPT_IDS.value, outputs):
     print(prompt + tokenizer.decode(ids) if tokenizer else ','.join(map(str, ids)))

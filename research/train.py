@@ -33,6 +33,7 @@ from research import partitioning
 from research import preemption
 from research import train_state
 from research import train_step as step_lib
+from research import watchdog as watchdog_lib
 from research import workdir as workdir_lib
 from research.data import global_batch
 from research.data import pipeline as pipeline_lib
@@ -165,17 +166,18 @@ def _sample(trainer, params, config):
   prompt = tokenizer.encode(config.train.sample_prompt)
   sampling = decode.SamplingConfig(max_new_tokens=config.train.sample_tokens,
                                    stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
-  # Without the training mesh's activation constraints.
+  # Every process takes part (the parameters are sharded over the whole mesh); process 0 prints.
   model = trainer.family.build(config.model)
-  ids = decode.generate(model, params, [prompt.tolist()], sampling)[0]
+  ids = decode.generate(model, params, [prompt.tolist()], sampling, mesh=trainer.mesh)[0]
   return config.train.sample_prompt + tokenizer.decode(ids)
 
 
 def run(config, workdir):
   """Trains `config` in `workdir` (resuming what is there); returns the last logged metrics."""
   mesh_shape = config_lib.validate(config, jax.device_count())
+  mesh = mesh_lib.make_mesh(mesh_shape, dcn_shape=config_lib.dcn_sizes(config))
   with workdir_lib.lock(workdir), preemption.StopRequest() as stop:
-    return _train(config, workdir, mesh_lib.make_mesh(mesh_shape), stop)
+    return _train(config, workdir, mesh, stop)
 
 
 def _train(config, workdir, mesh, stop):
@@ -197,7 +199,7 @@ def _train(config, workdir, mesh, stop):
     checkpointer.close()
     return {}
   print(f'{origin}; mesh {dict(mesh.shape)}', file=sys.stderr)
-  if stop.signal is not None:
+  if stop.stopped_before_start() is not None:
     print(f'Stopped on {stop.signal} before training started; nothing new to save.',
           file=sys.stderr)
     checkpointer.close()
@@ -219,6 +221,8 @@ def _train(config, workdir, mesh, stop):
   bar = _progress_bar(config, start_step, stop_step)
   pending, unlogged, last = [], [], {}
   profiling = False
+  w = config.watchdog
+  watchdog = watchdog_lib.Watchdog(w.slow_factor, w.slow_min_s, w.exit_after_s).start()
   try:
     for step in range(start_step, stop_step):
       if step == t.profile_start_step:
@@ -230,6 +234,9 @@ def _train(config, workdir, mesh, stop):
             else contextlib.nullcontext()):
         state, step_metrics = trainer.train_step(state, batch, dropout_rng)
       pending.append(step_metrics)
+      if len(pending) > 1:  # The step before has finished: keeps one step in flight, no more.
+        jax.block_until_ready(pending[-2]['loss'])
+        watchdog.beat(step - 1)
       if profiling and step + 1 >= t.profile_start_step + t.profile_num_steps:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
@@ -239,7 +246,7 @@ def _train(config, workdir, mesh, stop):
         best.check()
 
       done = step + 1
-      stopping = stop.signal is not None  # Read once: a signal may arrive at any moment.
+      stopping = stop.should_stop(done)  # Asked once per step, by every process.
       last_step = done == stop_step or stopping
       log = done % t.log_every == 0 or last_step
       evaluate = (done % t.eval_every == 0 or done == stop_step) and not stopping  # Stop fast.
@@ -247,17 +254,18 @@ def _train(config, workdir, mesh, stop):
       if log or evaluate or save:  # Every step's loss is checked before anything is saved.
         unlogged += _fetch_checked(pending, done - len(pending) + 1)
         pending = []
+        watchdog.beat(done - 1)
       scalars = {}
       if log:
         last = _summary(trainer.objective, unlogged, throughput)
         scalars, unlogged = dict(last), []
       if evaluate:
-        with throughput.paused():
+        with throughput.paused(), watchdog.paused():
           evaluation = _evaluate(trainer, state.params, t.eval_batches)
         last.update(evaluation)
         scalars.update(evaluation)
         if best is not None:
-          with throughput.paused():
+          with throughput.paused(), watchdog.paused():
             best.offer(done, state, checkpoint_lib.make_record(
                 done, dropout_rng, pipeline.position(done), config), evaluation)
       if scalars:
@@ -268,7 +276,7 @@ def _train(config, workdir, mesh, stop):
             shown['eval_loss'] = f"{last['eval_loss']:.3f}"
           bar.set_postfix(shown)
       if save:
-        with throughput.paused():
+        with throughput.paused(), watchdog.paused():
           checkpointer.save(done, state, checkpoint_lib.make_record(
               done, dropout_rng, pipeline.position(done), config))
       if bar is not None:
@@ -282,6 +290,7 @@ def _train(config, workdir, mesh, stop):
                          'optim.warmup_steps (or enable optim.clip_norm), then rerun to resume '
                          'from the last checkpoint.') from None
   finally:
+    watchdog.stop()
     if profiling:
       jax.profiler.stop_trace()
     if bar is not None:
@@ -310,11 +319,14 @@ def main(argv):
     config = config_lib.parse_flags(argv)
     if not config_lib.WORKDIR.value:
       raise config_lib.ConfigError('No workdir given; pass --workdir DIR.')
+    if mesh_lib.MESH_FLAG.value:
+      raise config_lib.ConfigError('--mesh does not apply to research.train; set the mesh with '
+                                   '--config.mesh.<axis>=SIZE.')
     mesh_lib.configure_cpu_devices()
-    mesh_lib.maybe_initialize_distributed()
+    mesh_lib.initialize_distributed(config.watchdog.peer_timeout_s)
     final = run(config, config_lib.WORKDIR.value)
   except (config_lib.ConfigError, pipeline_lib.DataError, checkpoint_lib.CheckpointError,
-          workdir_lib.WorkdirError) as error:
+          workdir_lib.WorkdirError, mesh_lib.MeshError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1 if isinstance(error, checkpoint_lib.SaveError) else 2
   except NonFiniteError as error:

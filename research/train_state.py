@@ -35,17 +35,12 @@ def _follow_params(abstract_opt_state, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt_state)
 
 
-def create(model, tx, mesh, init_inputs, rng):
-  """Initialises params and optimizer state directly into their shardings.
-
-  `init_inputs`: keyword arguments of the model's `initialize` method, which creates every
-  parameter (see research/models). Returns (state, state_shardings); `state_shardings` is what
-  the train step is jitted with.
-  """
+def _plan(model, tx, mesh, init_inputs):
+  """(init_params(key) -> boxed params, abstract state, state shardings); nothing allocated."""
   def init_params(key):
     return model.init(key, **init_inputs, method='initialize')['params']
 
-  boxed = jax.eval_shape(init_params, rng)
+  boxed = jax.eval_shape(init_params, jax.random.key(0))
   param_shardings = partitioning.tree_shardings(boxed, mesh)
   abstract_params = nn.meta.unbox(boxed)
   shapes_and_shardings = jax.tree.map(lambda a, s: (a.shape, s), abstract_params, param_shardings)
@@ -54,6 +49,28 @@ def create(model, tx, mesh, init_inputs, rng):
       step=NamedSharding(mesh, PartitionSpec()),
       params=param_shardings,
       opt_state=_follow_params(abstract_opt_state, shapes_and_shardings, mesh))
+  abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                              opt_state=abstract_opt_state)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      state_shardings)
+  return init_params, abstract_state, state_shardings
+
+
+def abstract(model, tx, mesh, init_inputs):
+  """(abstract state, state shardings): ShapeDtypeStructs carrying their shardings, for
+  compiling the train step ahead of time (research/plan.py) without allocating anything."""
+  return _plan(model, tx, mesh, init_inputs)[1:]
+
+
+def create(model, tx, mesh, init_inputs, rng):
+  """Initialises params and optimizer state directly into their shardings.
+
+  `init_inputs`: keyword arguments of the model's `initialize` method, which creates every
+  parameter (see research/models). Returns (state, state_shardings); `state_shardings` is what
+  the train step is jitted with.
+  """
+  init_params, _, state_shardings = _plan(model, tx, mesh, init_inputs)
 
   def init_state(key):
     params = nn.meta.unbox(init_params(key))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from research import mesh as mesh_lib
 from research import optim
 
 
@@ -24,7 +25,7 @@ def _split_micro_batches(batch, num_micro, mesh):
     x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:])
     x = jnp.swapaxes(x, 0, 1)
     if mesh is not None:
-      spec = PartitionSpec(None, ('data', 'fsdp'), *([None] * (x.ndim - 2)))
+      spec = PartitionSpec(None, mesh_lib.BATCH_AXES, *([None] * (x.ndim - 2)))
       x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     return x
   return jax.tree.map(split, batch)

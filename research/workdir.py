@@ -26,12 +26,16 @@ def load_config(workdir):
   return config
 
 
-def load_params(workdir, config=None):
-  """(config, params, step) of the newest checkpoint in `workdir`, on the default device."""
+def load_params(workdir, config=None, mesh=None):
+  """(config, params, step) of the newest checkpoint in `workdir`: on the default device, or
+  sharded over `mesh` by the parameters' logical axes (a model larger than one device)."""
   config = config or load_config(workdir)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          family(config).abstract_params(config.model))
+  if mesh is not None:
+    abstract = models.abstract_params_on(family(config), config.model, mesh)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            family(config).abstract_params(config.model))
   params, step = checkpoint_lib.read_params(os.path.join(workdir, 'checkpoints'), abstract)
   return config, params, step
 

@@ -61,7 +61,11 @@ def _assert_one_sentence(error, *fragments):
 @pytest.mark.parametrize('edit, num_devices, fragments', [
     (dict(model=dict(num_heads=5)), 1, ('num_heads=5', 'emb_dim=128')),
     (dict(model=dict(num_kv_heads=3)), 1, ('num_kv_heads=3',)),
-    (dict(mesh=dict(data=2, fsdp=2, tensor=1)), 8, ('data*fsdp*tensor equal 8',)),
+    (dict(mesh=dict(data=2, fsdp=2, tensor=1)), 8, ('data*fsdp*sequence*tensor equal 8',)),
+    (dict(mesh=dict(data=2, sequence=3, tensor=1)), 6, ('seq_len=128', 'mesh.sequence=3')),
+    (dict(mesh=dict(data=4, dcn_data=3)), 4, ('mesh.dcn_data=3 must be a positive divisor',)),
+    (dict(mesh=dict(data=4, dcn_data=2)), 4, ('spans 2 slices', 'the job has 1')),
+    (dict(watchdog=dict(slow_factor=1.0)), 1, ('config.watchdog needs slow_factor > 1',)),
     (dict(mesh=dict(data=-1, fsdp=3, tensor=1)), 8, ('no whole size',)),
     (dict(mesh=dict(data=-1, fsdp=-1)), 8, ('Only one mesh axis',)),
     (dict(train=dict(batch_size=12)), 8, ('batch_size=12', 'multiple of 8')),
@@ -114,7 +118,7 @@ def test_the_optimizer_builder_refuses_unknown_names(decoder_config, key, name):
 def test_valid_config_resolves_the_auto_axis(decoder_config):
   config = decoder_config('tiny')
   config.mesh.tensor = 2
-  assert config_lib.validate(config, 8) == dict(data=4, fsdp=1, tensor=2)
+  assert config_lib.validate(config, 8) == dict(data=4, fsdp=1, sequence=1, tensor=2)
 
 
 def test_config_is_locked_against_new_keys(decoder_config):
@@ -218,5 +222,6 @@ def test_every_command_module_imports_together():
   """The entry points share absl's global flags; none may define a flag twice."""
   import research.bench  # noqa: F401
   import research.convert  # noqa: F401
+  import research.plan  # noqa: F401
   import research.sample  # noqa: F401
   import research.train  # noqa: F401

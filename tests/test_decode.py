@@ -125,3 +125,27 @@ def test_a_tiny_top_p_keeps_the_most_likely_token():
     kept = np.isfinite(np.asarray(decode.filter_logits(logits, temperature, 0, 1e-9)))
     assert kept.tolist() == [[True, False, False, False], [False, True, True, False],
                              [False, False, True, False]], temperature
+
+
+def test_generation_from_parameters_sharded_over_a_mesh_equals_one_device(decoder_config):
+  """FSDP x tensor sharded parameters (as `research.sample --mesh` loads them): the same tokens
+  and logits, and replicated outputs that every process can read."""
+  from flax import linen as nn
+  from research import mesh as mesh_lib
+  from research import partitioning
+  model, params = _model(decoder_config, 'llama')
+  mesh = mesh_lib.make_mesh(dict(fsdp=4, tensor=2), jax.devices()[:8])
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32),
+                                            method='initialize'))['params']
+  params = nn.meta.unbox(params)
+  sharded = jax.device_put(params, partitioning.tree_shardings(boxed, mesh))
+  assert tuple(sharded['layers']['attn']['query']['kernel'].sharding.spec)[1:3] == (
+      'fsdp', 'tensor')
+  sampling = decode.SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=20)
+  key = jax.random.key(5)
+  want, want_logits = decode.generate(model, params, PROMPTS, sampling, rng=key,
+                                      return_logits=True)
+  got, got_logits = decode.generate(model, sharded, PROMPTS, sampling, rng=key,
+                                    return_logits=True, mesh=mesh)
+  assert got == want
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=0)

@@ -14,6 +14,7 @@ from flax import linen as nn
 
 from research import hf
 from research import hf_encoder
+from research import layout
 from research import mesh as mesh_lib
 from research import partitioning
 from research.models import encoder
@@ -197,12 +198,12 @@ def test_packed_rows_equal_documents_run_separately(style):
 
 @pytest.mark.parametrize('style', ['bert', 'albert'])
 def test_unscanned_rematerialised_layers_equal_scanned_ones(style):
-  """layers_0.. (stack_layers/unstack_layers of research/hf.py, with param_layers) compute the
+  """layers_0.. (research/layout.py, with param_layers) compute the
   same values and gradients as the scanned stack."""
   config = _tiny(style)
   model, params = _tiny_model(style)
   unscanned_config = _tiny(style, scan_layers=False, remat='full')
-  unscanned = hf.unstack_layers(params, encoder.param_layers(unscanned_config))
+  unscanned = layout.unstack(params, encoder.param_layers(unscanned_config))
   assert set(unscanned) - set(params) == {f'layers_{i}' for i in
                                           range(encoder.param_layers(config))}
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, VOCAB, (2, 12)), jnp.int32)
@@ -214,19 +215,21 @@ def test_unscanned_rematerialised_layers_equal_scanned_ones(style):
   value, grads = gradient(model, params)
   other_value, other_grads = gradient(encoder.build(unscanned_config), unscanned)
   np.testing.assert_allclose(other_value, value, rtol=1e-5)
-  other_grads = hf.stack_layers(jax.tree.map(np.asarray, other_grads),
+  other_grads = layout.stack(jax.tree.map(np.asarray, other_grads),
                                 encoder.param_layers(config))
   for got, want in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('style', ['bert', 'albert'])
-def test_sharded_outputs_equal_one_device(style):
-  """Parameters placed by their logical axes on a data x fsdp x tensor mesh, activations
-  constrained by theirs: the same outputs as on one device."""
+@pytest.mark.parametrize('style,mesh_shape', [
+    ('bert', dict(data=2, fsdp=2, tensor=2)), ('albert', dict(data=2, fsdp=2, tensor=2)),
+    ('bert', dict(data=2, sequence=2, tensor=2))])
+def test_sharded_outputs_equal_one_device(style, mesh_shape):
+  """Parameters placed by their logical axes on a data x fsdp x (sequence x) tensor mesh,
+  activations constrained by theirs: the same outputs as on one device."""
   config = _tiny(style)
   model, params = _tiny_model(style)
-  mesh = mesh_lib.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+  mesh = mesh_lib.make_mesh(mesh_shape, jax.devices()[:8])
   sharded_model = encoder.build(config, sharding=partitioning.ActivationSharding(mesh))
   boxed = jax.eval_shape(lambda: sharded_model.init(
       jax.random.key(1), **encoder.init_inputs(8), method='initialize'))['params']
@@ -236,9 +239,12 @@ def test_sharded_outputs_equal_one_device(style):
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, (4, 12)), jnp.int32)
   run = lambda model, params: jax.jit(lambda t: model.apply(
       {'params': params}, t, method='initialize'))(tokens)
+  sharded = run(sharded_model, placed)
   for name, want in run(model, params).items():
-    np.testing.assert_allclose(run(sharded_model, placed)[name], want, atol=2e-5, rtol=0,
-                               err_msg=name)
+    np.testing.assert_allclose(sharded[name], want, atol=2e-5, rtol=0, err_msg=name)
+  # Hidden states really are split along the sequence when the mesh has a sequence axis.
+  spec = tuple(sharded['hidden'].sharding.spec) + (None,) * 3
+  assert spec[1] == ('sequence' if mesh_shape.get('sequence') else None)
 
 
 def test_dropout_is_on_only_when_not_deterministic():

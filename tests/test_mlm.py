@@ -187,8 +187,8 @@ class _Data:
 
 def _train(config, mesh_shape, steps=3):
   devices = jax.devices()[:math.prod(mesh_shape.values())]
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (mesh_shape[a] for a in
-                                                            mesh_lib.MESH_AXES)
+  for axis in mesh_lib.MESH_AXES:
+    config.mesh[axis] = mesh_shape.get(axis, 1)
   config_lib.validate(config, len(devices))
   data = _Data(config)
   trainer = train.setup(config, mesh_lib.make_mesh(mesh_shape, devices), pipeline=data)
@@ -215,7 +215,8 @@ def test_sharded_encoder_training_matches_one_device():
   reference = _train(_config('nsp'), dict(data=1, fsdp=1, tensor=1))
   assert reference[0][-1]['loss'] < reference[0][0]['loss']  # The steps really train.
   assert set(reference[0][0]['totals']) == {'mlm', 'nsp'}
-  for mesh_shape in (dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)):
+  for mesh_shape in (dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2),
+                     dict(data=2, sequence=2, tensor=2)):
     _assert_same_training(*_train(_config('nsp'), mesh_shape), *reference)
 
 

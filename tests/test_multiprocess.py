@@ -1,51 +1,222 @@
-"""Two cooperating processes (launch/local.sh) train exactly like one process with the same mesh."""
+"""Real multi-process jobs on this machine (jax.distributed over gloo, free ports):
+
+- 2 processes x 4 CPU devices train exactly like 1 process x 8 devices (decoder and encoder);
+- a checkpoint written by 2 processes resumes in 1 process on another mesh;
+- SIGTERM to one process: every process saves the same step and exits 0, and the resumed run
+  ends bitwise where an uninterrupted one does;
+- kill -9 of one process: the survivor exits non-zero within the heartbeat bound, naming the lost
+  process, and the last committed checkpoint still restores.
+"""
 
 import json
 import os
-import socket
+import re
+import shutil
+import signal
 import subprocess
+import sys
+import time
 
+import jax
+import numpy as np
 import pytest
+
+from launch import local_multiprocess
+from research import workdir as workdir_lib
+import runs
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 16
+EVERY = 4  # Checkpoint interval.
+DECODER = ('configs/decoder.py:tiny', '--config.model.num_layers=2', '--config.model.emb_dim=64',
+           '--config.model.mlp_dim=128', '--config.train.sample_tokens=8')
+ENCODER = ('configs/encoder.py:bert_tiny', '--config.model.emb_dim=64',
+           '--config.model.mlp_dim=128')
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
+def _overrides(corpus, model, *extra):
+  return ['--config.data.source=text', f'--config.data.paths={corpus}',
+          f'--config.data.data_dir={corpus.parent / "tfds"}', '--config.train.batch_size=8',
+          '--config.train.seq_len=32', f'--config.train.num_steps={STEPS}',
+          '--config.train.log_every=1', f'--config.train.eval_every={STEPS}',
+          '--config.train.eval_batches=2', f'--config.checkpoint.every_steps={EVERY}',
+          '--config.checkpoint.keep=10', '--config.train.sample_tokens=0',
+          '--config.train.progress_bar=False', '--config.mesh.data=2', '--config.mesh.fsdp=4',
+          *model[1:], *extra]
 
 
-def _run(workdir, corpus, processes, local_devices, port):
-  env = dict(os.environ, NUM_PROCESSES=str(processes), LOCAL_DEVICES=str(local_devices),
-             PORT=str(port), PYTHON=os.path.join(REPO, '.venv', 'bin', 'python')
-             if os.path.exists(os.path.join(REPO, '.venv', 'bin', 'python')) else 'python3')
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={local_devices}'
-  overrides = [f'--config.data.paths={corpus}', '--config.data.source=text',
-               f'--config.data.data_dir={corpus.parent / "tfds"}', '--config.model.num_layers=2',
-               '--config.model.emb_dim=64', '--config.model.mlp_dim=128',
-               '--config.train.batch_size=8', '--config.train.seq_len=32',
-               '--config.train.num_steps=6', '--config.train.log_every=1',
-               '--config.train.eval_every=6', '--config.train.eval_batches=2',
-               '--config.train.sample_tokens=0', '--config.mesh.data=2', '--config.mesh.fsdp=2',
-               '--config.mesh.tensor=1']
-  result = subprocess.run(['bash', 'launch/local.sh', 'configs/decoder.py:tiny', str(workdir),
-                           *overrides], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+def _one_process(workdir, corpus, model, *extra):
+  """1 process x 8 devices (the test environment's)."""
+  return runs.ok(runs.command('research.train', '--config', model[0], '--workdir', str(workdir),
+                              *_overrides(corpus, model, *extra)))
+
+
+def _two_processes(workdir, corpus, model, *extra):
+  """2 processes x 4 devices through the launcher, the data axis split between them."""
+  result = subprocess.run(
+      [sys.executable, 'launch/local_multiprocess.py', '--processes=2', '--local_devices=4',
+       model[0], str(workdir), *_overrides(corpus, model, '--config.mesh.dcn_data=2', *extra)],
+      cwd=runs.REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
-  return [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert '[p1] ' in result.stderr and '[p0] final ' in result.stdout  # Prefixed streams.
+  return result
 
 
-def test_two_processes_match_one(tmp_path):
-  corpus = tmp_path / 'corpus'
-  corpus.mkdir()
-  for i in range(12):
-    (corpus / f'f{i}.txt').write_text(''.join(f'row {j} in file {i}\n' for j in range(30 + 5 * i)))
-  one = _run(tmp_path / 'one', corpus, processes=1, local_devices=4, port=_free_port())
-  two = _run(tmp_path / 'two', corpus, processes=2, local_devices=2, port=_free_port())
-  assert [r['step'] for r in two] == list(range(1, 7))
-  for a, b in zip(one, two):
-    assert abs(a['loss'] - b['loss']) < 1e-5 and a['tokens'] == b['tokens'], (a, b)
-  assert abs(one[-1]['eval_loss'] - two[-1]['eval_loss']) < 1e-5
+def _start_processes(workdir, corpus, model, *extra, peer_timeout_s=100):
+  """2 processes started directly (so that the test can signal one), stderr to <workdir>.pN."""
+  port = local_multiprocess.free_port()
+  children = []
+  for index in range(2):
+    command = local_multiprocess.train_command(
+        sys.executable, index, model[0], str(workdir),
+        _overrides(corpus, model, '--config.mesh.dcn_data=2',
+                   f'--config.watchdog.peer_timeout_s={peer_timeout_s}', *extra))
+    children.append(subprocess.Popen(
+        command, cwd=runs.REPO, stdout=subprocess.DEVNULL,
+        stderr=open(f'{workdir}.p{index}', 'w'),
+        env=local_multiprocess.process_env(os.environ, index, 2, 4, port)))
+  return children
+
+
+def _losses(workdir):
+  return {r['step']: r['loss'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))}
+
+
+def _wait_for_step(workdir, step, children, timeout=300):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if (workdir / 'metrics.jsonl').exists() and max(_losses(workdir), default=0) >= step:
+      return
+    assert all(c.poll() is None for c in children), 'a process ended early'
+    time.sleep(0.05)
+  raise AssertionError(f'step {step} not reached')
+
+
+def _params(workdir):
+  return jax.device_get(workdir_lib.load_params(str(workdir))[1])
+
+
+def _assert_close(params, reference, atol):
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, reference)
+  assert max(jax.tree.leaves(diffs)) <= atol, diffs
+
+
+def _assert_same_losses(losses, reference, steps):
+  for step in steps:
+    assert abs(losses[step] - reference[step]) <= 1e-5, (step, losses[step], reference[step])
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  return runs.write_corpus(tmp_path_factory.mktemp('data') / 'corpus')
+
+
+@pytest.fixture(scope='module')
+def decoder_runs(tmp_path_factory, corpus):
+  """The uninterrupted runs every decoder test compares with: 1 x 8 and 2 x 4 devices."""
+  root = tmp_path_factory.mktemp('decoder')
+  (root / 'one.stderr').write_text(_one_process(root / 'one', corpus, DECODER).stderr)
+  (root / 'two.stderr').write_text(_two_processes(root / 'two', corpus, DECODER).stderr)
+  return root
+
+
+@pytest.mark.parametrize('model', [DECODER, ENCODER], ids=['decoder', 'encoder'])
+def test_two_processes_train_like_one(tmp_path, corpus, decoder_runs, model):
+  if model is DECODER:
+    one, two = decoder_runs / 'one', decoder_runs / 'two'
+  else:
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    _one_process(one, corpus, model)
+    _two_processes(two, corpus, model)
+  reference = _losses(one)
+  assert sorted(reference) == list(range(1, STEPS + 1))
+  assert reference[STEPS] < reference[1]  # The steps really train.
+  _assert_same_losses(_losses(two), reference, range(1, STEPS + 1))
+  _assert_close(_params(two), _params(one), atol=1e-4)
+  # Only process 0 writes the run's records.
+  assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+  if model is DECODER:  # The end-of-run sample: computed by both processes, printed once.
+    sample = lambda text: text[text.index('--- sample'):].replace('[p0] ', '').split('\n---')[0]
+    one_said, two_said = ((decoder_runs / f'{n}.stderr').read_text() for n in ('one', 'two'))
+    assert two_said.count('--- sample') == 1 and '[p1] --- sample' not in two_said
+    assert sample(two_said) == sample(one_said)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(tmp_path, corpus,
+                                                                       decoder_runs):
+  workdir = tmp_path / 'moved'
+  shutil.copytree(decoder_runs / 'two', workdir)
+  for step in range(2 * EVERY, STEPS + 1, EVERY):  # Keep only step 4 of the 2-process run.
+    shutil.rmtree(workdir / 'checkpoints' / str(step))
+  (workdir / 'metrics.jsonl').write_text('')
+  # 8 devices as (2 data, 2 sequence, 2 tensor): every array is laid out differently.
+  _one_process(workdir, corpus, DECODER, '--config.mesh.fsdp=1', '--config.mesh.sequence=2',
+               '--config.mesh.tensor=2')
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(EVERY + 1, STEPS + 1))
+  _assert_same_losses(losses, _losses(decoder_runs / 'one'), losses)
+
+
+def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes_bitwise(
+    tmp_path, corpus, decoder_runs):
+  workdir = tmp_path / 'preempted'
+  children = _start_processes(workdir, corpus, DECODER)
+  _wait_for_step(workdir, 2, children)
+  children[1].send_signal(signal.SIGTERM)
+  assert [c.wait(timeout=300) for c in children] == [0, 0]
+  said = [open(f'{workdir}.p{i}').read() for i in range(2)]
+  stops = [[line for line in text.splitlines() if 'every process saves step' in line]
+           for text in said]
+  assert len(stops[0]) == 1 and stops[0] == stops[1], said[0][-3000:]  # One agreed step.
+  stopped = int(stops[0][0].split('saves step ')[1].split()[0])
+  assert 2 <= stopped < STEPS
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved[-1] == stopped, saved
+
+  _two_processes(workdir, corpus, DECODER)
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  reference = _params(decoder_runs / 'two')
+  resumed = _params(workdir)
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, resumed, reference)))
+
+
+def test_a_killed_process_stops_the_job_and_the_launcher_names_it(tmp_path, corpus):
+  workdir = tmp_path / 'killed'
+  launcher = subprocess.Popen(
+      [sys.executable, 'launch/local_multiprocess.py', '--processes=2', '--local_devices=4',
+       DECODER[0], str(workdir), *_overrides(corpus, DECODER, '--config.mesh.dcn_data=2',
+                                             '--config.watchdog.peer_timeout_s=5')],
+      cwd=runs.REPO, stdout=subprocess.PIPE, stderr=open(f'{workdir}.log', 'w'), text=True)
+  pids = [int(launcher.stdout.readline().split('pid ')[1].rstrip(')\n')) for _ in range(2)]
+  _wait_for_step(workdir, EVERY + 2, [launcher])
+  os.kill(pids[1], signal.SIGKILL)
+  killed_at = time.monotonic()
+  code = launcher.wait(timeout=120)
+  elapsed = time.monotonic() - killed_at
+  said = open(f'{workdir}.log').read()
+  assert code != 0 and elapsed < 5 + 30, (code, elapsed)
+  assert f'[launch] process 1 (pid {pids[1]}) was killed by SIGKILL' in said, said[-3000:]
+  assert '[launch] process 0' in said  # The survivor ended with an error too.
+  # The last committed checkpoint restores (its checksums are verified).
+  step = workdir_lib.load_params(str(workdir))[2]
+  assert step >= EVERY and step % EVERY == 0
+
+
+def test_a_silent_peer_ends_the_survivor_within_the_heartbeat_bound_naming_it(tmp_path, corpus):
+  """A host that stops answering (SIGSTOP: its connections stay open, as on a lost machine)."""
+  workdir = tmp_path / 'silent'
+  children = _start_processes(workdir, corpus, DECODER, peer_timeout_s=5)
+  try:
+    _wait_for_step(workdir, 2, children)
+    children[1].send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    code = children[0].wait(timeout=120)
+    elapsed = time.monotonic() - stopped_at
+  finally:
+    children[1].kill()
+  said = open(f'{workdir}.p0').read()
+  assert code != 0 and elapsed < 5 + 30, (code, elapsed)
+  # The runtime's own words, which name the silent process (task 1).
+  assert re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b', said), said[-3000:]

@@ -53,6 +53,18 @@ def test_generation_may_fill_max_len(workdir):
 
 
 @pytest.mark.slow
+def test_sampling_with_the_parameters_sharded_over_the_devices_gives_the_same_tokens(workdir):
+  one = _sample('--workdir', str(workdir), *BASE)
+  sharded = _sample('--workdir', str(workdir), *BASE, '--mesh=fsdp=-1,tensor=2')
+  assert one.returncode == 0 and sharded.returncode == 0, sharded.stderr[-2000:]
+  assert sharded.stdout == one.stdout
+  runs.assert_error(_sample('--workdir', str(workdir), *BASE, '--mesh=fsdp=3'),
+                    'The mesh {')  # 3 of 8 devices.
+  runs.assert_error(_sample('--workdir', str(workdir), *BASE, '--mesh=model=2'),
+                    "--mesh entry 'model=2' is not AXIS=SIZE")
+
+
+@pytest.mark.slow
 def test_workdirs_without_a_run_stop_with_one_sentence(workdir, tmp_path):
   runs.assert_error(_sample('--workdir', str(tmp_path / 'missing'), *BASE),
                       f'--workdir {tmp_path / "missing"} is not a directory')

@@ -8,13 +8,14 @@ import pytest
 
 from research import config as config_lib
 from research import mesh as mesh_lib
+from research import partitioning
 from research import train
 from research.data import global_batch
 from research.data import synthetic
 from research.objectives import causal_lm
 
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=1, tensor=4),
-          dict(data=1, fsdp=4, tensor=2)]
+          dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=1, sequence=2, tensor=2)]
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1)
 
 
@@ -30,7 +31,9 @@ def _small_config(decoder_config, style):
 
 def _train(config, mesh_shape, steps=3):
   devices = jax.devices()[:math.prod(mesh_shape.values())]
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (mesh_shape[a] for a in mesh_lib.MESH_AXES)
+  mesh_shape = {axis: mesh_shape.get(axis, 1) for axis in mesh_lib.MESH_AXES}
+  for axis, size in mesh_shape.items():
+    config.mesh[axis] = size
   config_lib.validate(config, len(devices))
   trainer = train.setup(config, mesh_lib.make_mesh(mesh_shape, devices))
   state, records = trainer.state, []
@@ -85,3 +88,19 @@ def test_gradient_accumulation_matches_one_large_batch(decoder_config):
   accumulated_config = _small_config(decoder_config, 'llama')
   accumulated_config.optim.grad_accum_steps = 4
   _assert_same_training(*_train(accumulated_config, mesh_shape), *reference)
+
+
+def test_an_unknown_logical_axis_name_is_an_error():
+  mesh = mesh_lib.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+  with pytest.raises(ValueError, match="Unknown logical axis name 'lenght'"):
+    partitioning.logical_to_spec(('batch', 'lenght'), (8, 16), mesh)
+
+
+def test_rules_name_only_mesh_axes_and_skip_the_reserved_ones_the_mesh_lacks():
+  mesh = mesh_lib.make_mesh(dict(data=2, sequence=2, tensor=2), jax.devices()[:8])
+  for _, axes in partitioning.LOGICAL_AXIS_RULES:
+    for axis in (axes,) if isinstance(axes, str) else axes:
+      assert axis in mesh_lib.MESH_AXES + (mesh_lib.EXPERT, mesh_lib.STAGE), axis
+  spec = partitioning.logical_to_spec(('batch', 'length', 'expert', 'kv_length'), (4, 8, 2, 8),
+                                      mesh)
+  assert tuple(spec) == (('data', 'fsdp'), 'sequence', None, None)

@@ -14,7 +14,9 @@ from research.data import global_batch
 def _trainer(config, mesh_shape=None):
   mesh_shape = mesh_shape or dict(data=1, fsdp=1, tensor=1)
   devices = jax.devices()[:int(np.prod(list(mesh_shape.values())))]
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (mesh_shape[a] for a in mesh_lib.MESH_AXES)
+  mesh_shape = {axis: mesh_shape.get(axis, 1) for axis in mesh_lib.MESH_AXES}
+  for axis, size in mesh_shape.items():
+    config.mesh[axis] = size
   config_lib.validate(config, len(devices))
   return train.setup(config, mesh_lib.make_mesh(mesh_shape, devices))
 

@@ -33,6 +33,20 @@ def abstract_params_of(model, init_inputs):
   return nn.meta.unbox(shapes)['params']
 
 
+def abstract_params_on(family, model_config, mesh):
+  """The parameter tree as ShapeDtypeStructs carrying each parameter's NamedSharding on `mesh`
+  (by its logical axes; see research/partitioning.py): the target of a sharded restore."""
+  import jax
+  from flax import linen as nn
+  from research import partitioning
+  model = family.build(model_config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **family.init_inputs(8),
+                                            method='initialize'))['params']
+  shardings = partitioning.tree_shardings(boxed, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
+
+
 def size(tree):
   """The number of parameters in a tree of arrays or ShapeDtypeStructs."""
   import jax

@@ -9,7 +9,6 @@ import dataclasses
 import math
 from typing import Callable, Optional
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -98,14 +97,6 @@ class DecoderBlock(nn.Module):
     return x, None  # (carry, per-layer output) so that nn.scan can stack the block.
 
 
-_REMAT_POLICIES = {
-    'full': None,  # Save nothing: recompute the whole block in the backward pass.
-    # Save the outputs of weight matmuls; recompute attention and elementwise work. Fastest on
-    # CPU too: stacking every saved activation per layer costs more than recomputing it.
-    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
 class Decoder(nn.Module):
   """tokens [batch, length] -> hidden states [batch, length, emb_dim] (after the final norm).
 
@@ -124,13 +115,14 @@ class Decoder(nn.Module):
     self.token_embed = layers.Embed(spec.vocab_size, spec.emb_dim, dtype=spec.dtype,
                                     param_dtype=spec.param_dtype)
     if spec.is_gpt2:
-      self.position_embed = layers.Embed(spec.max_len, spec.emb_dim, axes=('length', 'embed'),
+      self.position_embed = layers.Embed(spec.max_len, spec.emb_dim, axes=('positions', 'embed'),
                                          init_std=0.02, dtype=spec.dtype,
                                          param_dtype=spec.param_dtype)
     self.dropout = nn.Dropout(spec.dropout_rate, deterministic=self.deterministic)
     block = DecoderBlock
     if spec.remat != 'none' and not self.decode:  # Remat only matters for gradients.
-      block = nn.remat(block, policy=_REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
+      block = nn.remat(block, policy=layers.REMAT_POLICIES[spec.remat],
+                       prevent_cse=not spec.scan_layers)
     args = (spec, self.deterministic, self.sharding, self.decode)
     if spec.scan_layers:
       self.layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
@@ -236,7 +228,7 @@ def check_config(model_config):
 
 
 def param_layers(model_config):
-  """The length of the parameter tree's 'layers' axis (hf.stack_layers / unstack_layers)."""
+  """The length of the parameter tree's 'layers' axis (research/layout.py)."""
   return model_config.num_layers
 
 

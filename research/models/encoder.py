@@ -17,7 +17,6 @@ import dataclasses
 import functools
 from typing import Callable, Optional
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -117,13 +116,6 @@ class Bias(nn.Module):
     return x + bias.astype(x.dtype)
 
 
-_REMAT_POLICIES = {
-    'full': None,  # Save nothing: recompute the whole layer in the backward pass.
-    # Save the outputs of weight matmuls; recompute attention and elementwise work.
-    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
 class EncoderBlock(nn.Module):
   """Post-norm residual block: x = LN(x + attn(x)), then x = LN(x + mlp(x)).
 
@@ -160,7 +152,7 @@ class EncoderBlock(nn.Module):
     if spec.remat != 'none':
       # One application per nn.scan step needs no barrier against common-subexpression
       # elimination; unrolled applications do.
-      layer = nn.remat(layer, policy=_REMAT_POLICIES[spec.remat],
+      layer = nn.remat(layer, policy=layers.REMAT_POLICIES[spec.remat],
                        prevent_cse=not spec.scan_layers or self.repeats > 1)
     for _ in range(self.repeats):
       x = layer(self, x, segment_ids)
@@ -182,7 +174,7 @@ class Encoder(nn.Module):
     embed = functools.partial(layers.Embed, features=spec.embedding_dim, init_std=0.02,
                               dtype=spec.dtype, param_dtype=spec.param_dtype)
     self.token_embed = embed(spec.vocab_size)
-    self.position_embed = embed(spec.position_rows, axes=('length', 'embed'))
+    self.position_embed = embed(spec.position_rows, axes=('positions', 'embed'))
     self.type_embed = embed(spec.type_vocab_size, axes=(None, 'embed'))
     self.embed_norm = _layer_norm(spec)
     if spec.factorised:
@@ -341,7 +333,7 @@ def sharded_heads(model_config):
 
 def param_layers(model_config):
   """The length of the parameter tree's 'layers' axis (blocks layers_0.. when not scanned): what
-  research/hf.py's stack_layers and unstack_layers take as num_layers for this family."""
+  research/layout.py's stack and unstack take as num_layers for this family."""
   return EncoderSpec.from_config(model_config).param_layers
 
 

@@ -10,9 +10,25 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from research.models import attention
 from research.partitioning import constrain
+
+# Rematerialisation policies (config.model.remat) of a transformer block: what the forward pass
+# keeps for the backward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    'none': None,  # No remat: keep everything (the block is not wrapped at all).
+    'full': None,  # Keep nothing: recompute the whole block.
+    # Keep the outputs of weight matmuls; recompute attention and elementwise work. Fastest on
+    # CPU too: stacking every saved activation per layer costs more than recomputing it.
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Keep only each attention's output (before its projection): recompute the projections and
+    # the MLP, never the softmax over the sequence.
+    'minimal': jax.checkpoint_policies.save_only_these_names('attention_out'),
+    # As `dots`, but the kept activations wait in pinned host memory (GPU and TPU only).
+    'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
+}
 
 Dtype = Any
 
@@ -162,13 +178,14 @@ class Attention(nn.Module):
       q = rotary_embedding(q, positions, self.rope_theta)
       k = rotary_embedding(k, positions, self.rope_theta)
     q = constrain(q, self.sharding, ('batch', 'length', 'act_heads', 'head_dim'))
-    k = constrain(k, self.sharding, ('batch', 'length', 'act_kv_heads', 'head_dim'))
-    v = constrain(v, self.sharding, ('batch', 'length', 'act_kv_heads', 'head_dim'))
+    k = constrain(k, self.sharding, ('batch', 'kv_length', 'act_kv_heads', 'head_dim'))
+    v = constrain(v, self.sharding, ('batch', 'kv_length', 'act_kv_heads', 'head_dim'))
     if self.decode:
       out = self._cached_attention(q, k, v, segment_ids)
     else:
       out = attention.dot_product_attention(q, k, v, segment_ids, self.causal,
                                             self.implementation)
+      out = checkpoint_name(out, 'attention_out')  # Kept by remat='minimal'.
     return DenseGeneral((x.shape[-1],), ('heads', 'head_dim', 'embed'), contract_dims=2,
                         use_bias=self.use_bias, init_std=self.out_init_std, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='out')(out)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# A TPU VM slice through `gcloud compute tpus`: create it, install this project on every worker,
+# train on all workers, stream the logs, delete it.
+#
+#   launch/tpu_pod.sh ACTION --name NAME --zone ZONE [options] [-- --config.key=value ...]
+#   ACTION: create | setup | run | logs | delete
+#   --type v5p-64          accelerator type (create)       --version RUNTIME  TPU software (create)
+#   --spot                 spot capacity (create)          --queued           a queued resource
+#   --project PROJECT      gcloud project                  --bucket BUCKET    GCS bucket (setup)
+#   --config FILE:VARIANT  and --run NAME (run): the workdir is /mnt/BUCKET/runs/NAME, the bucket
+#                          mounted on every worker by `setup` (checkpoints survive the slice)
+#   --dry_run              print the commands instead of running them
+#
+# Every worker runs `python -m research.train` with RESEARCH_CLUSTER=tpu_pod, which joins them
+# through jax.distributed; SIGTERM (preemption, maintenance) saves a checkpoint on all of them.
+set -euo pipefail
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
+fail() { echo "error: $*" >&2; exit 2; }
+
+[[ $# -ge 1 ]] || usage
+action=$1; shift
+name='' zone='' type='v5p-8' version='v2-alpha-tpuv5' spot=0 queued=0 project='' bucket=''
+config='' run='' dry_run=0 overrides=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --name|--zone|--type|--version|--project|--bucket|--config|--run)
+      [[ $# -ge 2 ]] || fail "$1 needs a value."
+      declare "${1#--}=$2"; shift 2 ;;
+    --spot) spot=1; shift ;;
+    --queued) queued=1; shift ;;
+    --dry_run) dry_run=1; shift ;;
+    --) shift; overrides=("$@"); break ;;
+    *) fail "unknown option $1; see launch/tpu_pod.sh with no arguments for the options." ;;
+  esac
+done
+[[ -n $name && -n $zone ]] || fail "pass --name and --zone."
+
+run_cmd() {  # Prints the command (quoted as a shell would need it), then runs it unless dry.
+  printf '%q ' "$@" | sed 's/ $/\n/'
+  [[ $dry_run == 1 ]] || "$@"
+}
+common=(--zone "$zone")
+[[ -z $project ]] || common+=(--project "$project")
+on_all() { run_cmd gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command "$1"; }
+repo=research
+
+case $action in
+  create)
+    extra=(); [[ $spot == 0 ]] || extra+=(--spot)
+    if [[ $queued == 1 ]]; then
+      run_cmd gcloud compute tpus queued-resources create "$name" --node-id "$name" "${common[@]}" \
+        --accelerator-type "$type" --runtime-version "$version" "${extra[@]}"
+    else
+      run_cmd gcloud compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type "$type" \
+        --version "$version" "${extra[@]}"
+    fi ;;
+  setup)
+    [[ -n $bucket ]] || fail "setup needs --bucket (where checkpoints are kept)."
+    archive=/tmp/$repo.tar.gz
+    run_cmd git -C "$(dirname "$0")/.." archive --format=tar.gz --prefix="$repo/" -o "$archive" HEAD
+    run_cmd gcloud compute tpus tpu-vm scp "$archive" "$name:~/" "${common[@]}" --worker=all
+    on_all "rm -rf ~/$repo && tar xzf ~/$repo.tar.gz -C ~ && cd ~/$repo && python3 -m pip install -q -r requirements.txt 'jax[tpu]' && python3 -m pip install -q --no-deps -e . && sudo mkdir -p /mnt/$bucket && sudo chmod 777 /mnt/$bucket && (mountpoint -q /mnt/$bucket || gcsfuse --implicit-dirs $bucket /mnt/$bucket)" ;;
+  run)
+    [[ -n $config && -n $run && -n $bucket ]] || fail "run needs --config, --run and --bucket."
+    quoted=$(printf ' %q' "${overrides[@]+"${overrides[@]}"}")
+    on_all "cd ~/$repo && RESEARCH_CLUSTER=tpu_pod nohup python3 -m research.train --config $config --workdir /mnt/$bucket/runs/$run --config.train.progress_bar=False$quoted > ~/train.log 2>&1 &" ;;
+  logs)
+    run_cmd gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command 'tail -n 50 -f ~/train.log' ;;
+  delete)
+    if [[ $queued == 1 ]]; then
+      run_cmd gcloud compute tpus queued-resources delete "$name" "${common[@]}" --force --quiet
+    else
+      run_cmd gcloud compute tpus tpu-vm delete "$name" "${common[@]}" --quiet
+    fi ;;
+  *) fail "unknown action $action; use create, setup, run, logs or delete." ;;
+esac

@@ -1,0 +1,167 @@
+"""Ahead-of-time planner: compiles the train step for a target mesh without running it, and says
+what each device would hold.
+
+  python -m research.plan --config configs/decoder.py:llama2_7b --mesh data=16,fsdp=16 \
+      [--config.model.remat=full --config.train.batch_size=256 ...] [--plan_json PATH]
+
+Where this machine has fewer devices than the mesh (a laptop planning a TPU pod), the step
+compiles for as many simulated CPU devices. Parameter and optimizer-state bytes per device are
+then exact (they follow the shardings); activation (temporary) memory and the compiler's FLOPs are
+XLA:CPU's estimate, which tracks but does not equal a TPU's or GPU's (and XLA counts the body of a
+scanned layer loop once, so compare the model FLOPs, 6N plus attention, for scanned models).
+Every family and objective plans the same way: nothing here names one.
+"""
+
+import json
+import math
+import sys
+import time
+
+import jax
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec
+
+from research import config as config_lib
+from research import mesh as mesh_lib
+from research import models
+from research import objectives
+from research import optim
+from research import partitioning
+from research import train_state
+from research import train_step as step_lib
+from research.data import global_batch
+
+_JSON = flags.DEFINE_string('plan_json', '', 'Also write the plan as JSON to this file.')
+
+
+def _bytes_per_device(abstract_tree):
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * leaf.dtype.itemsize
+  return total
+
+
+def _compiler_flops(compiled):
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per computation.
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def plan(config, devices):
+  """Compiles config's train step on `devices` (a mesh of config.mesh's sizes); returns the
+  per-device figures as a dict."""
+  mesh_shape = config_lib.validate(config, len(devices))
+  mesh = mesh_lib.make_mesh(mesh_shape, devices)
+  t = config.train
+  family = models.get(config.model.family)
+  objective = objectives.build(config)
+  model = family.build(config.model, partitioning.ActivationSharding(mesh))
+  tx, schedule = optim.make_optimizer(config.optim, t.num_steps)
+  state, state_shardings = train_state.abstract(model, tx, mesh, family.init_inputs(t.seq_len))
+  fields = objective.fields(t.seq_len)
+  shapes = global_batch.batch_shapes(fields, t.batch_size)
+  shardings = global_batch.batch_shardings(fields, t.batch_size, mesh)
+  batch = {name: jax.ShapeDtypeStruct(shapes[name], field.dtype, sharding=shardings[name])
+           for name, field in fields.items()}
+  replicated = NamedSharding(mesh, PartitionSpec())
+  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=replicated)
+  step = jax.jit(
+      step_lib.make_train_step(model, objective, tx, schedule, config.optim.grad_accum_steps,
+                               dropout=config.model.dropout_rate > 0, mesh=mesh),
+      in_shardings=(state_shardings, shardings, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  started = time.perf_counter()
+  compiled = step.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - started
+  memory = compiled.memory_analysis()
+  spec = family.spec_from_config(config.model)
+  tokens = t.batch_size * t.seq_len
+  return dict(
+      variant=config.variant, family=config.model.family, objective=config.objective.name,
+      devices=len(devices), platform=devices[0].platform, mesh=mesh_shape,
+      remat=config.model.remat, scan_layers=config.model.scan_layers,
+      batch_size=t.batch_size, seq_len=t.seq_len,
+      params=models.size(state.params),
+      params_bytes_per_device=_bytes_per_device(state.params),
+      optimizer_bytes_per_device=_bytes_per_device(state.opt_state),
+      batch_bytes_per_device=_bytes_per_device(batch),
+      activations_bytes_per_device=int(memory.temp_size_in_bytes),
+      model_tflops_per_step_per_device=(objective.flops_per_token(family, spec) * tokens
+                                        / len(devices) / 1e12),
+      compiler_tflops_per_step_per_device=_compiler_flops(compiled) / 1e12,
+      compile_s=compile_s)
+
+
+def _devices(count):
+  """`count` devices of this machine's accelerators, or simulated CPU devices when it has fewer
+  (jax_num_cpu_devices is set before the first use of a device, in main)."""
+  accelerators = [d for d in jax.devices() if d.platform != 'cpu']
+  if len(accelerators) >= count:
+    return accelerators[:count]
+  return jax.devices('cpu')[:count]
+
+
+def _human(count):
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if count < 1024 or unit == 'GiB':
+      return f'{count:.4g} {unit}'
+    count /= 1024
+
+
+def _print(report):
+  size = lambda key: _human(report[f'{key}_bytes_per_device'])
+  rows = [
+      ('model', f"{report['variant']} ({report['family']}, {report['params']:,} parameters), "
+                f"objective {report['objective']}, remat={report['remat']}, "
+                f"scan_layers={report['scan_layers']}"),
+      ('mesh', f"{report['mesh']} on {report['devices']} {report['platform']} devices"),
+      ('batch', f"{report['batch_size']} x {report['seq_len']} tokens per step"),
+      ('parameters / device', size('params')),
+      ('optimizer state / device', size('optimizer')),
+      ('activations (temporary) / device', size('activations')),
+      ('batch / device', size('batch')),
+      ('model TFLOPs / step / device', f"{report['model_tflops_per_step_per_device']:.4g}"),
+      ('compiler TFLOPs / step / device', f"{report['compiler_tflops_per_step_per_device']:.4g}"),
+      ('compile time', f"{report['compile_s']:.1f} s"),
+  ]
+  width = max(len(name) for name, _ in rows)
+  for name, value in rows:
+    print(f'{name:<{width}}  {value}')
+
+
+def main(argv):
+  try:
+    config = config_lib.parse_flags(argv)
+    target = mesh_lib.MESH_FLAG.value
+    if target:
+      sizes = mesh_lib.parse_sizes(target)
+      if any(size < 1 for size in sizes.values()):
+        raise mesh_lib.MeshError(f'--mesh {target} needs explicit positive sizes: a plan is for '
+                                 'a given topology.')
+      count = math.prod(sizes.values())
+      jax.config.update('jax_num_cpu_devices', count)  # Before any device is touched.
+      for axis, size in sizes.items():
+        config.mesh[axis] = size
+      for axis in mesh_lib.DCN_AXES:
+        config.mesh[f'dcn_{axis}'] = 1  # One slice: a plan compiles on one process.
+      devices = _devices(count)
+    else:
+      mesh_lib.configure_cpu_devices()
+      devices = jax.devices()
+    report = plan(config, devices)
+  except (config_lib.ConfigError, mesh_lib.MeshError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 2
+  _print(report)
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(report, f, indent=2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

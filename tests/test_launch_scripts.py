@@ -1,0 +1,62 @@
+"""The cloud launch scripts cannot run here: their dry runs print the exact commands, and bad
+arguments stop with one line (exit 2)."""
+
+import os
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, **env):
+  return subprocess.run(['bash', f'launch/{script}', *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=60, env=dict(os.environ, **env))
+
+
+def test_tpu_pod_dry_runs_print_the_gcloud_commands():
+  where = ['--name', 'pod', '--zone', 'us-east5-a', '--dry_run']
+  create = _run('tpu_pod.sh', 'create', *where, '--type', 'v5p-64', '--spot', '--queued')
+  assert create.returncode == 0, create.stderr
+  assert create.stdout.split() == (
+      'gcloud compute tpus queued-resources create pod --node-id pod --zone us-east5-a '
+      '--accelerator-type v5p-64 --runtime-version v2-alpha-tpuv5 --spot').split()
+  run = _run('tpu_pod.sh', 'run', *where, '--config', 'configs/decoder.py:llama_1b', '--run',
+             'r1', '--bucket', 'ckpts', '--', '--config.mesh.fsdp=-1')
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.startswith('gcloud compute tpus tpu-vm ssh pod --zone us-east5-a --worker=all')
+  for part in (r'RESEARCH_CLUSTER=tpu_pod', r'--workdir\ /mnt/ckpts/runs/r1',
+               r'--config.mesh.fsdp=-1'):
+    assert part in run.stdout, run.stdout
+  setup = _run('tpu_pod.sh', 'setup', *where, '--bucket', 'ckpts')
+  assert setup.returncode == 0 and setup.stdout.count('--worker=all') == 2, setup.stdout
+  assert 'gcsfuse' in setup.stdout and 'pip\\ install' in setup.stdout
+  delete = _run('tpu_pod.sh', 'delete', *where)
+  assert delete.stdout.strip() == 'gcloud compute tpus tpu-vm delete pod --zone us-east5-a --quiet'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['create', '--zone', 'z'], 'pass --name and --zone.'),
+    (['create', '--name', 'p', '--zone', 'z', '--bogus'], 'unknown option --bogus'),
+    (['resize', '--name', 'p', '--zone', 'z'], 'unknown action resize'),
+    (['run', '--name', 'p', '--zone', 'z', '--dry_run'], 'run needs --config, --run and --bucket.'),
+    (['setup', '--name', 'p', '--zone', 'z', '--dry_run'], 'setup needs --bucket'),
+    (['create', '--name'], '--name needs a value.'),
+])
+def test_tpu_pod_bad_arguments_are_one_line(args, message):
+  result = _run('tpu_pod.sh', *args)
+  assert result.returncode == 2 and result.stdout == ''
+  said = result.stderr.strip()
+  assert said.startswith('error: ') and '\n' not in said and message in said, said
+
+
+def test_slurm_dry_run_prints_the_srun_command_and_bad_arguments_are_refused():
+  result = _run('slurm.sbatch', 'configs/decoder.py:llama_1b', '/shared/runs/a',
+                '--config.mesh.fsdp=-1', DRY_RUN='1', PYTHON='python3')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [
+      'srun', '--kill-on-bad-exit=1', '--export=ALL\\,RESEARCH_CLUSTER=slurm', 'python3', '-m',
+      'research.train', '--config', 'configs/decoder.py:llama_1b', '--workdir', '/shared/runs/a',
+      '--config.train.progress_bar=False', '--config.mesh.fsdp=-1']
+  missing = _run('slurm.sbatch', 'configs/decoder.py:llama_1b')
+  assert missing.returncode == 2 and missing.stderr.startswith('usage: sbatch')

@@ -1,0 +1,48 @@
+"""The ahead-of-time planner: per-device memory follows the shardings, for every family."""
+
+import json
+import os
+
+import jax
+import pytest
+
+import runs
+from research import config as config_lib
+from research import plan
+
+
+def _config(spec, **mesh):
+  config = config_lib.load_config_file(os.path.join(runs.REPO, 'configs', spec))
+  config.train.batch_size, config.train.seq_len = 8, 64
+  for axis in ('data', 'fsdp', 'sequence', 'tensor'):
+    config.mesh[axis] = mesh.get(axis, 1)
+  return config
+
+
+@pytest.mark.parametrize('spec', ['decoder.py:tiny', 'encoder.py:bert_tiny'])
+def test_fsdp_over_8_devices_holds_an_eighth_of_the_state_per_device(spec):
+  one = plan.plan(_config(spec), jax.devices()[:1])
+  eight = plan.plan(_config(spec, fsdp=8), jax.devices()[:8])
+  state = lambda r: r['params_bytes_per_device'] + r['optimizer_bytes_per_device']
+  assert one['params'] == eight['params'] > 0
+  assert abs(state(eight) / (state(one) / 8) - 1) <= 0.15, (state(one), state(eight))
+  assert eight['activations_bytes_per_device'] > 0
+  # Model FLOPs per device divide by the device count.
+  assert abs(eight['model_tflops_per_step_per_device'] * 8
+             - one['model_tflops_per_step_per_device']) < 1e-9
+
+
+def test_the_command_line_plans_a_mesh_larger_than_this_machine(tmp_path):
+  out = tmp_path / 'plan.json'
+  result = runs.command('research.plan', '--config', 'configs/decoder.py:tiny',
+                        '--mesh', 'data=4,fsdp=4', '--config.train.batch_size=16',
+                        '--plan_json', str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report['devices'] == 16 and report['platform'] == 'cpu'  # 16 simulated devices.
+  assert report['mesh'] == dict(data=4, fsdp=4, sequence=1, tensor=1)
+  assert 'optimizer state / device' in result.stdout
+  bad = runs.command('research.plan', '--config', 'configs/decoder.py:tiny', '--mesh', 'fsdp=-1')
+  assert bad.returncode == 2
+  assert bad.stderr.strip() == ('error: --mesh fsdp=-1 needs explicit positive sizes: a plan is '
+                                'for a given topology.')
