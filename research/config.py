@@ -24,10 +24,10 @@ from ml_collections import config_flags
 
 from research import mesh as mesh_lib
 from research import models
-from research.models import layers
 from research import objectives
 from research.data import labeled
 from research.data import tokenizer as tokenizer_lib
+from research.models import layers
 
 _CONFIG_FLAG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and variant, e.g. configs/decoder.py:tiny.', lock_config=True)
@@ -230,8 +230,9 @@ def validate(config, num_devices):
   batch_shards = math.prod(mesh[axis] for axis in mesh_lib.BATCH_AXES)
   if t.batch_size % (batch_shards * o.grad_accum_steps):
     raise ConfigError(f'train.batch_size={t.batch_size} must divide evenly over the data axes '
-                      f'({"*".join(mesh_lib.BATCH_AXES)}={batch_shards}) times optim.grad_accum_steps='
-                      f'{o.grad_accum_steps}; use a multiple of {batch_shards * o.grad_accum_steps}.')
+                      f'({"*".join(mesh_lib.BATCH_AXES)}={batch_shards}) times '
+                      f'optim.grad_accum_steps={o.grad_accum_steps}; use a multiple of '
+                      f'{batch_shards * o.grad_accum_steps}.')
   heads = family.sharded_heads(m)
   tensor = mesh[mesh_lib.TENSOR]
   if any(count % tensor for count in heads.values()):

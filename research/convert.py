@@ -207,7 +207,8 @@ def change_layout(workdir, out_dir):
   try:
     if source.latest_step() is None:
       raise checkpoint_lib.CheckpointError(f'{workdir} holds no finished checkpoint.')
-    mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
+    # Every device holds a part of the state (fsdp), without the run's own mesh or its checks.
+    mesh = mesh_lib.make_mesh({mesh_lib.FSDP: jax.device_count()})
     tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
     abstract, shardings = train_state.abstract(family.build(config.model), tx, mesh,
                                                family.init_inputs(config.train.seq_len))

@@ -25,8 +25,6 @@ DCN_AXES = (DATA, FSDP)  # Axes that may span slices (config.mesh.dcn_<axis>).
 _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', 0, 'On a CPU-only host, split the CPU into this many JAX devices (e.g. one '
     'per core) so that the mesh can shard over them; 0 keeps JAX\'s default of one device.')
-
-
 MESH_FLAG = flags.DEFINE_string(
     'mesh', '', 'Mesh sizes for research.sample and research.plan, e.g. fsdp=-1, fsdp=4,tensor=2 '
     'or data=16,fsdp=16 (axes left out are 1); research.train reads config.mesh instead.')

@@ -38,7 +38,8 @@ def test_single_process_runs_do_not_initialize_anything():
 
 def test_each_launched_process_gets_its_place_and_devices():
   env = local_multiprocess.process_env(
-      {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x'}, index=1, processes=2, local_devices=4, port=4321)
+      {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x'}, index=1,
+      processes=2, local_devices=4, port=4321)
   assert env['RESEARCH_COORDINATOR'] == 'localhost:4321'
   assert (env['RESEARCH_NUM_PROCESSES'], env['RESEARCH_PROCESS_ID']) == ('2', '1')
   assert env['XLA_FLAGS'] == '--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4'

@@ -219,4 +219,5 @@ def test_a_silent_peer_ends_the_survivor_within_the_heartbeat_bound_naming_it(tm
   said = open(f'{workdir}.p0').read()
   assert code != 0 and elapsed < 5 + 30, (code, elapsed)
   # The runtime's own words, which name the silent process (task 1).
-  assert re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b', said), said[-3000:]
+  named = re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b', said)
+  assert named, said[-3000:]

@@ -18,7 +18,8 @@ TOKENS = np.random.default_rng(0).integers(0, 264, (2, 17)).astype(np.int32)
 def _config(decoder_config, scan_layers, remat, num_layers=3):
   config = decoder_config('tiny')
   m = config.model
-  m.num_layers, m.emb_dim, m.mlp_dim, m.scan_layers, m.remat = num_layers, 64, 128, scan_layers, remat
+  m.num_layers, m.emb_dim, m.mlp_dim = num_layers, 64, 128
+  m.scan_layers, m.remat = scan_layers, remat
   return m
 
 
