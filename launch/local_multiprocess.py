@@ -10,6 +10,7 @@ launcher is passed on once to every process, which then stop together after savi
 """
 
 import argparse
+import codecs
 import os
 import signal
 import socket
@@ -48,11 +49,12 @@ def train_command(python, index, config, workdir, overrides):
 def _stream(pipe, prefix, out):
   """Copies `pipe` to `out`, each line (or progress-bar update) preceded by `prefix`."""
   at_line_start = True
+  decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')  # Characters split by reads.
   while True:
     chunk = os.read(pipe.fileno(), 65536)
     if not chunk:
       break
-    text = chunk.decode(errors='replace')
+    text = decoder.decode(chunk)
     pieces = []
     for char in text:
       if at_line_start:
@@ -130,8 +132,6 @@ def main(argv):
     time.sleep(0.1)
   for thread in streams:
     thread.join()
-  if status == 0:
-    status = next((child.returncode for child in children if child.returncode), 0)
   return status if status >= 0 else 128 - status  # Killed by signal N: 128 + N, as shells do.
 
 

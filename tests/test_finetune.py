@@ -216,12 +216,12 @@ def test_fine_tuning_starts_from_the_pretraining_run_and_learns_word_order(tmp_p
 
   run = tmp_path / 'run'
   runs.ok(runs.command('research.train', '--workdir', str(run), *common,
-                       '--config.train.num_steps=300'))
+                       '--config.train.num_steps=200'))  # Accuracy 1.0 at step 200 (0.45 at 100).
   final = runs.metrics(run)[-1]
-  assert final['step'] == 300 and final['eval_accuracy'] > 0.9, final
+  assert final['step'] == 200 and final['eval_accuracy'] > 0.9, final
   assert 0 < final['eval_f1'] <= 1
   # The best state is kept apart, and keeping it never removed the latest.
-  assert os.listdir(run / 'best') and '300' in os.listdir(run / 'checkpoints')
+  assert os.listdir(run / 'best') and '200' in os.listdir(run / 'checkpoints')
 
 
 def _wordpiece_tokenizer(directory):

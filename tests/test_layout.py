@@ -1,25 +1,46 @@
 """Stacked (scanned) and per-layer parameter layouts convert into each other, optimizer state
-included, and a converted checkpoint resumes training exactly."""
+included, and a converted checkpoint (research.convert layout) resumes training exactly."""
 
-import json
-import shutil
+import functools
 
 import jax
 import numpy as np
 import pytest
 
-import runs
+from research import checkpoint as checkpoint_lib
+from research import config as config_lib
+from research import convert
 from research import layout
+from research import mesh as mesh_lib
 from research import train
-from research import workdir as workdir_lib
+from research.data import global_batch
+
+
+def _config(decoder_config, scan_layers=True):
+  config = decoder_config('tiny')
+  m = config.model
+  m.num_layers, m.emb_dim, m.mlp_dim, m.scan_layers = 3, 32, 64, scan_layers
+  config.train.batch_size, config.train.seq_len = 8, 32
+  return config
+
+
+def _trainer(config):
+  mesh = mesh_lib.make_mesh(config_lib.validate(config, 8), jax.devices()[:8])
+  return train.setup(config, mesh)
+
+
+def _steps(trainer, state, first, count):
+  losses = []
+  for step in range(first, first + count):
+    batch = global_batch.assemble(functools.partial(trainer.pipeline.train_batch, step),
+                                  trainer.batch_shapes, trainer.batch_shardings)
+    state, metrics = trainer.train_step(state, batch, trainer.dropout_rng)
+    losses.append(float(metrics['loss']))
+  return state, losses
 
 
 def test_a_train_state_converts_both_ways_without_changing_a_number(decoder_config):
-  config = decoder_config('tiny')
-  config.model.num_layers, config.model.emb_dim, config.model.mlp_dim = 3, 32, 64
-  from research import mesh as mesh_lib
-  trainer = train.setup(config, mesh_lib.make_mesh({}, jax.devices()[:1]))
-  state = trainer.state
+  state = _trainer(_config(decoder_config)).state
   per_layer = layout.convert(state, 3, scan_layers=False)
   assert 'layers' not in per_layer.params and per_layer.params['layers_2']
   mu = per_layer.opt_state[1][0].mu  # Adam's first moment follows the parameters.
@@ -31,30 +52,29 @@ def test_a_train_state_converts_both_ways_without_changing_a_number(decoder_conf
   assert all(jax.tree.leaves(same))
 
 
-@pytest.mark.slow
-def test_a_converted_checkpoint_resumes_with_the_losses_of_the_original_layout(tmp_path):
-  corpus = runs.write_corpus(tmp_path / 'corpus')
-  scanned = tmp_path / 'scanned'
-  runs.ok(runs.train(scanned, corpus, '--config.train.num_steps=8',
-                     '--config.checkpoint.every_steps=4', '--config.model.dropout_rate=0'))
-  moved = tmp_path / 'at4'
-  shutil.copytree(scanned, moved)
-  shutil.rmtree(moved / 'checkpoints' / '8')
-  result = runs.ok(runs.command('research.convert', 'layout', '--workdir', str(moved), '--out',
-                                str(tmp_path / 'per_layer')))
-  assert '--config.model.scan_layers=False' in result.stdout
-  runs.ok(runs.train(tmp_path / 'per_layer', corpus, '--config.train.num_steps=8',
-                     '--config.checkpoint.every_steps=4', '--config.model.dropout_rate=0',
-                     '--config.model.scan_layers=False'))
-  read = lambda w: {r['step']: r['loss'] for r in map(json.loads, open(w / 'metrics.jsonl'))}
-  want, got = read(scanned), read(tmp_path / 'per_layer')
-  assert sorted(got) == [5, 6, 7, 8]
-  for step in got:
-    assert abs(got[step] - want[step]) <= 1e-5, (step, got[step], want[step])
-  reference = layout.convert(workdir_lib.load_params(str(scanned))[1], 2, scan_layers=False)
-  final = jax.device_get(workdir_lib.load_params(str(tmp_path / 'per_layer'))[1])
-  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), final, reference)
-  assert max(jax.tree.leaves(diffs)) <= 1e-5, diffs
-  # A second conversion into a folder that is not empty is refused before anything is read.
-  runs.assert_error(runs.command('research.convert', 'layout', '--workdir', str(moved), '--out',
-                                 str(tmp_path / 'per_layer')), 'is not empty; pass a new or empty')
+def test_a_converted_checkpoint_resumes_with_the_losses_of_the_original_layout(decoder_config,
+                                                                             tmp_path):
+  config = _config(decoder_config)
+  scanned = _trainer(config)
+  state, _ = _steps(scanned, scanned.state, 0, 2)
+  config_lib.record_run(config, str(tmp_path / 'run'))
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / 'run' / 'checkpoints'), keep=1)
+  checkpointer.save(2, state, checkpoint_lib.make_record(
+      2, scanned.dropout_rng, scanned.pipeline.position(2), config))
+  checkpointer.wait()
+  checkpointer.close()
+  _, want = _steps(scanned, state, 2, 3)
+
+  new = convert.change_layout(str(tmp_path / 'run'), str(tmp_path / 'per_layer'))
+  assert new.model.scan_layers is False
+  per_layer_config = _config(decoder_config, scan_layers=False)
+  per_layer = _trainer(per_layer_config)
+  reader = checkpoint_lib.Checkpointer(str(tmp_path / 'per_layer' / 'checkpoints'), keep=1)
+  restored, record = reader.restore(per_layer.state, per_layer.state_shardings,
+                                    checkpoint_lib.settings(per_layer_config))
+  reader.close()
+  assert record['step'] == 2 and 'layers_2' in restored.params
+  _, got = _steps(per_layer, restored, 2, 3)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match='is not empty; pass a new or empty folder'):
+    convert.change_layout(str(tmp_path / 'run'), str(tmp_path / 'per_layer'))

@@ -64,3 +64,10 @@ def test_hybrid_meshes_put_each_process_on_its_own_slice_of_the_dcn_axis():
   sizes = mesh_lib.resolve_shape(dict(data=-1, fsdp=2, sequence=1, tensor=1),
                                  dict(data=2, fsdp=1), 8, num_granules=2)
   assert sizes == dict(data=4, fsdp=2, sequence=1, tensor=1)
+
+
+def test_mesh_flags_name_axes_and_sizes():
+  assert mesh_lib.parse_sizes('data=16, fsdp=-1') == dict(data=16, fsdp=-1, sequence=1, tensor=1)
+  for bad in ('model=2', 'fsdp=two', 'fsdp'):
+    with pytest.raises(mesh_lib.MeshError, match=f"--mesh entry '{bad}' is not AXIS=SIZE"):
+      mesh_lib.parse_sizes(bad)

@@ -8,6 +8,7 @@
   process, and the last committed checkpoint still restores.
 """
 
+import functools
 import json
 import os
 import re
@@ -22,7 +23,12 @@ import numpy as np
 import pytest
 
 from launch import local_multiprocess
+from research import config as config_lib
+from research import mesh as mesh_lib
+from research import objectives
+from research import train
 from research import workdir as workdir_lib
+from research.data import global_batch
 import runs
 
 pytestmark = pytest.mark.slow
@@ -50,6 +56,35 @@ def _one_process(workdir, corpus, model, *extra):
   """1 process x 8 devices (the test environment's)."""
   return runs.ok(runs.command('research.train', '--config', model[0], '--workdir', str(workdir),
                               *_overrides(corpus, model, *extra)))
+
+
+def _set(config, override):
+  """Applies '--config.a.b=value' to `config`, typed like the value it replaces."""
+  key, text = override[len('--config.'):].split('=', 1)
+  *path, name = key.split('.')
+  node = config
+  for part in path:
+    node = node[part]
+  old = node[name]
+  node[name] = text.lower() == 'true' if isinstance(old, bool) else type(old)(text)
+
+
+def _in_this_process(corpus, model):
+  """The 1 process x 8 devices run of `model`, stepped here (one subprocess fewer): ({step:
+  loss}, final params, the end-of-run sample or None)."""
+  config = config_lib.load_config_file(os.path.join(runs.REPO, model[0]))
+  for override in _overrides(corpus, model):
+    _set(config, override)
+  mesh = mesh_lib.make_mesh(config_lib.validate(config, 8), jax.devices()[:8])
+  trainer = train.setup(config, mesh)
+  state, losses = trainer.state, {}
+  for step in range(STEPS):
+    batch = global_batch.assemble(functools.partial(trainer.pipeline.train_batch, step),
+                                  trainer.batch_shapes, trainer.batch_shardings)
+    state, metrics = trainer.train_step(state, batch, trainer.dropout_rng)
+    totals = objectives.host_totals(metrics['totals'])
+    losses[step + 1] = trainer.objective.metrics(totals)['loss']
+  return losses, jax.device_get(state.params), train._sample(trainer, state.params, config)
 
 
 def _two_processes(workdir, corpus, model, *extra):
@@ -114,39 +149,39 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def decoder_runs(tmp_path_factory, corpus):
-  """The uninterrupted runs every decoder test compares with: 1 x 8 and 2 x 4 devices."""
-  root = tmp_path_factory.mktemp('decoder')
-  (root / 'one.stderr').write_text(_one_process(root / 'one', corpus, DECODER).stderr)
-  (root / 'two.stderr').write_text(_two_processes(root / 'two', corpus, DECODER).stderr)
-  return root
+  """The uninterrupted decoder runs the tests compare with: 2 processes x 4 devices (a workdir
+  and its stderr) and 1 x 8 (stepped here)."""
+  two = tmp_path_factory.mktemp('decoder') / 'two'
+  said = _two_processes(two, corpus, DECODER).stderr
+  return two, said, _in_this_process(corpus, DECODER)
 
 
-@pytest.mark.parametrize('model', [DECODER, ENCODER], ids=['decoder', 'encoder'])
+@pytest.mark.parametrize('model', ['decoder', 'encoder'])
 def test_two_processes_train_like_one(tmp_path, corpus, decoder_runs, model):
-  if model is DECODER:
-    one, two = decoder_runs / 'one', decoder_runs / 'two'
+  if model == 'decoder':
+    two, said, (reference, params, sample) = decoder_runs
   else:
-    one, two = tmp_path / 'one', tmp_path / 'two'
-    _one_process(one, corpus, model)
-    _two_processes(two, corpus, model)
-  reference = _losses(one)
+    two = tmp_path / 'two'
+    said = _two_processes(two, corpus, ENCODER).stderr
+    reference, params, sample = _in_this_process(corpus, ENCODER)
   assert sorted(reference) == list(range(1, STEPS + 1))
   assert reference[STEPS] < reference[1]  # The steps really train.
   _assert_same_losses(_losses(two), reference, range(1, STEPS + 1))
-  _assert_close(_params(two), _params(one), atol=1e-4)
-  # Only process 0 writes the run's records.
-  assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-  if model is DECODER:  # The end-of-run sample: computed by both processes, printed once.
-    sample = lambda text: text[text.index('--- sample'):].replace('[p0] ', '').split('\n---')[0]
-    one_said, two_said = ((decoder_runs / f'{n}.stderr').read_text() for n in ('one', 'two'))
-    assert two_said.count('--- sample') == 1 and '[p1] --- sample' not in two_said
-    assert sample(two_said) == sample(one_said)
+  _assert_close(_params(two), params, atol=1e-4)
+  # Only process 0 writes the run's records (process 1 would add dated copies and a lock).
+  assert sorted(p.name for p in two.iterdir()) == [
+      'checkpoints', 'config.json', 'environment.json', 'metrics.jsonl', 'tensorboard']
+  # The end-of-run sample: computed by both processes (decoders), printed once.
+  assert said.count('--- sample') == (sample is not None) and '[p1] --- sample' not in said
+  if sample is not None:
+    assert said[said.index('--- sample'):].replace('[p0] ', '').startswith(
+        f'--- sample (greedy) ---\n{sample}\n---')
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(tmp_path, corpus,
                                                                        decoder_runs):
   workdir = tmp_path / 'moved'
-  shutil.copytree(decoder_runs / 'two', workdir)
+  shutil.copytree(decoder_runs[0], workdir)
   for step in range(2 * EVERY, STEPS + 1, EVERY):  # Keep only step 4 of the 2-process run.
     shutil.rmtree(workdir / 'checkpoints' / str(step))
   (workdir / 'metrics.jsonl').write_text('')
@@ -155,7 +190,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(tmp_pat
                '--config.mesh.tensor=2')
   losses = _losses(workdir)
   assert sorted(losses) == list(range(EVERY + 1, STEPS + 1))
-  _assert_same_losses(losses, _losses(decoder_runs / 'one'), losses)
+  _assert_same_losses(losses, decoder_runs[2][0], losses)
 
 
 def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes_bitwise(
@@ -177,7 +212,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes_bitwi
   _two_processes(workdir, corpus, DECODER)
   losses = _losses(workdir)
   assert sorted(losses) == list(range(1, STEPS + 1))
-  reference = _params(decoder_runs / 'two')
+  reference = _params(decoder_runs[0])
   resumed = _params(workdir)
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, resumed, reference)))
 

@@ -59,12 +59,12 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
 def test_default_corpus_run_beats_a_unigram_model_and_checkpoints(decoder_config, tmp_path):
   """The demo path: `tiny` on the embedded standard-library corpus through the real command."""
   workdir, data_dir = tmp_path / 'demo', tmp_path / 'tfds'
-  steps = 250
+  steps = 200  # Eval loss 2.32 here against a unigram model's 3.49 (2.49 after 150 steps).
   result = subprocess.run(
       [sys.executable, '-m', 'research.train', '--config', 'configs/decoder.py:tiny',
        '--workdir', str(workdir), f'--config.data.data_dir={data_dir}',
-       f'--config.train.num_steps={steps}', '--config.train.eval_every=125',
-       '--config.checkpoint.every_steps=125', '--config.train.sample_tokens=40',
+       f'--config.train.num_steps={steps}', '--config.train.eval_every=100',
+       '--config.checkpoint.every_steps=100', '--config.train.sample_tokens=40',
        '--cpu_devices=1'],
       cwd=REPO, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -77,6 +77,6 @@ def test_default_corpus_run_beats_a_unigram_model_and_checkpoints(decoder_config
   final = [json.loads(line) for line in open(workdir / 'metrics.jsonl')][-1]
   assert final['step'] == steps
   assert final['eval_loss'] < unigram - 1.0, (final['eval_loss'], unigram)
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['125', '250']
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['100', '200']
   data = json.load(open(workdir / 'environment.json'))['data']
   assert data['source'] == 'stdlib' and len(data['fingerprint']) == 64 and data['files'] > 100
