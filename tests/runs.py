@@ -1,5 +1,8 @@
 """Helpers for tests that run `python -m research.train` as a user would, and read its workdir."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
@@ -8,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import flags
 
 from research import convert
 from research.models import decoder
@@ -40,6 +44,21 @@ def command(module, *args):
   """`python -m module args...` run from the repository root, its output captured."""
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, capture_output=True,
                         text=True, timeout=600)
+
+
+def in_process(module, *args):
+  """`python -m module args...` called in this process (its `main`): the same checks without a
+  new interpreter, for commands that stop early (bad inputs) or do little. Flags are reset before
+  and after, as a fresh process would have them."""
+  main = importlib.import_module(module).main
+  out, err = io.StringIO(), io.StringIO()
+  flags.FLAGS.unparse_flags()
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      code = main([module, *args])
+  finally:
+    flags.FLAGS.unparse_flags()
+  return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def train(workdir, corpus, *overrides):

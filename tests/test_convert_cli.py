@@ -22,7 +22,7 @@ from research.data import tokenizer as tokenizer_lib
 
 
 
-_convert = functools.partial(runs.command, 'research.convert')
+_convert = functools.partial(runs.in_process, 'research.convert')
 
 
 @pytest.fixture(scope='module')
@@ -103,7 +103,6 @@ BAD_MODEL_DIRS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('style, edit, fragment', BAD_MODEL_DIRS)
 def test_from_hf_bad_model_dirs_stop_with_one_sentence(hf_dirs, tmp_path, style, edit, fragment):
   model_dir = tmp_path / 'model'
@@ -114,7 +113,6 @@ def test_from_hf_bad_model_dirs_stop_with_one_sentence(hf_dirs, tmp_path, style,
   assert not (tmp_path / 'ours').exists()  # Refused before anything is written.
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('args, fragment', [
     (['from_hf', '--model_dri=x', '--workdir=y'], 'Unknown flag --model_dri; the closest is '
                                                  '--model_dir.'),
@@ -171,7 +169,6 @@ def bf16_run(tmp_path_factory):
   return runs.random_run(tmp_path_factory.mktemp('ours') / 'run', config)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('out, fragment', [
     ('{run}', "lies in the run's own --workdir"),
     ('{run}/../run/', "lies in the run's own --workdir"),  # The same folder, spelt differently.
@@ -188,7 +185,6 @@ def test_to_hf_refuses_the_run_itself_and_a_non_empty_out(bf16_run, tmp_path, ou
   assert os.listdir(tmp_path / 'full') == ['notes.txt']
 
 
-@pytest.mark.slow
 def test_to_hf_keeps_dtype_dropout_and_special_token_ids(bf16_run, tmp_path):
   out = tmp_path / 'hf'
   out.mkdir()

@@ -12,7 +12,7 @@ from test_encoder_model import HF_MODELS
 
 
 def _convert(*args):
-  return runs.command('research.convert', *args)
+  return runs.in_process('research.convert', *args)
 
 
 def _bert_masked_lm():

@@ -1,9 +1,6 @@
 """Parity with Hugging Face `transformers` (torch, CPU) and exact conversions both ways."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +9,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+import runs
 from research import convert
 from research import decode
 from research import hf
@@ -20,7 +18,6 @@ from research.models import decoder
 
 pytestmark = pytest.mark.slow  # Builds, saves and converts torch models.
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HF_CONFIGS = {
     'gpt2': lambda: transformers.GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=2,
@@ -88,9 +85,8 @@ def test_greedy_generation_matches_transformers_generate(hf_model):
   got = decode.generate(model, params, [prompt.tolist()], decode.SamplingConfig(max_new_tokens=12))
   np.testing.assert_array_equal(got[0], want)
   # The same through the command line, on the converted workdir.
-  result = subprocess.run([sys.executable, '-m', 'research.sample', '--workdir', str(workdir),
-                           '--prompt_ids', '5,17,42,8', '--max_new_tokens', '12'], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+  result = runs.in_process('research.sample', '--workdir', str(workdir),
+                           '--prompt_ids', '5,17,42,8', '--max_new_tokens', '12')
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == ','.join(map(str, want))
 
@@ -98,8 +94,8 @@ def test_greedy_generation_matches_transformers_generate(hf_model):
 def test_round_trips_are_bitwise(hf_model, tmp_path):
   name, _, hf_dir, workdir = hf_model
   # HF -> ours -> HF.
-  subprocess.run([sys.executable, '-m', 'research.convert', 'to_hf', '--workdir', str(workdir),
-                  '--out', str(tmp_path / 'back')], cwd=REPO, check=True, capture_output=True)
+  runs.ok(runs.in_process('research.convert', 'to_hf', '--workdir', str(workdir),
+                          '--out', str(tmp_path / 'back')))
   original, back = load_file(hf_dir / 'model.safetensors'), load_file(tmp_path / 'back' / 'model.safetensors')
   original.pop('lm_head.weight', None) if hf_model[1].config.tie_word_embeddings else None
   assert sorted(original) == sorted(back)
@@ -153,7 +149,6 @@ def test_unsupported_hf_configs_name_the_field(edit, field):
 
 def test_from_hf_never_overwrites_a_workdir(hf_model, tmp_path):
   _, _, hf_dir, workdir = hf_model
-  result = subprocess.run([sys.executable, '-m', 'research.convert', 'from_hf', '--model_dir',
-                           str(hf_dir), '--workdir', str(workdir)], cwd=REPO,
-                          capture_output=True, text=True)
+  result = runs.in_process('research.convert', 'from_hf', '--model_dir', str(hf_dir),
+                           '--workdir', str(workdir))
   assert result.returncode == 2 and 'already holds checkpoints' in result.stderr

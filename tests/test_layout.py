@@ -25,7 +25,7 @@ def _config(decoder_config, scan_layers=True):
 
 
 def _trainer(config):
-  mesh = mesh_lib.make_mesh(config_lib.validate(config, 8), jax.devices()[:8])
+  mesh = mesh_lib.make_mesh(config_lib.validate(config, 1), jax.devices()[:1])
   return train.setup(config, mesh)
 
 

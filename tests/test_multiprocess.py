@@ -1,11 +1,14 @@
 """Real multi-process jobs on this machine (jax.distributed over gloo, free ports):
 
-- 2 processes x 4 CPU devices train exactly like 1 process x 8 devices (decoder and encoder);
+- 2 processes x 4 CPU devices train exactly like 1 process x 8 devices (decoder and encoder; the
+  1-process reference is stepped in this test process, through the same trainer);
 - a checkpoint written by 2 processes resumes in 1 process on another mesh;
 - SIGTERM to one process: every process saves the same step and exits 0, and the resumed run
   ends bitwise where an uninterrupted one does;
-- kill -9 of one process: the survivor exits non-zero within the heartbeat bound, naming the lost
-  process, and the last committed checkpoint still restores.
+- kill -9 of one process: the job ends at once, the launcher names the lost process, and the
+  last committed checkpoint still restores;
+- a process that stops answering: the survivor exits non-zero within the heartbeat bound, and the
+  runtime names the lost process.
 """
 
 import functools
@@ -22,6 +25,7 @@ import jax
 import numpy as np
 import pytest
 
+import runs
 from launch import local_multiprocess
 from research import config as config_lib
 from research import mesh as mesh_lib
@@ -29,7 +33,6 @@ from research import objectives
 from research import train
 from research import workdir as workdir_lib
 from research.data import global_batch
-import runs
 
 pytestmark = pytest.mark.slow
 

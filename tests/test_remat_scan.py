@@ -38,15 +38,17 @@ def test_remat_policies_and_scan_give_the_plain_loss_and_gradients(decoder_confi
                         is_leaf=lambda x: hasattr(x, 'names'))
   want_loss, want_grads = _loss_fn(plain)(params)
   stacked = layout.stack(jax.tree.map(np.asarray, params), 3)
-  for scan_layers in (False, True):
-    for remat in ('none', 'full', 'dots', 'minimal'):
-      model = decoder.build(_config(decoder_config, scan_layers, remat))
-      loss, grads = _loss_fn(model)(stacked if scan_layers else params)
-      if scan_layers:
-        grads = layout.unstack(grads, 3)
-      assert abs(float(loss) - float(want_loss)) <= 1e-6, (scan_layers, remat)
-      diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), grads, want_grads)
-      assert max(jax.tree.leaves(diffs)) <= 1e-5, (scan_layers, remat, diffs)
+  # Every policy unrolled; scanned, none, the default (dots) and the one that keeps least.
+  cases = [(False, 'full'), (False, 'dots'), (False, 'minimal'),
+           (True, 'none'), (True, 'dots'), (True, 'minimal')]
+  for scan_layers, remat in cases:
+    model = decoder.build(_config(decoder_config, scan_layers, remat))
+    loss, grads = _loss_fn(model)(stacked if scan_layers else params)
+    if scan_layers:
+      grads = layout.unstack(grads, 3)
+    assert abs(float(loss) - float(want_loss)) <= 1e-6, (scan_layers, remat)
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), grads, want_grads)
+    assert max(jax.tree.leaves(diffs)) <= 1e-5, (scan_layers, remat, diffs)
 
 
 def _compile_seconds(decoder_config, num_layers):

@@ -1,4 +1,5 @@
-"""research.sample through its command line: each bad input stops with one sentence (exit 2)."""
+"""research.sample through its command line (its main, in process): each bad input stops with one
+sentence (exit 2)."""
 
 import functools
 import os
@@ -10,7 +11,7 @@ import runs
 from research import config as config_lib
 from research import hf
 
-_sample = functools.partial(runs.command, 'research.sample')
+_sample = functools.partial(runs.in_process, 'research.sample')
 
 
 @pytest.fixture(scope='module')
@@ -26,7 +27,6 @@ def workdir(tmp_path_factory):
 BASE = ['--prompt_ids', '1,2,3,4', '--max_new_tokens', '12']
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('args, fragment', [
     (['--max_new_tokens=0'], 'max_new_tokens=0 must be a positive integer'),
     (['--temperature=-1'], 'temperature=-1.0 must be 0 (greedy) or'),
@@ -44,7 +44,6 @@ def test_bad_inputs_stop_with_one_sentence(workdir, args, fragment):
   runs.assert_error(_sample('--workdir', str(workdir), *BASE, *args), fragment)
 
 
-@pytest.mark.slow
 def test_generation_may_fill_max_len(workdir):
   result = _sample('--workdir', str(workdir), *BASE)  # 4 + 12 == max_len.
   assert result.returncode == 0, result.stderr[-2000:]
@@ -52,7 +51,6 @@ def test_generation_may_fill_max_len(workdir):
   assert len(ids) == 12 and all(0 <= t < 264 for t in ids)
 
 
-@pytest.mark.slow
 def test_sampling_with_the_parameters_sharded_over_the_devices_gives_the_same_tokens(workdir):
   one = _sample('--workdir', str(workdir), *BASE)
   sharded = _sample('--workdir', str(workdir), *BASE, '--mesh=fsdp=-1,tensor=2')
@@ -62,7 +60,6 @@ def test_sampling_with_the_parameters_sharded_over_the_devices_gives_the_same_to
                     'The mesh {')  # 3 of 8 devices.
 
 
-@pytest.mark.slow
 def test_workdirs_without_a_run_stop_with_one_sentence(workdir, tmp_path):
   runs.assert_error(_sample('--workdir', str(tmp_path / 'missing'), *BASE),
                       f'--workdir {tmp_path / "missing"} is not a directory')
