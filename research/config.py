@@ -146,6 +146,14 @@ def dcn_sizes(config):
   return {axis: config.mesh[f'dcn_{axis}'] for axis in mesh_lib.DCN_AXES}
 
 
+def check_tensor_axis(family, model_config, tensor):
+  """ConfigError unless the tensor axis size divides every head count the family shards."""
+  heads = family.sharded_heads(model_config)
+  if any(count % tensor for count in heads.values()):
+    raise ConfigError(f'mesh.{mesh_lib.TENSOR}={tensor} must divide '
+                      + ' and '.join(f'{name} ({count})' for name, count in heads.items()) + '.')
+
+
 def validate(config, num_devices):
   """Checks a config against itself and the device count; returns the resolved mesh shape."""
   m, o, t = config.model, config.optim, config.train
@@ -233,11 +241,7 @@ def validate(config, num_devices):
                       f'({"*".join(mesh_lib.BATCH_AXES)}={batch_shards}) times '
                       f'optim.grad_accum_steps={o.grad_accum_steps}; use a multiple of '
                       f'{batch_shards * o.grad_accum_steps}.')
-  heads = family.sharded_heads(m)
-  tensor = mesh[mesh_lib.TENSOR]
-  if any(count % tensor for count in heads.values()):
-    raise ConfigError(f'mesh.{mesh_lib.TENSOR}={tensor} must divide '
-                      + ' and '.join(f'{name} ({count})' for name, count in heads.items()) + '.')
+  check_tensor_axis(family, m, mesh[mesh_lib.TENSOR])
   sequence = mesh[mesh_lib.SEQUENCE]
   if t.seq_len % sequence:
     raise ConfigError(f'train.seq_len={t.seq_len} must divide evenly over mesh.'

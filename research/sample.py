@@ -53,10 +53,7 @@ def _mesh(config, family):
   """The --mesh over every device; its tensor axis must divide the model's heads."""
   sizes = mesh_lib.resolve_shape(mesh_lib.parse_sizes(mesh_lib.MESH_FLAG.value), {},
                                  jax.device_count(), 1)
-  heads = family.sharded_heads(config.model)
-  if any(count % sizes[mesh_lib.TENSOR] for count in heads.values()):
-    raise ValueError(f'--mesh {mesh_lib.TENSOR}={sizes[mesh_lib.TENSOR]} must divide '
-                     + ' and '.join(f'{name} ({count})' for name, count in heads.items()) + '.')
+  config_lib.check_tensor_axis(family, config.model, sizes[mesh_lib.TENSOR])
   return mesh_lib.make_mesh(sizes)
 
 
