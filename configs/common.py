@@ -45,12 +45,25 @@ def base_config(variant, shape, source='stdlib'):
 
   config.data = ml_collections.ConfigDict(dict(
       # stdlib: this Python's standard-library sources (embedded default, no download);
-      # text: data.paths; markov: in-memory synthetic tokens (research/data/synthetic.py).
+      # text | jsonl | parquet: data.paths; tfds: data.tfds_name; markov: in-memory synthetic
+      # tokens (research/data/synthetic.py). See research/data/sources.py.
       source=source,
-      paths='',  # Comma-separated files, directories or globs, for source='text'.
-      data_dir='~/.cache/research/tfds',  # Where text sources are prepared as array_record.
-      validation_percent=5,
+      paths='',  # Comma-separated files, directories or globs (text, jsonl, parquet).
+      tfds_name='',  # A TFDS dataset prepared as array_record under data_dir: c4/en:3.1.0.
+      train_split='train',  # tfds: the splits read (TFDS slicing allowed: train[:99%]).
+      validation_split='validation',
+      text_field='text',  # jsonl, parquet, tfds: the field holding each document's text.
+      # Several sources by weight, 'SOURCE=WEIGHT;...' with SOURCE as KIND or KIND:LOCATION, e.g.
+      # 'tfds:c4/en:3.1.0=0.7;text:/data/wiki=0.3'; when set it replaces data.source.
+      mixture='',
+      # TFDS datasets are read from here; tokenized shards are written to <data_dir>/tokens.
+      data_dir='~/.cache/research/tfds',
+      tokenized_dir='',  # The shards of one source made elsewhere (research.data.pretokenize).
+      validation_percent=5,  # Local sources: the share of files (or of one file) that validates.
+      # bytes | spm:FILE.model (SentencePiece) | hf:DIR (a Hugging Face tokenizer.json).
       tokenizer='bytes',
+      extra_ids=0,  # Sentinel tokens appended above a SentencePiece vocabulary (T5: 100).
+      prefetch=2,  # Steps whose rows a background thread computes ahead of the devices.
       markov_branching=2,
       min_doc_len=8,
   ))
@@ -80,6 +93,7 @@ def base_config(variant, shape, source='stdlib'):
       batch_size=shape['batch_size'],  # Global batch, in sequences.
       seq_len=shape['seq_len'],
       num_steps=shape['num_steps'],
+      num_tokens=0,  # > 0: train on this many tokens instead (sets num_steps).
       log_every=10,
       eval_every=100,
       eval_batches=4,

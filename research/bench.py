@@ -3,6 +3,11 @@
   python -m research.bench train --config configs/decoder.py:nanogpt_cpu [--peer=torch]
   python -m research.bench decode --config configs/decoder.py:tiny [--decode_batch=8 ...]
   python -m research.bench checkpoint --config configs/decoder.py:gpt2_small [--checkpoint_dir=DIR]
+  python -m research.bench data --config configs/decoder.py:tiny [--corpus_mb=100,1000]
+
+`data` times the input pipeline (pretokenization, rows of the objective, prefetching) against
+the train step it feeds, and the peak memory of training starts on generated corpora of several
+sizes (research/data/benchmark.py).
 
 `train` times full training steps (host batch creation and transfer, forward, backward, optimizer)
 on synthetic full-length token batches after warm-up, and reports the median over several timed
@@ -41,6 +46,7 @@ from research import optim
 from research import partitioning
 from research import train
 from research import train_state
+from research.data import benchmark as data_benchmark
 from research.data import global_batch
 
 _WARMUP = flags.DEFINE_integer('warmup_steps', 5, 'Untimed steps after compilation.')
@@ -53,6 +59,9 @@ _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 64, 'decode: prompt length in t
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'decode: generated tokens per prompt.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'decode, checkpoint: timed repeats (the fastest '
                                 'counts).')
+_DATA_STEPS = flags.DEFINE_integer('data_steps', 50, 'data: training steps timed per measure.')
+_CORPUS_MB = flags.DEFINE_list('corpus_mb', [], 'data: sizes (MB) of generated corpora whose '
+                               'tokenization and training start are measured in new processes.')
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'checkpoint: where to save (default: '
                                       'a temporary folder).')
 
@@ -204,10 +213,30 @@ def bench_checkpoint(config):
               checksum_share_of_restore=checksum_s / restore_s)
 
 
+def bench_data(config, argv):
+  """The input pipeline against the train step (research/data/benchmark.py)."""
+  def trainer_factory(config):
+    ours = _JaxTrainer(config)
+    ours.run_steps(_WARMUP.value)
+    rate = statistics.median(_timed_rate(ours.run_steps) for _ in range(_WINDOWS.value))
+    return ours.trainer, ours.state, rate
+
+  try:
+    sizes = [int(size) for size in _CORPUS_MB.value]
+  except ValueError:
+    raise config_lib.ConfigError(f'--corpus_mb={",".join(_CORPUS_MB.value)} must list whole '
+                                 'megabytes, e.g. 100,1000.') from None
+  overrides = [a for a in argv[2:] if a.startswith('--config.')]
+  spec = config_lib.config_spec(argv)
+  return data_benchmark.run(config, trainer_factory, _DATA_STEPS.value, config.data.prefetch,
+                            sizes, spec, overrides)
+
+
 def _check_flags():
   """One sentence for a flag value the benchmarks cannot use."""
   counts = dict(windows=_WINDOWS, window_steps=_WINDOW_STEPS, decode_batch=_DECODE_BATCH,
-                prompt_len=_PROMPT_LEN, new_tokens=_NEW_TOKENS, repeats=_REPEATS)
+                prompt_len=_PROMPT_LEN, new_tokens=_NEW_TOKENS, repeats=_REPEATS,
+                data_steps=_DATA_STEPS)
   for name, flag in counts.items():
     if flag.value < 1:
       raise config_lib.ConfigError(f'--{name}={flag.value} must be at least 1.')
@@ -219,9 +248,10 @@ def _check_flags():
 
 
 def main(argv):
-  modes = {'train': bench_train, 'decode': bench_decode, 'checkpoint': bench_checkpoint}
+  modes = {'train': bench_train, 'decode': bench_decode, 'checkpoint': bench_checkpoint,
+           'data': lambda config: bench_data(config, argv)}
   if len(argv) < 2 or argv[1] not in modes:
-    print('usage: python -m research.bench train|decode|checkpoint --config '
+    print('usage: python -m research.bench train|decode|checkpoint|data --config '
           'configs/<family>.py:VARIANT', file=sys.stderr)
     return 2
   try:
@@ -229,7 +259,7 @@ def main(argv):
     _check_flags()
     mesh_lib.configure_cpu_devices()
     results = modes[argv[1]](config)
-  except config_lib.ConfigError as error:
+  except (config_lib.ConfigError, data_benchmark.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
   for key, value in results.items():

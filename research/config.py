@@ -26,6 +26,7 @@ from research import mesh as mesh_lib
 from research import models
 from research import objectives
 from research.data import labeled
+from research.data import sources
 from research.data import tokenizer as tokenizer_lib
 from research.models import layers
 
@@ -72,7 +73,7 @@ def load_config_file(spec):
     raise ConfigError(str(error)) from None
 
 
-def _config_spec(argv):
+def config_spec(argv):
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
   if spec is None and '--config' in argv[:-1]:
     spec = argv[argv.index('--config') + 1]
@@ -81,7 +82,7 @@ def _config_spec(argv):
 
 def parse_flags(argv):
   """Parses absl flags; a bad config file, variant or override becomes one ConfigError sentence."""
-  spec = _config_spec(argv)
+  spec = config_spec(argv)
   if spec is None:
     raise ConfigError('No config given; pass --config configs/<family>.py:VARIANT.')
   base = load_config_file(spec)  # Checked here: config_flags defers such errors to first use.
@@ -154,6 +155,10 @@ def check_tensor_axis(family, model_config, tensor):
                       + ' and '.join(f'{name} ({count})' for name, count in heads.items()) + '.')
 
 
+# Document sources, synthetic tokens and labelled-example files; the objective says which it reads.
+DATA_SOURCES = sources.KINDS + ('markov',) + tuple(k for k in labeled.SOURCES if k not in sources.KINDS)
+
+
 def validate(config, num_devices):
   """Checks a config against itself and the device count; returns the resolved mesh shape."""
   m, o, t = config.model, config.optim, config.train
@@ -169,7 +174,7 @@ def validate(config, num_devices):
       'model.attention': (m.attention, ('auto', 'explicit', 'xla', 'cudnn')),
       'optim.name': (o.name, ('adamw', 'adafactor', 'lion')),
       'optim.decay': (o.decay, ('cosine', 'linear', 'rsqrt', 'constant')),
-      'data.source': (config.data.source, ('stdlib', 'text', 'markov') + labeled.SOURCES),
+      'data.source': (config.data.source, DATA_SOURCES),
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:
@@ -178,13 +183,17 @@ def validate(config, num_devices):
     tokenizer_lib.check_name(config.data.tokenizer)
   except ValueError as error:
     raise ConfigError(str(error)) from None
+  if t.num_tokens < 0:
+    raise ConfigError(f'config.train.num_tokens={t.num_tokens} must not be negative.')
+  if t.num_tokens:  # A token budget: the steps whose batches reach it.
+    t.num_steps = -(-t.num_tokens // max(t.batch_size * t.seq_len, 1))
   positive = {'model.num_layers': m.num_layers, 'model.num_heads': m.num_heads,
               'model.emb_dim': m.emb_dim, 'model.mlp_dim': m.mlp_dim,
               'model.vocab_size': m.vocab_size, 'train.batch_size': t.batch_size,
               'train.seq_len': t.seq_len, 'train.num_steps': t.num_steps,
               'optim.grad_accum_steps': o.grad_accum_steps, 'optim.lr': o.lr,
               'train.log_every': t.log_every, 'train.eval_every': t.eval_every,
-              'train.eval_batches': t.eval_batches,
+              'train.eval_batches': t.eval_batches, 'data.prefetch': config.data.prefetch,
               'checkpoint.every_steps': config.checkpoint.every_steps,
               # At least one checkpoint is kept: the final one.
               'checkpoint.keep': config.checkpoint.keep}
@@ -220,7 +229,8 @@ def validate(config, num_devices):
     raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={m.max_len}; shorten the '
                       'sequences or raise max_len.')
   if t.sample_tokens > 0 and getattr(family, 'GENERATES_TEXT', False):
-    prompt = len(tokenizer_lib.get(config.data.tokenizer).encode(t.sample_prompt))
+    prompt = len(tokenizer_lib.get(config.data.tokenizer, config.data.extra_ids).encode(
+        t.sample_prompt))
     if prompt + t.sample_tokens > m.max_len:
       raise ConfigError(f'train.sample_prompt ({prompt} tokens) plus train.sample_tokens='
                         f'{t.sample_tokens} exceed model.max_len={m.max_len}; sample fewer tokens.')

@@ -3,7 +3,8 @@ Llama (decoder), BERT, RoBERTa and ALBERT (encoder).
 
   python -m research.convert from_hf --model_dir HF_DIR --workdir OUT
       writes a workdir of ours (config.json + an orbax checkpoint at step 0 with a fresh optimizer
-      state) that research.train resumes from and research.sample reads;
+      state, and the model's tokenizer.json, when it has one, saved in OUT/tokenizer) that
+      research.train resumes from and research.sample reads;
   python -m research.convert to_hf --workdir DIR --out HF_DIR [--overwrite]
       writes the newest checkpoint of a run as a directory that `transformers` loads, in the
       checkpoint's dtype, with the special-token ids and a generation_config.json;
@@ -89,26 +90,31 @@ def from_hf(model_dir, workdir):
   hf_config, tensors = hf.read_model_dir(model_dir)
   generation_config = hf.read_generation_config(model_dir)
   config = config_for_hf(hf_config)
-  config.data.tokenizer = _hf_tokenizer(model_dir) or config.data.tokenizer
+  tokenizer = _hf_tokenizer(model_dir, config)
+  saved = os.path.join(os.path.abspath(workdir), tokenizer_lib.SAVED_DIR)
+  if tokenizer is not None:  # The workdir's own copy: the run does not depend on model_dir.
+    config.data.tokenizer = tokenizer_lib.HF_PREFIX + saved
   config_lib.validate(config, jax.device_count())
   params = workdir_lib.family(config).hf_converter().params_from_hf(tensors, config.model)
   os.makedirs(workdir, exist_ok=True)
   hf.write_source(workdir, model_dir, hf_config, generation_config)
+  if tokenizer is not None:
+    tokenizer_lib.save(tokenizer, saved)
   write_workdir(config, params, workdir, data=dict(source='huggingface', model_dir=model_dir))
   return config
 
 
-def _hf_tokenizer(model_dir):
-  """data.tokenizer for the model's own tokenizer.json when our tokenizer interface reads it
-  (BERT, RoBERTa, ALBERT); None otherwise (text then goes in as ids, see research.sample)."""
-  name = tokenizer_lib.HF_PREFIX + os.path.abspath(model_dir)
+def _hf_tokenizer(model_dir, config):
+  """The model's own tokenizer.json (None when the directory has none; text then goes in as
+  ids, see research.sample); it must fit the model's embedding."""
   if not os.path.isfile(os.path.join(model_dir, 'tokenizer.json')):
     return None
-  try:
-    tokenizer_lib.get(name)
-  except ValueError:  # No [CLS]/[SEP]/[MASK]-like tokens: a decoder's tokenizer.
-    return None
-  return name
+  tokenizer = tokenizer_lib.get(tokenizer_lib.HF_PREFIX + os.path.abspath(model_dir))
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise hf.ConversionError(f'The tokenizer.json in {model_dir} has {tokenizer.vocab_size} '
+                             f'tokens but the model\'s embedding only {config.model.vocab_size}; '
+                             'use the tokenizer the model was published with.')
+  return tokenizer
 
 
 def write_workdir(config, params, workdir, data):

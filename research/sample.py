@@ -2,10 +2,12 @@
 
   python -m research.sample --workdir DIR --prompt "def " [--prompt "class "] \
       [--max_new_tokens 200 --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0]
-  python -m research.sample --workdir DIR --prompt_ids 15496,11 ...   (token ids in and out,
-      e.g. for a model converted from Hugging Face, whose tokenizer is not ours)
+  python -m research.sample --workdir DIR --prompt_ids 15496,11 ...   (token ids in and out)
   python -m research.sample --workdir DIR --prompt "def " --mesh fsdp=-1   (parameters sharded
       over every device: a model larger than one device)
+
+Text goes through the tokenizer saved in DIR/tokenizer (a model converted from Hugging Face brings
+its tokenizer.json there), else through the run's data.tokenizer.
 
 Every input is checked before the checkpoint is read; a bad one stops with one sentence.
 """
@@ -43,9 +45,14 @@ def parse_ids(text):
 
 
 def _tokenizer(workdir, config):
-  if hf.read_source(workdir) is not None:
-    raise ValueError(f'{workdir} was converted from Hugging Face, whose tokenizer is not ours; '
-                     'pass token ids with --prompt_ids.')
+  """The run's saved tokenizer, else config.data.tokenizer."""
+  saved = tokenizer_lib.load_saved(os.path.join(workdir, tokenizer_lib.SAVED_DIR))
+  if saved is not None:
+    return saved
+  if hf.read_source(workdir) is not None:  # Its data.tokenizer is our default, not the model's.
+    raise ValueError(f'{workdir} was converted from Hugging Face, whose tokenizer is not ours, '
+                     'from a directory without a tokenizer.json; pass token ids with --prompt_ids '
+                     'or convert again from a directory that has one.')
   return tokenizer_lib.get(config.data.tokenizer)
 
 
@@ -83,7 +90,8 @@ def main(argv):
     else:
       tokenizer = _tokenizer(workdir, config)
       prompts = [tokenizer.encode(p).tolist() for p in _PROMPTS.value]
-      stops, pad = (tokenizer.eos_id,), tokenizer.pad_id
+      stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+      pad = tokenizer_lib.filler_id(tokenizer)
     sampling = decode.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                      top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=stops,
                                      pad_id=pad)
@@ -99,8 +107,11 @@ def main(argv):
   if jax.process_index() != 0:  # Every process sampled; one prints.
     return 0
   print(f'# {workdir}, step {step}', file=sys.stderr)
-  for prompt, ids in zip(_PROMPTS.value or _PROMPT_IDS.value, outputs):
-    print(prompt + tokenizer.decode(ids) if tokenizer else ','.join(map(str, ids)))
+  for prompt, prompt_ids, ids in zip(_PROMPTS.value or _PROMPT_IDS.value, prompts, outputs):
+    if tokenizer is None:
+      print(','.join(map(str, ids)))
+    else:
+      print(prompt + tokenizer_lib.continuation_text(tokenizer, prompt_ids, ids))
   return 0
 
 

@@ -36,7 +36,9 @@ from research import train_step as step_lib
 from research import watchdog as watchdog_lib
 from research import workdir as workdir_lib
 from research.data import global_batch
+from research.data import prefetch
 from research.data import pipeline as pipeline_lib
+from research.data import tokenizer as tokenizer_lib
 
 
 class Trainer(NamedTuple):
@@ -164,12 +166,25 @@ def _sample(trainer, params, config):
       or not getattr(trainer.family, 'GENERATES_TEXT', False)):
     return None
   prompt = tokenizer.encode(config.train.sample_prompt)
-  sampling = decode.SamplingConfig(max_new_tokens=config.train.sample_tokens,
-                                   stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+  stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+  sampling = decode.SamplingConfig(max_new_tokens=config.train.sample_tokens, stop_tokens=stops,
+                                   pad_id=tokenizer_lib.filler_id(tokenizer))
   # Every process takes part (the parameters are sharded over the whole mesh); process 0 prints.
   model = trainer.family.build(config.model)
   ids = decode.generate(model, params, [prompt.tolist()], sampling, mesh=trainer.mesh)[0]
-  return config.train.sample_prompt + tokenizer.decode(ids)
+  return config.train.sample_prompt + tokenizer_lib.continuation_text(tokenizer, prompt, ids)
+
+
+
+
+def _check_tokenizer(workdir, tokenizer):
+  """A run's token ids mean nothing under another tokenizer: resuming with one is refused."""
+  saved = tokenizer_lib.load_saved(os.path.join(workdir, tokenizer_lib.SAVED_DIR))
+  if saved is not None and saved.fingerprint != getattr(tokenizer, 'fingerprint', None):
+    raise pipeline_lib.DataError(
+        f'{workdir} was trained with the tokenizer {saved.name} and this run would use '
+        f'{getattr(tokenizer, "name", "synthetic tokens")}; resume with '
+        f'--config.data.tokenizer={saved.name}, or start a new --workdir.')
 
 
 def run(config, workdir):
@@ -184,6 +199,7 @@ def _train(config, workdir, mesh, stop):
   t = config.train
   # Data, model, state, steps.
   pipeline = pipeline_lib.build(config)
+  _check_tokenizer(workdir, pipeline.tokenizer)
   trainer = setup(config, mesh, pipeline)
 
   # Start-up: resume, warm start or fresh. Nothing is written to the workdir before it succeeds.
@@ -205,6 +221,10 @@ def _train(config, workdir, mesh, stop):
     checkpointer.close()
     return {}
   config_lib.record_run(config, workdir, data=pipeline.record)
+  if jax.process_index() == 0 and hasattr(pipeline.tokenizer, 'fingerprint'):
+    folder = os.path.join(workdir, tokenizer_lib.SAVED_DIR)
+    if not os.path.exists(folder):
+      tokenizer_lib.save(pipeline.tokenizer, folder)
 
   # Loop.
   spec = trainer.family.spec_from_config(config.model)
@@ -223,13 +243,17 @@ def _train(config, workdir, mesh, stop):
   profiling = False
   w = config.watchdog
   watchdog = watchdog_lib.Watchdog(w.slow_factor, w.slow_min_s, w.exit_after_s).start()
+  prefetcher = prefetch.Prefetcher(
+      pipeline.train_batch, global_batch.host_ranges(trainer.batch_shapes,
+                                                     trainer.batch_shardings),
+      start_step, stop_step, config.data.prefetch)
   try:
     for step in range(start_step, stop_step):
       if step == t.profile_start_step:
         jax.profiler.start_trace(f'{workdir}/profile', create_perfetto_trace=True)
         profiling = True
-      batch = global_batch.assemble(functools.partial(pipeline.train_batch, step),
-                                    trainer.batch_shapes, trainer.batch_shardings)
+      batch = global_batch.assemble(prefetcher.rows(step), trainer.batch_shapes,
+                                    trainer.batch_shardings)
       with (jax.profiler.StepTraceAnnotation('train', step_num=step) if profiling
             else contextlib.nullcontext()):
         state, step_metrics = trainer.train_step(state, batch, dropout_rng)
@@ -291,6 +315,7 @@ def _train(config, workdir, mesh, stop):
                          'from the last checkpoint.') from None
   finally:
     watchdog.stop()
+    prefetcher.close()
     if profiling:
       jax.profiler.stop_trace()
     if bar is not None:

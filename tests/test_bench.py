@@ -28,6 +28,29 @@ def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_data_reports_the_pipeline_against_the_step_and_start_memory(tmp_path):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(20):
+    (corpus / f'{i}.txt').write_text(f'document {i}: ' + 'some words here\n' * (300 + i))
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'research.bench', 'data', '--config', 'configs/encoder.py:bert_tiny',
+       '--config.data.source=text', f'--config.data.paths={corpus}', '--config.train.batch_size=8',
+       '--data_steps=4', '--windows=1', '--window_steps=2', '--warmup_steps=1', '--corpus_mb=1',
+       f'--json={out}'], cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(out))
+  assert results['objective'] == 'mlm' and results['tokenizer'] == 'bytes'
+  assert results['pretokenize_mb'] > 0.09 and results['pretokenize_mb_per_s'] > 0
+  assert results['pipeline_over_train_step'] == (results['pipeline_tokens_per_s']
+                                                 / results['train_step_tokens_per_s'])
+  assert results['fed_tokens_per_s'] > 0 and 0 <= results['input_wait_share'] < 1
+  assert 100 < results['corpus_1mb_train_start_peak_rss_mb'] < 4000
+  assert 50 < results['corpus_1mb_pretokenize_peak_rss_mb'] < 4000
+
+
+@pytest.mark.slow
 def test_bench_train_of_an_encoder_against_transformers(tmp_path):
   out = tmp_path / 'bench.json'
   result = subprocess.run(

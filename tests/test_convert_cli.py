@@ -220,3 +220,46 @@ def test_to_hf_keeps_dtype_dropout_and_special_token_ids(bf16_run, tmp_path):
   assert (hf_config['bos_token_id'], hf_config['eos_token_id'], hf_config['pad_token_id']) == ids
   generation = transformers.GenerationConfig.from_pretrained(out)
   assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == ids
+
+
+def _gpt2_tokenizer(model_dir, full_alphabet=False):
+  """A GPT-2-style byte-level BPE tokenizer.json with <|endoftext|> at id 0 (the model's bos and
+  eos): over the characters of a few sentences, or over all 256 bytes (more ids than the tiny
+  model's 101)."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tokenizer = tokenizers.Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  alphabet = pre_tokenizers.ByteLevel.alphabet() if full_alphabet else []
+  tokenizer.train_from_iterator(['hello world, the quick brown fox jumps'] * 20,
+                                trainers.BpeTrainer(vocab_size=90, initial_alphabet=alphabet,
+                                                    special_tokens=['<|endoftext|>']))
+  tokenizer.save(str(model_dir / 'tokenizer.json'))
+
+
+def test_an_imported_gpt2_model_keeps_its_tokenizer_and_samples_from_text(hf_dirs, tmp_path):
+  model_dir, ours = tmp_path / 'model', tmp_path / 'ours'
+  shutil.copytree(hf_dirs / 'gpt2', model_dir)
+  _gpt2_tokenizer(model_dir)
+  source = tokenizer_lib.get(f'hf:{model_dir}')
+  runs.ok(_convert('from_hf', '--model_dir', str(model_dir), '--workdir', str(ours)))
+  saved = ours / tokenizer_lib.SAVED_DIR
+  assert workdir_lib.load_config(str(ours)).data.tokenizer == f'hf:{saved}'
+  assert (saved / 'tokenizer.json').read_bytes() == (model_dir / 'tokenizer.json').read_bytes()
+  assert tokenizer_lib.load_saved(str(saved)).fingerprint == source.fingerprint
+  shutil.rmtree(model_dir)  # The workdir holds all it needs.
+  result = runs.ok(runs.in_process('research.sample', '--workdir', str(ours), '--prompt',
+                                   'hello world', '--prompt', 'the fox', '--max_new_tokens', '8'))
+  lines = result.stdout.splitlines()
+  assert len(lines) == 2 and lines[0].startswith('hello world') and lines[1].startswith('the fox')
+
+
+def test_from_hf_refuses_a_tokenizer_larger_than_the_model(hf_dirs, tmp_path):
+  model_dir = tmp_path / 'model'
+  shutil.copytree(hf_dirs / 'gpt2', model_dir)
+  _gpt2_tokenizer(model_dir, full_alphabet=True)
+  result = _convert('from_hf', '--model_dir', str(model_dir), '--workdir', str(tmp_path / 'ours'))
+  runs.assert_error(result, f'The tokenizer.json in {model_dir} has 257 tokens but the model\'s '
+                            'embedding only 101')
+  assert not (tmp_path / 'ours').exists()

@@ -272,6 +272,6 @@ def test_fine_tuning_a_model_imported_from_hugging_face_with_its_tokenizer(tmp_p
       '--config.train.progress_bar=false', '--config.mesh.data=8'))
   assert 'initialised 2 afresh (classifier)' in result.stderr, result.stderr
   config = json.load(open(run / 'config.json'))
-  assert config['data']['tokenizer'] == f'hf:{tmp_path / "hf"}'
+  assert config['data']['tokenizer'] == f'hf:{imported / "tokenizer"}'
   final = runs.metrics(run)[-1]
   assert final['eval_accuracy'] > 0.9, final

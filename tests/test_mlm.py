@@ -13,7 +13,7 @@ from research import mesh as mesh_lib
 from research import objectives
 from research import train
 from research.data import global_batch
-from research.data import packed_rows
+from research.data import windows
 from research.data import pipeline as pipeline_lib
 from research.data import tokenizer as tokenizer_lib
 
@@ -51,8 +51,19 @@ def _documents(count=40, seed=0, spaces=False):
 def _rows(config, shuffle=True, **documents):
   tokens, bounds = _documents(**documents)
   transform = objectives.build(config).transform(TOKENIZER)
-  return packed_rows.PackedRows(tokens, bounds, config.train.seq_len, config.seed, shuffle,
-                                transform), transform
+  return windows.Windows(_Store(tokens, bounds), config.train.seq_len, config.seed, shuffle,
+                         transform), transform
+
+
+class _Store:
+  """An in-memory token stream with the TokenStore interface."""
+
+  def __init__(self, tokens, bounds):
+    self.tokens, self.split, self.num_tokens = tokens, 'train', len(tokens)
+    self.docs = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+
+  def read(self, start, length):
+    return self.tokens[start:start + length], self.docs[start:start + length]
 
 
 def _examples(transform, count, epoch=0, length=60, seed=1):
@@ -121,7 +132,7 @@ def test_static_masks_repeat_every_epoch_and_dynamic_masks_change_reproducibly()
     assert differ == 0 if same_across_epochs else differ > 45, differ
   # Through the data: the rows of a resumed run equal those of an uninterrupted one.
   rows, _ = _rows(dynamic_config)
-  count = rows.rows_per_epoch(0) + 5
+  count = len(rows) + 5
   whole = rows.rows(0, count)
   resumed = _rows(dynamic_config)[0].rows(count - 7, count)
   for name in whole:
@@ -162,9 +173,8 @@ def test_sentence_pairs_are_half_negative_with_segment_types(pair):
     types = batch['token_types'][r][real]
     np.testing.assert_array_equal(types, np.arange(len(ids)) > seps[0])
     first, second = ids[1:seps[0]], ids[seps[0] + 1:-1]
-    epoch, row = original._locate(r)
-    order, starts = original._epoch(epoch)
-    chunk = original.example_tokens(order[starts[row]])
+    window, _ = original.window(r)
+    chunk = max(original.pieces(window), key=lambda piece: len(piece[0]))[0]  # The longest.
     if batch['pair_label'][r] == 0:  # A positive is the chunk in order.
       np.testing.assert_array_equal(np.concatenate([first, second]), chunk)
     elif pair == 'sop':  # A negative of SOP swaps the halves.

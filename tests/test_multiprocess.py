@@ -173,7 +173,7 @@ def test_two_processes_train_like_one(tmp_path, corpus, decoder_runs, model):
   _assert_close(_params(two), params, atol=1e-4)
   # Only process 0 writes the run's records (process 1 would add dated copies and a lock).
   assert sorted(p.name for p in two.iterdir()) == [
-      'checkpoints', 'config.json', 'environment.json', 'metrics.jsonl', 'tensorboard']
+      'checkpoints', 'config.json', 'environment.json', 'metrics.jsonl', 'tensorboard', 'tokenizer']
   # The end-of-run sample: computed by both processes (decoders), printed once.
   assert said.count('--- sample') == (sample is not None) and '[p1] --- sample' not in said
   if sample is not None:

@@ -125,4 +125,4 @@ def test_evaluation_runs_on_its_own_cadence(tmp_path, corpus):
   assert [r['step'] for r in records if 'eval_loss' in r] == [2, 4, 6, 7]
   assert [r['step'] for r in records if 'loss' in r] == [3, 6, 7]
   environment = json.load(open(workdir / 'environment.json'))
-  assert environment['data']['source'] == 'text'
+  assert environment['data']['sources'][0]['spec'] == f'text:{corpus}'

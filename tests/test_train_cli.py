@@ -79,4 +79,5 @@ def test_default_corpus_run_beats_a_unigram_model_and_checkpoints(decoder_config
   assert final['eval_loss'] < unigram - 1.0, (final['eval_loss'], unigram)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['100', '200']
   data = json.load(open(workdir / 'environment.json'))['data']
-  assert data['source'] == 'stdlib' and len(data['fingerprint']) == 64 and data['files'] > 100
+  assert data['sources'][0]['spec'] == 'stdlib' and len(data['fingerprint']) == 64
+  assert data['sources'][0]['train_documents'] > 100 and data['tokenizer'] == 'bytes'

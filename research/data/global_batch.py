@@ -45,3 +45,14 @@ def to_global(batch, shardings):
   """A whole host-side batch (every host holds all of it) as global arrays."""
   shapes = {name: value.shape for name, value in batch.items()}
   return assemble(lambda lo, hi: {k: v[lo:hi] for k, v in batch.items()}, shapes, shardings)
+
+
+def host_ranges(shapes, shardings):
+  """The (lo, hi) ranges of the global batch that this process's devices hold: the rows it
+  must compute (every field shares the batch axis's sharding), as `assemble` asks for them."""
+  name, shape = next(iter(shapes.items()))
+  batch_size = shape[0]
+  if jax.process_count() == 1:
+    return [(0, batch_size)]
+  indices = shardings[name].addressable_devices_indices_map(shape).values()
+  return sorted({index[0].indices(batch_size)[:2] for index in indices})

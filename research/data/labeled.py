@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from research.data.local_text import DataError
+from research.data.sources import DataError
 
 SOURCES = ('csv', 'jsonl', 'tfds')
 
@@ -142,8 +142,9 @@ def _tfds_split(d, split, num_labels):
   if directory is None:
     raise DataError(f'TFDS dataset {d.tfds_name} is not prepared under {d.data_dir}; prepare it '
                     'where TensorFlow is installed (tfds build '
-                    f'{d.tfds_name} --data_dir=DIR --file_format=array_record) and copy DIR/'
-                    f'{d.tfds_name} there, or set data.data_dir.')
+                    f'{d.tfds_name} --data_dir=DIR --file_format=array_record, or convert a '
+                    'TFRecord one with python -m research.data.tfds_convert --data_dir DIR '
+                    f'--dataset {d.tfds_name}) and set data.data_dir to DIR.')
   builder = tfds.builder_from_directory(directory)
   if split not in builder.info.splits:
     setting = 'set data.validation_split' if split != 'train' else 'prepare its train split'

@@ -1,28 +1,27 @@
-"""Data from config: source -> tokenizer -> packed rows -> the batch for a step.
+"""Data from config: sources -> tokenized shards -> rows -> the batch for a step.
 
-Sources (`config.data.source`):
-  stdlib  the embedded default corpus: this Python's standard-library source files
-  text    local files, directories or globs (`config.data.paths`, comma-separated)
-  markov  an in-memory synthetic token stream (research/data/synthetic.py)
-Text sources are written once as TFDS array_record splits under `config.data.data_dir` and read
-with `as_data_source()` through grain.
+Document sources (`config.data.source`, or several weighted in `config.data.mixture`; see
+research/data/sources.py) are tokenized once into array_record shards (research/data/shards.py)
+and read by index (research/data/windows.py), so a start costs the same at any step and corpus
+size. Two other kinds of data have their own paths:
+  markov          an in-memory synthetic token stream (research/data/synthetic.py)
+  csv/jsonl/tfds  labelled examples, for objectives that classify (research/data/labeled.py)
 """
 
 import dataclasses
-import os
+import hashlib
 
-import grain
 import numpy as np
-from absl import logging
 
 from research import objectives
-from research.data import corpus
 from research.data import labeled
-from research.data import local_text
-from research.data import packed_rows
+from research.data import pretokenize
+from research.data import shards
 from research.data import synthetic
 from research.data import tokenizer as tokenizer_lib
-from research.data.local_text import DataError
+from research.data import windows
+from research.data.sources import DataError
+from research.data import sources
 
 
 @dataclasses.dataclass
@@ -39,13 +38,14 @@ class Pipeline:
   train: object  # .rows(start, stop)
   validation: object
   tokenizer: object
-  record: dict  # What the workdir records about the data (source, fingerprint, sizes).
+  record: dict  # What the workdir records about the data (sources, fingerprint, sizes).
   seed: int
   eval_batches: int = 0  # > 0: batches that cover the validation set (else train.eval_batches).
   # config.objective: what turns documents into rows (masking rates, sentence pairs...).
   objective: dict = dataclasses.field(default_factory=dict)
   origin_step: int = 0
   origin_row: int = 0
+  train_token_counts: np.ndarray = None  # Of the training split: the unigram baseline.
 
   def resume_at(self, step, rows_consumed):
     self.origin_step, self.origin_row = step, rows_consumed
@@ -92,7 +92,7 @@ class Pipeline:
 
   def unigram_cross_entropy(self, num_batches):
     """Validation loss (nats/token) of the add-one unigram model of the training tokens."""
-    counts = np.bincount(np.asarray(self.train.tokens), minlength=self.tokenizer.vocab_size) + 1.0
+    counts = self.train_token_counts + 1.0
     log_probs = np.log(counts / counts.sum())
     total, count = 0.0, 0.0
     for index in range(num_batches):
@@ -103,25 +103,13 @@ class Pipeline:
     return total / count
 
 
-def _tokenize_split(builder, split, tokenizer):
-  """All documents of a split, each followed by EOS, concatenated: (tokens, doc_bounds)."""
-  source = builder.as_data_source(split=split)
-  if len(source) == 0:
-    raise DataError(f'The {split} split is empty; add more files or change data.validation_percent.')
-  documents = grain.MapDataset.source(source).map(
-      lambda record: np.append(tokenizer.encode(record['text']), tokenizer.eos_id))
-  pieces = [documents[i] for i in range(len(documents))]
-  bounds = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
-  dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
-  return np.concatenate(pieces).astype(dtype), bounds
-
-
 @dataclasses.dataclass
 class _SyntheticVocabulary:
   """Synthetic tokens have a vocabulary size but no text: nothing to encode or decode, and no
   special ids but padding."""
   vocab_size: int
   pad_id: int = 0
+  eos_id: int = None
 
 
 class _MarkovRows:
@@ -139,7 +127,7 @@ class _MarkovRows:
 def _tokenizer(config):
   """config.data.tokenizer, checked against the model's vocabulary."""
   try:
-    tokenizer = tokenizer_lib.get(config.data.tokenizer)
+    tokenizer = tokenizer_lib.get(config.data.tokenizer, extra_ids=config.data.extra_ids)
   except ValueError as error:
     raise DataError(str(error)) from None
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -148,12 +136,21 @@ def _tokenizer(config):
   return tokenizer
 
 
+def _transform(objective, tokenizer):
+  """The objective's data side; a tokenizer without the special tokens it needs is one
+  sentence."""
+  try:
+    return objective.transform(tokenizer)
+  except ValueError as error:
+    raise DataError(str(error)) from None
+
+
 def _labeled(config, objective):
   """A pipeline of labelled examples (fine-tuning), one example per row."""
   t = config.train
   tokenizer = _tokenizer(config)
   examples, fingerprint = labeled.read(config)
-  transform = objective.transform(tokenizer)
+  transform = _transform(objective, tokenizer)
   rows = {split: labeled.LabeledRows(examples[split], tokenizer, config.seed, split == 'train',
                                      transform) for split in examples}
   record = dict(source=config.data.source, fingerprint=fingerprint, tokenizer=config.data.tokenizer,
@@ -172,7 +169,7 @@ def build(config):
 def _build(config):
   d, t = config.data, config.train
   objective = objectives.build(config)
-  if d.source in labeled.SOURCES:
+  if objectives.get(config.objective.name).DATA == 'labeled':
     return _labeled(config, objective)
   if d.source == 'markov':
     vocabulary = _SyntheticVocabulary(config.model.vocab_size)
@@ -180,40 +177,58 @@ def _build(config):
         config.model.vocab_size, d.markov_branching, config.seed, d.min_doc_len,
         objective.transform(vocabulary))
     record = dict(source='markov', seed=config.seed, fingerprint=source.fingerprint())
-    return Pipeline(t.batch_size, t.seq_len, _MarkovRows(source, 'train', t.seq_len),
-                    _MarkovRows(source, 'validation', t.seq_len),
-                    vocabulary, record, config.seed)
+    train = _MarkovRows(source, 'train', t.seq_len)
+    return Pipeline(t.batch_size, t.seq_len, train, _MarkovRows(source, 'validation', t.seq_len),
+                    vocabulary, record, config.seed,
+                    train_token_counts=np.bincount(train.tokens, minlength=vocabulary.vocab_size))
 
+  return _documents(config, objective)
+
+
+def _documents(config, objective):
+  """Rows of the configured document sources, tokenized into shards on first use (each process
+  of a multi-host job writing its share)."""
+  import jax  # The process index decides each writer's share.
+  d, t = config.data, config.train
   tokenizer = _tokenizer(config)
-  if d.source == 'stdlib':
-    files = [f for f in local_text.resolve_files(corpus.stdlib_sources())
-             if corpus.is_stdlib_file(f[1])]
-  elif d.source == 'text':
-    if not d.paths:
-      raise DataError("data.source='text' needs data.paths (files, directories or globs).")
-    files = local_text.resolve_files([p for p in d.paths.split(',') if p])
-  else:
-    raise DataError(f"data.source={d.source!r} is not one of ['stdlib', 'text', 'markov'].")
-  content_hash, invalid = local_text.scan(files)
-  if invalid:
-    logging.warning('%d bytes in %d files of the %s source are not valid UTF-8 and are replaced '
-                    'by U+FFFD (most in %s).', sum(invalid.values()), len(invalid), d.source,
-                    max(invalid, key=invalid.get))
-  builder = local_text.prepare(files, os.path.expanduser(d.data_dir), d.validation_percent,
-                               d.source, content_hash)
-  rows = {}
-  transform = objective.transform(tokenizer)
-  for split, shuffle in (('train', True), ('validation', False)):
-    tokens, bounds = _tokenize_split(builder, split, tokenizer)
-    if len(tokens) - (len(bounds) - 1) == 0:  # Every document is empty: only EOS tokens.
-      raise DataError(f'The {split} split of data.source={d.source!r} holds only empty '
-                      'documents; add files with text to data.paths or change '
-                      'data.validation_percent.')
-    rows[split] = packed_rows.PackedRows(tokens, bounds, t.seq_len, config.seed, shuffle,
-                                         transform)
-  record = dict(source=d.source, files=len(files), fingerprint=content_hash,
-                prepared_at=builder.data_dir, tokenizer=d.tokenizer,
-                train_tokens=int(len(rows['train'].tokens)),
-                validation_tokens=int(len(rows['validation'].tokens)))
-  return Pipeline(t.batch_size, t.seq_len, rows['train'], rows['validation'], tokenizer, record,
-                  config.seed)
+  transform = _transform(objective, tokenizer)
+  entries = sources.specs(d)
+  if d.tokenized_dir and len(entries) > 1:
+    raise DataError('data.tokenized_dir names the shards of one source; leave it empty for a '
+                    'mixture.')
+  splits = {'train': [], 'validation': []}
+  described, counts = [], np.zeros(tokenizer.vocab_size, np.int64)
+  for salt, (spec, weight) in enumerate(entries):
+    folder, manifest = pretokenize.ensure(spec, d, tokenizer, jax.process_index(),
+                                          jax.process_count())
+    for split, rows in splits.items():
+      store = shards.TokenStore(folder, manifest, split)
+      rows.append(windows.Windows(store, t.seq_len, config.seed, split == 'train', transform,
+                                  salt=salt, name=spec))
+    counts += rows_counts(splits['train'][-1].store, config.model.vocab_size, spec)
+    described.append(dict(spec=spec, weight=weight, tokenized=folder,
+                          train_tokens=manifest['splits']['train']['tokens'],
+                          train_documents=manifest['splits']['train']['documents'],
+                          validation_tokens=manifest['splits']['validation']['tokens'],
+                          train_fingerprint=manifest['splits']['train']['fingerprint']))
+  weights = [weight for _, weight in entries]
+  train, validation = (splits[s][0] if len(entries) == 1 else windows.Mixture(splits[s], weights)
+                       for s in ('train', 'validation'))
+  fingerprint = hashlib.sha256(repr([(e['spec'], e['weight'], e['train_fingerprint'])
+                                     for e in described]).encode()).hexdigest()
+  record = dict(sources=described, fingerprint=fingerprint, tokenizer=tokenizer.name,
+                tokenizer_fingerprint=tokenizer.fingerprint)
+  pipeline = Pipeline(t.batch_size, t.seq_len, train, validation, tokenizer, record, config.seed)
+  pipeline.train_token_counts = counts
+  return pipeline
+
+
+def rows_counts(store, vocab_size, spec):
+  """The split's token frequencies, checked against the model's vocabulary where they enter."""
+  counts = store.token_counts()
+  used = np.flatnonzero(counts)
+  if len(used) and used[-1] >= vocab_size:
+    raise DataError(f'The tokenized data of {spec} holds token id {int(used[-1])}, beyond '
+                    f'model.vocab_size={vocab_size}; raise model.vocab_size or tokenize with the '
+                    'model\'s tokenizer.')
+  return counts[:vocab_size]

@@ -18,7 +18,7 @@ _SPLITS = {'train': 0, 'validation': 1}
 class MarkovSource:
 
   def __init__(self, vocab_size, branching, seed, min_doc_len, transform):
-    """transform: the objective's data side (see research/data/packed_rows.py)."""
+    """transform: the objective's data side (see research/data/windows.py)."""
     self.transform = transform
     table_rng = np.random.default_rng([seed, 7919])
     self.vocab_size = vocab_size

@@ -4,7 +4,7 @@ An objective module provides `check_config(config, family)` (ValueError in one s
 it cannot train) and a class `Objective(config)` with
   fields(seq_len) -> {name: Field}      the batch spec: it drives the batch shardings, the host
                                         assembly of global batches and padding
-  transform(tokenizer)                  the data side (research/data/packed_rows.py): documents ->
+  transform(tokenizer)                  the data side (research/data/windows.py): documents ->
                                         examples, deterministic in the seed and the example's
                                         index (and the epoch where the objective wants it),
                                         packed into rows and finished into the batch fields

@@ -12,13 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import objectives
+from research.data import sources
+from research.data import tokenizer as tokenizer_lib
 
 TERM = 'lm'
 FIELDS = ('tokens', 'targets', 'weights', 'positions', 'segment_ids')
 token_losses = objectives.token_losses
 
 
-SOURCES = ('stdlib', 'text', 'markov')
+DATA = 'documents'  # Reads document sources (research/data/sources.py), or synthetic tokens.
+SOURCES = sources.KINDS + ('markov',)
 
 
 def check_config(config, family):
@@ -65,7 +68,7 @@ class Objective:
     return objectives.token_fields(seq_len, FIELDS)
 
   def transform(self, tokenizer):
-    return Transform(tokenizer.pad_id)
+    return Transform(tokenizer_lib.filler_id(tokenizer))
 
   def counts(self, batch):
     return {TERM: jnp.sum(batch['weights'].astype(jnp.float32))}

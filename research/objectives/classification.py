@@ -12,7 +12,9 @@ import numpy as np
 
 from research import objectives
 from research.data import labeled
+from research.data import tokenizer as tokenizer_lib
 
+DATA = 'labeled'  # Reads labelled examples (research/data/labeled.py).
 TERM = 'label'
 _TOKEN_FIELDS = ('tokens', 'positions', 'segment_ids', 'token_types')
 
@@ -43,12 +45,13 @@ class Transform:
   """(text ids, pair ids or None, label) -> one row; None -> a padding row of weight 0."""
 
   def __init__(self, tokenizer, seq_len, pair_type=1):
+    tokenizer_lib.require(tokenizer, ('cls_id', 'sep_id'), 'objective.name=classification')
     self.tokenizer, self.seq_len, self.pair_type = tokenizer, seq_len, pair_type
 
   def row(self, example):
     t, n = self.tokenizer, self.seq_len
     row = {name: np.zeros((1, n), np.int32) for name in _TOKEN_FIELDS}
-    row['tokens'][:] = t.pad_id
+    row['tokens'][:] = tokenizer_lib.filler_id(t)
     if example is None:
       return dict(row, label=np.zeros(1, np.int32), label_weight=np.zeros(1, np.float32))
     text, pair, label = example
@@ -127,9 +130,8 @@ class Objective:
 
   def synthetic_batch(self, rng):
     """Rows of random text with random labels, for benchmarks."""
-    from research.data import tokenizer as tokenizer_lib
     c = self.config
-    tokenizer = tokenizer_lib.get(c.data.tokenizer)
+    tokenizer = tokenizer_lib.get(c.data.tokenizer, extra_ids=c.data.extra_ids)
     transform = self.transform(tokenizer)
     text = np.setdiff1d(np.arange(tokenizer.vocab_size), tokenizer.special_ids)
     rows = [transform.row((rng.choice(text, c.train.seq_len), None,

@@ -26,7 +26,10 @@ import numpy as np
 
 from research import objectives
 from research.data import packing
+from research.data import sources
+from research.data import tokenizer as tokenizer_lib
 
+DATA = 'documents'
 PAIRS = ('none', 'nsp', 'sop')
 _SALT = 0x4D4C4D  # Separates this objective's random streams from the data order's.
 
@@ -36,9 +39,10 @@ def check_config(config, family):
   if not hasattr(family.build(m), 'mlm_logits'):
     raise ValueError(f'objective.name=mlm needs a family with a masked-LM head; '
                      f'model.family={m.family!r} has none (use model.family=encoder).')
-  if config.data.source not in ('stdlib', 'text'):
-    raise ValueError("objective.name=mlm needs documents of text with special tokens; set "
-                     f"data.source to 'stdlib' or 'text' (it is {config.data.source!r}).")
+  if config.data.source not in sources.KINDS:
+    raise ValueError('objective.name=mlm needs documents of text with special tokens; set '
+                     f'data.source to one of {list(sources.KINDS)} (it is '
+                     f'{config.data.source!r}).')
   if o.pair not in PAIRS:
     raise ValueError(f'objective.pair={o.pair!r} is not one of {list(PAIRS)}.')
   if o.pair != m.pair_head:
@@ -68,12 +72,14 @@ class Transform:
   """Documents -> masked examples -> packed rows with gathered predictions."""
 
   def __init__(self, config, tokenizer):
+    tokenizer_lib.require(tokenizer, ('cls_id', 'sep_id', 'mask_id'), 'objective.name=mlm')
     o = config.objective
     self.seed = config.seed
     self.rate, self.max_predictions, self.pair = o.mask_rate, o.max_predictions, o.pair
     self.mask_share, self.random_share = o.mask_token_rate, o.random_token_rate
     self.dynamic, self.whole_word = o.dynamic_masking, o.whole_word
     self.tokenizer = tokenizer
+    self.one_per_row = self.pair != 'none'  # A pair's label belongs to its whole row.
     self.pair_type = int(objectives.token_types(config.model) > 1)
     self.special = np.asarray(tokenizer.special_ids)
     # Random replacements are text tokens, never special ones.
@@ -82,7 +88,7 @@ class Transform:
   def packed_fields(self, seq_len):
     names = ('tokens', 'positions', 'segment_ids', 'token_types', 'mlm_labels',
              'mlm_token_weights', 'pair_label')
-    return objectives.token_fields(seq_len, names, self.tokenizer.pad_id)
+    return objectives.token_fields(seq_len, names, tokenizer_lib.filler_id(self.tokenizer))
 
   def span(self, seq_len):
     """(document tokens per example at most, stride): room for [CLS], [SEP] (and a second
@@ -91,9 +97,7 @@ class Transform:
     return size, size
 
   def positions(self, length):
-    if self.pair != 'none':  # One pair per row: its label belongs to the whole row.
-      return np.full_like(length, np.iinfo(np.int32).max)
-    return length + 2
+    return length + (3 if self.pair != 'none' else 2)
 
   def _rng(self, index, epoch):
     index = tuple(index) if isinstance(index, tuple) else (index,)
@@ -108,21 +112,11 @@ class Transform:
     if negative and self.pair == 'sop':
       first, second = second, first
     elif negative and self.pair == 'nsp':
-      second = self._other_document_text(index, max(len(second), 1), rng, split)
+      second = split.other_document_text(index, max(len(second), 1), rng)
     ids = np.concatenate([[t.cls_id], first, [t.sep_id], second, [t.sep_id]]).astype(np.int32)
     types = np.zeros(len(ids), np.int32)
     types[len(first) + 2:] = self.pair_type
     return ids, types, int(negative)
-
-  def _other_document_text(self, index, length, rng, split):
-    """`length` tokens (or fewer) from a random example of another document (BERT's random next
-    sentence); ten draws of the same document in a row are accepted as they come."""
-    own = split.example_docs[index]
-    for _ in range(10):
-      other = int(rng.integers(len(split.example_docs)))
-      if split.example_docs[other] != own:
-        break
-    return split.example_tokens(other)[:length]
 
   def _choose(self, ids, rng):
     """Positions chosen for prediction among the text tokens of `ids`."""
@@ -255,15 +249,14 @@ class Objective:
 
   def synthetic_batch(self, rng):
     """Rows of random text tokens, masked and gathered as in training, for benchmarks."""
-    from research.data import tokenizer as tokenizer_lib
     c = self.config
-    transform = Transform(c, tokenizer_lib.get(c.data.tokenizer))
+    transform = Transform(c, tokenizer_lib.get(c.data.tokenizer, extra_ids=c.data.extra_ids))
     size = transform.span(c.train.seq_len)[0]
-    split = _SyntheticSplit(rng, size, transform, c.train.batch_size)
+    split = _SyntheticSplit(rng, size, transform)
     rows = []
     for row in range(c.train.batch_size):
       tokens = rng.choice(transform.text_ids, size)
-      example = transform.example(tokens, row, 0, split)
+      example = transform.example(tokens, (row, 0), 0, split)
       packed = packing.pack_examples([example], 1, c.train.seq_len,
                                      transform.packed_fields(c.train.seq_len))[0]
       rows.append(transform.finish_row(packed))
@@ -271,11 +264,11 @@ class Objective:
 
 
 class _SyntheticSplit:
-  """Random text for the NSP negatives of synthetic batches: one document per row."""
+  """Random text for the NSP negatives of synthetic batches."""
 
-  def __init__(self, rng, size, transform, rows):
-    self.example_docs = np.arange(rows)
+  def __init__(self, rng, size, transform):
     self._rng, self._size, self._text = rng, size, transform.text_ids
 
-  def example_tokens(self, example):
-    return self._rng.choice(self._text, self._size)
+  def other_document_text(self, index, length, rng):
+    del index, rng  # Every row is a document of its own.
+    return self._rng.choice(self._text, min(length, self._size))

@@ -1,0 +1,116 @@
+"""Rows of a tokenized split, each a pure function of (data, seed, seq_len, objective, index).
+
+The split's token stream (documents, each ended by EOS, concatenated) is cut into windows of the
+objective's `transform.span(seq_len)`: `size` tokens every `stride` (for causal language
+modelling seq_len + 1 tokens overlapping by one, so every token but a document's first is a
+target exactly once per epoch). A window is split where its documents change; each piece
+becomes an example of the objective (randomness drawn from the window, the piece and, where the
+objective wants it, the epoch), and the examples are packed into one row with segment ids, so
+that no token attends across documents. An objective that wants one example per row (sentence
+pairs) takes the window's longest piece.
+
+Epoch e visits the windows in an order drawn from (seed, salt, e) by grain's index_shuffle, a
+bijection computed per index: row g needs neither the rows before it nor a permutation array,
+so a start or a resume at any step costs the same and memory does not grow with the corpus.
+"""
+
+import grain
+import numpy as np
+from grain.experimental import index_shuffle
+
+from research.data import packing
+from research.data.sources import DataError
+
+
+def _epoch_seed(seed, salt, epoch):
+  return int(np.random.SeedSequence([seed, salt, epoch]).generate_state(1)[0])
+
+
+class Windows(grain.MapDataset):
+  """One split's rows as a grain MapDataset: len() is an epoch, any index >= 0 is valid."""
+
+  def __init__(self, store, seq_len, seed, shuffle, transform, salt=0, name='data'):
+    super().__init__([])
+    self.store, self.seq_len, self.seed, self.shuffle = store, seq_len, seed, shuffle
+    self.transform, self.salt = transform, salt
+    self.size, self.stride = transform.span(seq_len)
+    self.count = (store.num_tokens - (self.size - self.stride)) // self.stride
+    if self.count < 1:
+      raise DataError(f'The {store.split} split of {name} has {store.num_tokens} tokens, fewer '
+                      f'than one row of train.seq_len={seq_len} needs; add data, shorten '
+                      'train.seq_len or change data.validation_percent.')
+    self.fields = transform.packed_fields(seq_len)
+    self.one_per_row = getattr(transform, 'one_per_row', False)
+
+  def __len__(self):
+    return self.count
+
+  def __str__(self):
+    return f'Windows({self.store.split}, {self.count} per epoch)'
+
+  def window(self, index):
+    """(window, epoch) of row `index`."""
+    epoch, position = divmod(int(index), self.count)
+    if not self.shuffle or self.count == 1:
+      return position, epoch
+    return index_shuffle(position, max_index=self.count - 1,
+                         seed=_epoch_seed(self.seed, self.salt, epoch), rounds=4), epoch
+
+  def pieces(self, window):
+    """The window's tokens cut where the document changes: [(tokens, document id)]."""
+    tokens, docs = self.store.read(window * self.stride, self.size)
+    cuts = np.flatnonzero(np.diff(docs)) + 1
+    return list(zip(np.split(tokens.astype(np.int32), cuts), docs[np.r_[0, cuts]].tolist()))
+
+  def __getitem__(self, index):
+    window, epoch = self.window(index)
+    pieces = self.pieces(window)
+    if self.one_per_row:
+      pieces = [max(pieces, key=lambda p: len(p[0]))]
+    examples, used = [], 0
+    for number, (tokens, _) in enumerate(pieces):
+      need, room = self.transform.positions(len(tokens)), self.seq_len - used
+      if need > room and not self.one_per_row:  # Cut to the room left (special tokens).
+        keep = len(tokens) - (need - room)
+        if keep < 1:
+          break
+        tokens, need = tokens[:keep], self.transform.positions(keep)
+      if need <= 0:  # A lone token left of a document: nothing to predict.
+        continue
+      examples.append(self.transform.example(tokens, (window, number), epoch, self))
+      used += need
+    packed = packing.pack_examples(examples, 1, self.seq_len, self.fields)[0]
+    return self.transform.finish_row(packed)
+
+  def other_document_text(self, index, length, rng):
+    """Up to `length` tokens of another document than example `index`'s (BERT's random next
+    sentence): the longest piece of a random window; ten draws of the same document in a row
+    are accepted as they come."""
+    window, number = index
+    own = self.pieces(window)[number][1]
+    for _ in range(10):
+      tokens, doc = max(self.pieces(int(rng.integers(self.count))), key=lambda p: len(p[0]))
+      if doc != own:
+        break
+    return tokens[:length]
+
+  def rows(self, start, stop):
+    """Rows [start, stop) as a dict of [stop - start, ...] arrays (the objective's fields)."""
+    return concatenate([self[g] for g in range(start, stop)])
+
+
+def concatenate(rows):
+  return {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+
+
+class Mixture:
+  """Rows drawn from several splits by weight, a pure function of the row index: grain's
+  proportional interleaving picks the split of row g and its index there, so each split keeps
+  its own epochs and the mixture needs no state to resume."""
+
+  def __init__(self, splits, weights):
+    self.splits = splits
+    self._mixed = grain.MapDataset.mix(splits, list(weights))
+
+  def rows(self, start, stop):
+    return concatenate([self._mixed[g] for g in range(start, stop)])
