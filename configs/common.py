@@ -56,8 +56,9 @@ def base_config(variant, shape, source='stdlib'):
       # Several sources by weight, 'SOURCE=WEIGHT;...' with SOURCE as KIND or KIND:LOCATION, e.g.
       # 'tfds:c4/en:3.1.0=0.7;text:/data/wiki=0.3'; when set it replaces data.source.
       mixture='',
-      # TFDS datasets are read from here; tokenized shards are written to <data_dir>/tokens.
+      # TFDS datasets are read from here (a local path, or gs:// through etils.epath).
       data_dir='~/.cache/research/tfds',
+      tokens_dir='',  # Where tokenized shards are written ('' = <data_dir>/tokens); local/shared.
       tokenized_dir='',  # The shards of one source made elsewhere (research.data.pretokenize).
       validation_percent=5,  # Local sources: the share of files (or of one file) that validates.
       # bytes | spm:FILE.model (SentencePiece) | hf:DIR (a Hugging Face tokenizer.json).

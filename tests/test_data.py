@@ -41,7 +41,8 @@ def _data_settings(tmp_path, **overrides):
   import ml_collections
   settings = dict(source='text', paths='', tfds_name='', train_split='train',
                   validation_split='validation', text_field='text', mixture='',
-                  data_dir=str(tmp_path / 'data'), tokenized_dir='', validation_percent=25,
+                  data_dir=str(tmp_path / 'data'), tokens_dir='', tokenized_dir='',
+                  validation_percent=25,
                   tokenizer='bytes', extra_ids=0)
   settings.update(overrides)
   return ml_collections.ConfigDict(settings)
@@ -138,6 +139,10 @@ def test_bad_sources_are_one_sentence(tmp_path):
                            ('stdlib', r'is not SOURCE=WEIGHT')):
     with pytest.raises(sources.DataError, match=message):
       sources.specs(_data_settings(tmp_path, mixture=mixture))
+  remote = _data_settings(tmp_path, data_dir='gs://bucket/tfds')
+  with pytest.raises(sources.DataError, match=r'^data.data_dir=gs://bucket/tfds is not a local '
+                     r'folder, where tokenized shards are written; set data.tokens_dir'):
+    pretokenize.directory('stdlib', sources.build('stdlib', remote), remote, BYTES)
   with pytest.raises(sources.DataError, match=r'TFDS dataset lm_text/en:9.9.9 is not prepared '
                      r'under .*; prepare it where TensorFlow is installed'):
     sources.build('tfds:lm_text/en:9.9.9', _data_settings(tmp_path))
@@ -254,6 +259,17 @@ def test_writers_share_the_shards_and_agree_on_the_manifest(tmp_path, monkeypatc
   assert manifest['splits'] == results[0][1]['splits']
 
 
+def test_a_bad_document_stops_tokenizing_with_one_sentence_and_no_partial_shard(tmp_path):
+  jsonl = tmp_path / 'docs.jsonl'
+  jsonl.write_text('{"text": "fine"}\n' * 50 + '{"text": 3}\n' + '{"text": "fine"}\n' * 50)
+  data = _data_settings(tmp_path, validation_percent=10)
+  with pytest.raises(sources.DataError, match=r"^The 'text' field of the line at byte 850 of "
+                     r".*docs.jsonl is not a string; set data.text_field to a text field\.$"):
+    pretokenize.ensure(f'jsonl:{jsonl}', data, BYTES)
+  written = [p.name for p in (tmp_path / 'data').rglob('*') if p.is_file()]
+  assert written and all(name.endswith('.lock') for name in written), written
+
+
 class _Store:
   """An in-memory token stream with the TokenStore interface."""
 
@@ -324,7 +340,8 @@ def test_any_row_is_a_pure_function_of_its_index_read_in_constant_work():
 def test_packed_windows_give_the_per_document_losses_of_separate_documents(decoder_config):
   config = decoder_config('tiny')
   model = decoder.build(config.model)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32), method='initialize')['params']
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
+                      method='initialize')['params']
   rows, _ = _windows(_documents((3, 9, 1, 12, 4, 30, 6, 5, 20)), seq_len=32)
   batch = rows.rows(0, len(rows))
   row = int(np.argmax(batch['segment_ids'].max(axis=1)))  # The row with most documents.
@@ -463,7 +480,8 @@ import ml_collections
 from absl import logging
 from research.data import pretokenize, tokenizer
 logging.set_verbosity(logging.INFO)
-data = ml_collections.ConfigDict(dict(data_dir=sys.argv[2], tokenized_dir='', text_field='text',
+data = ml_collections.ConfigDict(dict(data_dir=sys.argv[2], tokens_dir='', tokenized_dir='',
+                                      text_field='text',
                                       validation_percent=5))
 while time.time() < float(sys.argv[3]):  # Both processes start preparing at the same moment.
   time.sleep(0.001)
@@ -535,3 +553,13 @@ def test_resuming_with_another_tokenizer_is_one_sentence(tmp_path):
                      r'and this run would use spm:/models/t5.model; resume with '
                      r'--config.data.tokenizer=bytes, or start a new --workdir\.$'):
     train._check_tokenizer(str(tmp_path / 'run'), Other())
+
+
+def test_a_mixture_where_no_documents_are_read_is_one_sentence(decoder_config):
+  from research import config as config_lib
+  config = decoder_config('tiny')  # data.source='markov': synthetic tokens, not documents.
+  config.data.mixture = 'stdlib=1'
+  with pytest.raises(config_lib.ConfigError, match=r'^data.mixture mixes document sources, which '
+                     r'objective.name=causal_lm with data.source=markov does not read; leave '
+                     r'data.mixture empty\.$'):
+    config_lib.validate(config, 8)

@@ -275,9 +275,9 @@ def test_the_train_command_writes_a_model_that_data_tokenizer_reads(tmp_path):
   records = [dict(text=d, id=i) for i, d in enumerate(_documents(seed=3)[:4])]
   (corpus / 'docs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
   out = tmp_path / 'tok' / 'code'
-  result = runs.ok(_cli('train', '--input', str(corpus / 'src'), '--input',
-                        str(corpus / '*.jsonl'), '--vocab_size', '320', '--model_type', 'bpe',
-                        '--out', str(out), '--extra_ids', '4'))
+  result = runs.ok(_cli('train', '--source', f'text:{corpus / "src"}', '--source',
+                        f'jsonl:{corpus / "*.jsonl"}', '--vocab_size', '320', '--model_type',
+                        'bpe', '--out', str(out), '--extra_ids', '4', '--validation_percent=1'))
   path = f'{out}.model'
   assert result.stdout.splitlines()[-1] == (f'--config.data.tokenizer=spm:{path} '
                                             '--config.data.extra_ids=4 '
@@ -287,30 +287,32 @@ def test_the_train_command_writes_a_model_that_data_tokenizer_reads(tmp_path):
   for text in TEXTS + ['café au lait']:
     assert tokenizer.decode(tokenizer.encode(text)) == text
   # --max_bytes caps the text read: too little text for the asked vocabulary.
-  runs.assert_error(_cli('train', '--input', str(corpus), '--vocab_size', '320', '--out',
-                         str(out), '--max_bytes', '500'), 'vocab_size=320 is more than this text '
-                                                          'yields (at most')
+  runs.assert_error(_cli('train', '--source', f'text:{corpus / "src"}', '--vocab_size', '320',
+                         '--out', str(out), '--max_bytes', '500'),
+                    'vocab_size=320 is more than this text yields (at most')
 
 
 @pytest.mark.parametrize('args, fragment', [
-    (['train', '--input', '{tmp}/nothing*', '--vocab_size', '300', '--out', '{tmp}/m'],
-     '--input {tmp}/nothing* matches no file'),
-    (['train', '--input', '{tmp}/empty', '--vocab_size', '300', '--out', '{tmp}/m'],
-     '--input {tmp}/empty holds no file'),
-    (['train', '--input', '{tmp}/a.txt', '--vocab_size', '20', '--out', '{tmp}/m'],
+    (['train', '--source', 'text:{tmp}/nothing*', '--vocab_size', '300', '--out', '{tmp}/m'],
+     "Source '{tmp}/nothing*' matches no file; fix --source"),
+    (['train', '--source', 'text:{tmp}/empty', '--vocab_size', '300', '--out', '{tmp}/m'],
+     "Source '{tmp}/empty' matches no file; fix --source"),
+    (['train', '--source', 'text:{tmp}/a.txt', '--vocab_size', '20', '--out', '{tmp}/m'],
      'vocab_size=20 is smaller than the'),
-    (['train', '--input', '{tmp}/a.txt', '--vocab_size', '300', '--out', '{tmp}/m',
+    (['train', '--source', 'text:{tmp}/a.txt', '--vocab_size', '300', '--out', '{tmp}/m',
       '--model_type', 'char'], "--model_type=char is not one of ['unigram', 'bpe']"),
-    (['train', '--input', '{tmp}/a.jsonl', '--vocab_size', '300', '--out', '{tmp}/m'],
-     "{tmp}/a.jsonl line 2 is not a JSON object with a string field 'text'"),
-    (['train', '--input', '{tmp}/blank.txt', '--vocab_size', '300', '--out', '{tmp}/m'],
+    (['train', '--source', 'jsonl:{tmp}/a.jsonl', '--vocab_size', '300', '--out', '{tmp}/m',
+      '--validation_percent', '1'], "of {tmp}/a.jsonl has no 'text' field; set data.text_field"),
+    (['train', '--source', 'web:x', '--vocab_size', '300', '--out', '{tmp}/m'],
+     "Data source 'web:x' is not one of"),
+    (['train', '--source', 'text:{tmp}/blank.txt', '--vocab_size', '300', '--out', '{tmp}/m'],
      'The training input holds no text'),
-    (['train', '--input', '{tmp}/a.txt', '--vocab_size', 'many', '--out', '{tmp}/m'],
+    (['train', '--source', 'text:{tmp}/a.txt', '--vocab_size', 'many', '--out', '{tmp}/m'],
      "Argument --vocab_size: invalid int value: 'many'"),
     (['train', '--vocab_size', '300', '--out', '{tmp}/m'],
-     'The following arguments are required: --input'),
+     'The following arguments are required: --source'),
     (['fit'], "Argument command: invalid choice: 'fit'"),
-    ([], 'Pass a command: train --input FILES'),
+    ([], 'Pass a command: train --source SOURCE'),
 ])
 def test_the_train_command_stops_bad_input_with_one_sentence(tmp_path, args, fragment):
   (tmp_path / 'empty').mkdir()

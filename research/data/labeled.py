@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from research.data import sources
 from research.data.sources import DataError
 
 SOURCES = ('csv', 'jsonl', 'tfds')
@@ -127,18 +128,9 @@ def _local_split(path, d, num_labels):
   return examples, digest.hexdigest()
 
 
-def _tfds_dir(data_dir, name):
-  """The newest prepared version folder of TFDS dataset `name` under data_dir, or None."""
-  root = os.path.join(os.path.expanduser(data_dir), name)
-  versions = [v for v in glob.glob(os.path.join(root, '*.*.*'))
-              if os.path.exists(os.path.join(v, 'dataset_info.json'))]
-  key = lambda v: tuple(int(p) if p.isdigit() else 0 for p in os.path.basename(v).split('.'))
-  return max(versions, key=key) if versions else None
-
-
 def _tfds_split(d, split, num_labels):
   import tensorflow_datasets as tfds  # Imported on use: it is slow to import.
-  directory = _tfds_dir(d.data_dir, d.tfds_name)
+  directory = sources.tfds_directory(d.data_dir, d.tfds_name)
   if directory is None:
     raise DataError(f'TFDS dataset {d.tfds_name} is not prepared under {d.data_dir}; prepare it '
                     'where TensorFlow is installed (tfds build '

@@ -11,6 +11,7 @@ size. Two other kinds of data have their own paths:
 import dataclasses
 import hashlib
 
+import jax
 import numpy as np
 
 from research import objectives
@@ -188,7 +189,6 @@ def _build(config):
 def _documents(config, objective):
   """Rows of the configured document sources, tokenized into shards on first use (each process
   of a multi-host job writing its share)."""
-  import jax  # The process index decides each writer's share.
   d, t = config.data, config.train
   tokenizer = _tokenizer(config)
   transform = _transform(objective, tokenizer)
@@ -200,12 +200,12 @@ def _documents(config, objective):
   described, counts = [], np.zeros(tokenizer.vocab_size, np.int64)
   for salt, (spec, weight) in enumerate(entries):
     folder, manifest = pretokenize.ensure(spec, d, tokenizer, jax.process_index(),
-                                          jax.process_count())
+                                          jax.process_count())  # Each process writes a share.
     for split, rows in splits.items():
       store = shards.TokenStore(folder, manifest, split)
       rows.append(windows.Windows(store, t.seq_len, config.seed, split == 'train', transform,
                                   salt=salt, name=spec))
-    counts += rows_counts(splits['train'][-1].store, config.model.vocab_size, spec)
+    counts += _checked_counts(splits['train'][-1].store, config.model.vocab_size, spec)
     described.append(dict(spec=spec, weight=weight, tokenized=folder,
                           train_tokens=manifest['splits']['train']['tokens'],
                           train_documents=manifest['splits']['train']['documents'],
@@ -223,7 +223,7 @@ def _documents(config, objective):
   return pipeline
 
 
-def rows_counts(store, vocab_size, spec):
+def _checked_counts(store, vocab_size, spec):
   """The split's token frequencies, checked against the model's vocabulary where they enter."""
   counts = store.token_counts()
   used = np.flatnonzero(counts)

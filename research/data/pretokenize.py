@@ -8,7 +8,8 @@ Training does the same on its first start when the shards are missing (every pro
 multi-host job writing its share), so this command is for doing it ahead of time, or across
 many machines: `--writers N` machines each run it with their own `--writer`, and each also takes
 any shard that no one has started. The shards of a source go to
-`<data.data_dir>/tokens/<kind>-<source fingerprint>-<tokenizer fingerprint>`, or to
+`<data.tokens_dir or data.data_dir/tokens>/<kind>-<source fingerprint>-<tokenizer fingerprint>`,
+or to
 data.tokenized_dir when set (one source only).
 """
 
@@ -32,6 +33,11 @@ def directory(spec, source, data, tokenizer):
     return os.path.expanduser(data.tokenized_dir)
   kind = sources.parse_spec(spec)[0]
   name = f'{kind}-{source.fingerprint()[:12]}-{tokenizer.fingerprint[:12]}'
+  if data.tokens_dir:
+    return os.path.join(os.path.expanduser(data.tokens_dir), name)
+  if '://' in data.data_dir:  # Shards are written with local file locks.
+    raise sources.DataError(f'data.data_dir={data.data_dir} is not a local folder, where tokenized '
+                            'shards are written; set data.tokens_dir to a local or shared one.')
   return os.path.join(os.path.expanduser(data.data_dir), 'tokens', name)
 
 

@@ -121,6 +121,23 @@ def write_shard(source, part, tokenizer, path):
   temporary = f'{path}.tmp-{os.getpid()}'
   writer = _Writer(array_record_module.ArrayRecordWriter(temporary, 'group_size:1'), dtype,
                    tokenizer.vocab_size)
+  try:
+    _tokenize(source, part, tokenizer, writer, stats)
+  except BaseException:  # A bad document (or a stop) leaves no partial shard behind.
+    writer.close()
+    os.remove(temporary)
+    raise
+  os.replace(temporary, path)
+  invalid = stats.pop('invalid_by_origin')
+  stats.update(tokens=writer.written, records=-(-writer.written // CHUNK),
+               sha256=writer.digest.hexdigest(),
+               most_invalid=max(invalid.items(), key=lambda item: item[1]) if invalid else None)
+  np.save(path + '.counts.npy', writer.counts)
+  return stats
+
+
+def _tokenize(source, part, tokenizer, writer, stats):
+  dtype = writer.dtype
   open_document = part.continues  # Its first tokens belong to the last shard's last document.
   for piece, ends, origin in source.documents(part):
     stats['bytes'] += len(piece)
@@ -138,13 +155,6 @@ def write_shard(source, part, tokenizer, path):
     stats['documents'] += int(not open_document)
     open_document = not ends
   writer.close()
-  os.replace(temporary, path)
-  invalid = stats.pop('invalid_by_origin')
-  stats.update(tokens=writer.written, records=-(-writer.written // CHUNK),
-               sha256=writer.digest.hexdigest(),
-               most_invalid=max(invalid.items(), key=lambda item: item[1]) if invalid else None)
-  np.save(path + '.counts.npy', writer.counts)
-  return stats
 
 
 def _write_json(path, value):
@@ -162,9 +172,13 @@ def read_manifest(directory):
     return json.load(f)
 
 
-def prepare(source, spec, tokenizer, directory, writer=0, writers=1, poll_s=1.0):
-  """Writes the shards of `source` under `directory` (this writer's share first, then any left)
-  and returns the manifest once every shard exists, written by whichever writer got there."""
+def prepare(source, spec, tokenizer, directory, writer=0, writers=1):
+  """Writes the shards of `source` under `directory` and returns the manifest.
+
+  A writer takes its share first, then every other shard: one that another writer holds is
+  waited for (its lock) and then found written, so all are done when the loop ends, and the
+  manifest is written by whichever writer gets there first.
+  """
   manifest = read_manifest(directory)
   if manifest is not None:
     return manifest
@@ -189,10 +203,6 @@ def prepare(source, spec, tokenizer, directory, writer=0, writers=1, poll_s=1.0)
       _write_json(path + '.json', stats)
       logging.info('Tokenized %s: %d documents, %d tokens in %.1f s.', os.path.basename(path),
                    stats['documents'], stats['tokens'], time.time() - started)
-  names = [os.path.join(directory, shard_name(split, part.index, len(parts[split])))
-           for split, part in jobs]
-  while not all(os.path.exists(name + '.json') for name in names):  # Others' shards.
-    time.sleep(poll_s)
   _manifest(directory, source, spec, tokenizer, parts)
   return read_manifest(directory)
 

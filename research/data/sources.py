@@ -206,8 +206,8 @@ def _json_text(line, field, path, offset):
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise DataError(f'{where} is not JSON ({error}); write one object per line.') from None
   if not isinstance(record, dict) or field not in record:
-    raise DataError(f'{where} has no {field!r} field; set data.text_field to the field that holds '
-                    'the text.')
+    raise DataError(f'{where} has no {field!r} field; set data.text_field (--text_field) to the '
+                    'field that holds the text.')
   text = record[field]
   if not isinstance(text, str):
     raise DataError(f'The {field!r} field of {where} is not a string; set data.text_field to a '
@@ -227,7 +227,8 @@ class ParquetSource:
       try:
         schema = pq.read_schema(path)
       except Exception as error:  # pyarrow raises several types for a file that is not Parquet.
-        raise DataError(f'{path} is not a readable Parquet file ({error}); fix data.paths.') from None
+        raise DataError(f'{path} is not a readable Parquet file ({error}); fix data.paths.'
+                        ) from None
       if text_field not in schema.names:
         raise DataError(f'{path} has no column {text_field!r} (it has {schema.names}); set '
                         'data.text_field.')
@@ -268,18 +269,20 @@ class ParquetSource:
         yield value or '', True, path
 
 
-def _tfds_directory(data_dir, name):
-  """The prepared folder of `name` (`c4/en:3.1.0`, or without version: the newest)."""
+def tfds_directory(data_dir, name):
+  """The prepared folder of `name` (`c4/en:3.1.0`, or without version: the newest) under
+  data_dir, a local path or a URL such as gs:// (etils.epath); None when there is none."""
+  from etils import epath  # TFDS's own path library.
   name, _, version = name.partition(':')
-  root = os.path.join(os.path.expanduser(data_dir), name)
+  root = epath.Path(os.path.expanduser(data_dir)) / name
   if version:
-    candidates = [os.path.join(root, version)]
+    candidates = [root / version]
   else:
-    candidates = sorted(glob.glob(os.path.join(root, '*.*.*')),
+    candidates = sorted(root.glob('*.*.*') if root.exists() else [],
                         key=lambda v: tuple(int(p) if p.isdigit() else 0
-                                            for p in os.path.basename(v).split('.')))
-  prepared = [c for c in candidates if os.path.exists(os.path.join(c, 'dataset_info.json'))]
-  return prepared[-1] if prepared else None
+                                            for p in v.name.split('.')))
+  prepared = [c for c in candidates if (c / 'dataset_info.json').exists()]
+  return os.fspath(prepared[-1]) if prepared else None
 
 
 class TfdsSource:
@@ -287,7 +290,7 @@ class TfdsSource:
 
   def __init__(self, name, data_dir, train_split, validation_split, text_field):
     import tensorflow_datasets as tfds  # Imported on use: it is slow to import.
-    directory = _tfds_directory(data_dir, name)
+    directory = tfds_directory(data_dir, name)
     if directory is None:
       raise DataError(
           f'TFDS dataset {name} is not prepared under {data_dir}; prepare it where TensorFlow is '
@@ -351,8 +354,9 @@ def parse_spec(spec):
   return kind, location
 
 
-def build(spec, data):
-  """The source named by `spec`, with the reading settings of config.data."""
+def build(spec, data, setting='data.paths'):
+  """The source named by `spec`, with the reading settings of config.data; `setting` names
+  where the paths came from, for messages."""
   kind, location = parse_spec(spec)
   if kind == 'tfds':
     return TfdsSource(location, data.data_dir, data.train_split, data.validation_split,
@@ -360,7 +364,7 @@ def build(spec, data):
   if kind == 'stdlib':
     files = [f for f in resolve_files(corpus.stdlib_sources()) if corpus.is_stdlib_file(f[1])]
     return FileSource('stdlib', files, data.validation_percent, data.text_field)
-  files = resolve_files([p for p in location.split(',') if p])
+  files = resolve_files([p for p in location.split(',') if p], setting)
   if kind == 'parquet':
     return ParquetSource(files, data.validation_percent, data.text_field)
   return FileSource(kind, files, data.validation_percent, data.text_field)

@@ -14,9 +14,9 @@ file, of its bytes, plus the extra_ids when there are any).
 `save` writes a tokenizer into a folder (a run's <workdir>/tokenizer) so that `load_saved` rebuilds
 it there with the same fingerprint, whatever happens to the original file.
 
-Training a SentencePiece model on text files:
+Training a SentencePiece model on the training split of any data source:
 
-  python -m research.data.tokenizer train --input 'corpus/**/*.py' --input docs.jsonl \
+  python -m research.data.tokenizer train --source 'text:corpus/**/*.py' --source jsonl:docs.jsonl \
       --vocab_size 32000 --out tokenizers/code [--model_type unigram|bpe] [--max_bytes N] \
       [--text_field text] [--extra_ids 0]
 
@@ -25,7 +25,6 @@ be `padded_vocab_size(tokenizer.vocab_size)`: the sharded embedding wants a mult
 """
 
 import argparse
-import glob
 import hashlib
 import io
 import json
@@ -459,76 +458,55 @@ def _training_error(message, vocab_size, sentences):
   return f'SentencePiece training failed ({first.rstrip(".")}).'
 
 
-def _files(patterns):
-  """Files named by `patterns` (files, folders walked without their hidden entries, globs)."""
-  found = []
-  for pattern in patterns:
-    matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-    if not any(os.path.exists(m) for m in matches):
-      raise ValueError(f'--input {pattern} matches no file; pass text or .jsonl files, folders '
-                       'or globs.')
-    for match in matches:
-      if os.path.isdir(match):
-        for root, dirs, names in os.walk(match):
-          dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-          found += [os.path.join(root, n) for n in sorted(names) if not n.startswith('.')]
-      elif os.path.isfile(match):
-        found.append(match)
-  if not found:
-    raise ValueError(f'--input {" ".join(patterns)} holds no file; pass text or .jsonl files, '
-                     'folders or globs.')
-  return found
-
-
-def read_texts(paths, text_field='text'):
-  """Texts of `paths`: each line of a text file (undecodable bytes replaced; read as needed, so a
-  file need not fit in memory), and the record's `text_field` of each line of a .jsonl file."""
-  for path in paths:
-    with open(path, encoding='utf-8', errors='replace') as f:
-      if not path.endswith('.jsonl'):
-        yield from f
-        continue
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          text = json.loads(line)[text_field]
-        except (ValueError, KeyError, TypeError):
-          raise ValueError(f'{path} line {number} is not a JSON object with a string field '
-                           f'{text_field!r}; fix the line or pass --text_field.') from None
-        if not isinstance(text, str):
-          raise ValueError(f'{path} line {number} has a {type(text).__name__} in field '
-                           f'{text_field!r}, not text; pass the field that holds the text.')
-        yield text
+def source_texts(specs, data_dir, text_field, validation_percent):
+  """The training split's documents of data sources named like data.source / data.mixture
+  entries (research/data/sources.py: text:GLOB, jsonl:FILE, parquet:FILE, tfds:NAME, stdlib),
+  read part by part, so that a corpus need not fit in memory; undecodable bytes are replaced."""
+  import ml_collections
+  from research.data import sources  # Imported on use: only training reads sources here.
+  settings = ml_collections.ConfigDict(dict(
+      data_dir=data_dir, text_field=text_field, validation_percent=validation_percent,
+      train_split='train', validation_split='validation'))
+  for spec in specs:
+    source = sources.build(spec, settings, setting='--source')
+    for part in source.parts('train'):
+      for piece, _, _ in source.documents(part):
+        yield piece.decode('utf-8', errors='replace') if isinstance(piece, bytes) else piece
 
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):  # One sentence instead of usage text and exit.
     raise ValueError(f'{message[:1].upper()}{message[1:]}; usage: python -m '
-                     'research.data.tokenizer train --input FILES --vocab_size N --out PREFIX.')
+                     'research.data.tokenizer train --source SOURCE --vocab_size N --out PREFIX.')
 
 
 def main(argv):
   parser = _Parser(prog='python -m research.data.tokenizer')
   commands = parser.add_subparsers(dest='command', parser_class=_Parser)
   command = commands.add_parser('train', help='Train a SentencePiece model on text.')
-  command.add_argument('--input', nargs='+', action='extend', required=True,
-                       help='Text or .jsonl files, folders or globs (repeatable).')
+  command.add_argument('--source', action='append', required=True,
+                       help='A data source, as data.source or a data.mixture entry: stdlib, '
+                       'text:GLOBS, jsonl:FILES, parquet:FILES, tfds:NAME (repeatable).')
+  command.add_argument('--data_dir', default='~/.cache/research/tfds',
+                       help='tfds sources: where the dataset is prepared.')
+  command.add_argument('--validation_percent', type=int, default=5,
+                       help='Of local sources: the validation share, left out of training.')
   command.add_argument('--vocab_size', type=int, required=True)
   command.add_argument('--model_type', default='unigram', help='unigram or bpe.')
   command.add_argument('--out', required=True, help='Output prefix: writes PREFIX.model.')
   command.add_argument('--max_bytes', type=int, default=10**9, help='Text read at most.')
-  command.add_argument('--text_field', default='text', help='The text field of .jsonl records.')
+  command.add_argument('--text_field', default='text',
+                       help='jsonl, parquet, tfds sources: the field that holds the text.')
   command.add_argument('--extra_ids', type=int, default=0, help='T5 sentinels to use it with.')
   try:
     args = parser.parse_args(argv[1:])
     if args.command != 'train':
-      raise ValueError('Pass a command: train --input FILES --vocab_size N --out PREFIX.')
+      raise ValueError('Pass a command: train --source SOURCE --vocab_size N --out PREFIX.')
     if args.model_type not in MODEL_TYPES:
       raise ValueError(f'--model_type={args.model_type} is not one of {list(MODEL_TYPES)}.')
     if args.max_bytes < 1 or args.extra_ids < 0:
       raise ValueError('--max_bytes must be positive and --extra_ids not negative.')
-    texts = read_texts(_files(args.input), args.text_field)
+    texts = source_texts(args.source, args.data_dir, args.text_field, args.validation_percent)
     path = train(texts, args.vocab_size, args.model_type, args.out, args.max_bytes)
     tokenizer = get(SPM_PREFIX + path, args.extra_ids)
   except ValueError as error:

@@ -64,11 +64,11 @@ class Windows(grain.MapDataset):
 
   def __getitem__(self, index):
     window, epoch = self.window(index)
-    pieces = self.pieces(window)
+    numbered = list(enumerate(self.pieces(window)))
     if self.one_per_row:
-      pieces = [max(pieces, key=lambda p: len(p[0]))]
+      numbered = [max(numbered, key=lambda item: len(item[1][0]))]
     examples, used = [], 0
-    for number, (tokens, _) in enumerate(pieces):
+    for number, (tokens, _) in numbered:
       need, room = self.transform.positions(len(tokens)), self.seq_len - used
       if need > room and not self.one_per_row:  # Cut to the room left (special tokens).
         keep = len(tokens) - (need - room)
