@@ -156,7 +156,8 @@ def check_tensor_axis(family, model_config, tensor):
 
 
 # Document sources, synthetic tokens and labelled-example files; the objective says which it reads.
-DATA_SOURCES = sources.KINDS + ('markov',) + tuple(k for k in labeled.SOURCES if k not in sources.KINDS)
+DATA_SOURCES = (sources.KINDS + ('markov',)
+                + tuple(k for k in labeled.SOURCES if k not in sources.KINDS))
 
 
 def validate(config, num_devices):
@@ -236,11 +237,9 @@ def validate(config, num_devices):
                         f'{t.sample_tokens} exceed model.max_len={m.max_len}; sample fewer tokens.')
   if o.warmup_steps < 0:
     raise ConfigError(f'optim.warmup_steps={o.warmup_steps} must not be negative.')
-  if config.data.mixture and (objectives.get(config.objective.name).DATA != 'documents'
-                              or config.data.source == 'markov'):
+  if config.data.mixture and objectives.get(config.objective.name).DATA != 'documents':
     raise ConfigError(f'data.mixture mixes document sources, which objective.name='
-                      f'{config.objective.name} with data.source={config.data.source} does not '
-                      'read; leave data.mixture empty.')
+                      f'{config.objective.name} does not read; leave data.mixture empty.')
   if not 1 <= config.data.validation_percent <= 50:
     raise ConfigError(f'data.validation_percent={config.data.validation_percent} must lie in '
                       '[1, 50].')

@@ -53,7 +53,8 @@ def _tokenizer(workdir, config):
     raise ValueError(f'{workdir} was converted from Hugging Face, whose tokenizer is not ours, '
                      'from a directory without a tokenizer.json; pass token ids with --prompt_ids '
                      'or convert again from a directory that has one.')
-  return tokenizer_lib.get(config.data.tokenizer)
+  extra_ids = config.data.get('extra_ids', 0)  # Absent from workdirs of earlier versions.
+  return tokenizer_lib.get(config.data.tokenizer, extra_ids=extra_ids)
 
 
 def _mesh(config, family):

@@ -177,14 +177,24 @@ def _sample(trainer, params, config):
 
 
 
-def _check_tokenizer(workdir, tokenizer):
-  """A run's token ids mean nothing under another tokenizer: resuming with one is refused."""
-  saved = tokenizer_lib.load_saved(os.path.join(workdir, tokenizer_lib.SAVED_DIR))
-  if saved is not None and saved.fingerprint != getattr(tokenizer, 'fingerprint', None):
+def _check_tokenizer(workdir, config):
+  """A run's token ids mean nothing under another tokenizer: resuming with one is refused
+  before any data is read (tokenizing a corpus can take hours)."""
+  try:
+    saved = tokenizer_lib.load_saved(os.path.join(workdir, tokenizer_lib.SAVED_DIR))
+    if saved is None:
+      return
+    if config.data.source == 'markov':
+      name, fingerprint = 'synthetic tokens (data.source=markov)', None
+    else:
+      tokenizer = tokenizer_lib.get(config.data.tokenizer, extra_ids=config.data.extra_ids)
+      name, fingerprint = tokenizer.name, tokenizer.fingerprint
+  except ValueError as error:  # A damaged saved copy, or a configured one that cannot load.
+    raise pipeline_lib.DataError(str(error)) from None
+  if saved.fingerprint != fingerprint:
     raise pipeline_lib.DataError(
-        f'{workdir} was trained with the tokenizer {saved.name} and this run would use '
-        f'{getattr(tokenizer, "name", "synthetic tokens")}; resume with '
-        f'--config.data.tokenizer={saved.name}, or start a new --workdir.')
+        f'{workdir} was trained with the tokenizer {saved.name} and this run would use {name}; '
+        f'resume with --config.data.tokenizer={saved.name}, or start a new --workdir.')
 
 
 def run(config, workdir):
@@ -198,8 +208,8 @@ def run(config, workdir):
 def _train(config, workdir, mesh, stop):
   t = config.train
   # Data, model, state, steps.
+  _check_tokenizer(workdir, config)
   pipeline = pipeline_lib.build(config)
-  _check_tokenizer(workdir, pipeline.tokenizer)
   trainer = setup(config, mesh, pipeline)
 
   # Start-up: resume, warm start or fresh. Nothing is written to the workdir before it succeeds.
@@ -242,11 +252,11 @@ def _train(config, workdir, mesh, stop):
   pending, unlogged, last = [], [], {}
   profiling = False
   w = config.watchdog
-  watchdog = watchdog_lib.Watchdog(w.slow_factor, w.slow_min_s, w.exit_after_s).start()
   prefetcher = prefetch.Prefetcher(
       pipeline.train_batch, global_batch.host_ranges(trainer.batch_shapes,
                                                      trainer.batch_shardings),
       start_step, stop_step, config.data.prefetch)
+  watchdog = watchdog_lib.Watchdog(w.slow_factor, w.slow_min_s, w.exit_after_s).start()
   try:
     for step in range(start_step, stop_step):
       if step == t.profile_start_step:

@@ -139,10 +139,12 @@ def test_bad_sources_are_one_sentence(tmp_path):
                            ('stdlib', r'is not SOURCE=WEIGHT')):
     with pytest.raises(sources.DataError, match=message):
       sources.specs(_data_settings(tmp_path, mixture=mixture))
-  remote = _data_settings(tmp_path, data_dir='gs://bucket/tfds')
-  with pytest.raises(sources.DataError, match=r'^data.data_dir=gs://bucket/tfds is not a local '
-                     r'folder, where tokenized shards are written; set data.tokens_dir'):
-    pretokenize.directory('stdlib', sources.build('stdlib', remote), remote, BYTES)
+  for setting in ('data_dir', 'tokens_dir', 'tokenized_dir'):
+    remote = _data_settings(tmp_path, **{setting: 'gs://bucket/x'})
+    with pytest.raises(sources.DataError, match=rf'^data.{setting}=gs://bucket/x is not a local '
+                       r'folder, where tokenized shards are written and read; set '
+                       r'data.tokens_dir \(or data.tokenized_dir\) to a local or shared one\.$'):
+      pretokenize.directory('stdlib', sources.build('stdlib', remote), remote, BYTES)
   with pytest.raises(sources.DataError, match=r'TFDS dataset lm_text/en:9.9.9 is not prepared '
                      r'under .*; prepare it where TensorFlow is installed'):
     sources.build('tfds:lm_text/en:9.9.9', _data_settings(tmp_path))
@@ -295,19 +297,17 @@ def _windows(documents=None, seq_len=16, seed=0, shuffle=True, transform=None):
 
 
 def test_windows_cover_every_target_once_per_epoch_with_right_segments_and_positions():
-  rows, docs = _windows()
+  lengths = (3, 40, 17, 1, 16, 33, 8, 2, 70, 5)
+  stream = np.arange(3, 3 + sum(lengths))  # Every token distinct: a value is a position.
+  docs = np.split(stream, np.cumsum(lengths)[:-1])
+  rows, _ = _windows(docs)
   count = len(rows)
   epoch = rows.rows(0, count)
-  # Every token but a document's first is a target exactly once per epoch (up to the tail
-  # after the last whole window).
-  covered = len(docs and np.concatenate(docs)) - 1
-  covered -= covered % rows.stride
-  expected = []
-  start = 0
-  for d in docs:
-    expected += [t for i, t in enumerate(d[1:], start + 1) if i <= covered]
-    start += len(d)
-  assert sorted(epoch['targets'][epoch['weights'] > 0].tolist()) == sorted(expected)
+  # Every token but a document's first is a target exactly once per epoch, up to the tail after
+  # the last whole window.
+  covered = 3 + count * rows.stride
+  expected = [t for d in docs for t in d[1:] if t <= covered]
+  assert sorted(epoch['targets'][epoch['weights'] > 0].tolist()) == expected
   for r in range(count):
     segments = epoch['segment_ids'][r]
     real = segments > 0
@@ -342,7 +342,7 @@ def test_packed_windows_give_the_per_document_losses_of_separate_documents(decod
   model = decoder.build(config.model)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
                       method='initialize')['params']
-  rows, _ = _windows(_documents((3, 9, 1, 12, 4, 30, 6, 5, 20)), seq_len=32)
+  rows, _ = _windows(_documents((6, 9, 12, 40)), seq_len=32)
   batch = rows.rows(0, len(rows))
   row = int(np.argmax(batch['segment_ids'].max(axis=1)))  # The row with most documents.
   assert batch['segment_ids'][row].max() >= 3
@@ -389,8 +389,9 @@ def test_mixtures_draw_rows_by_weight_deterministically(decoder_config, tmp_path
     (tmp_path / name).mkdir()
     for i in range(6):
       (tmp_path / name / f'{i}.txt').write_text(f'{letter * 50}\n' * (20 + i))
-  config = _text_config(decoder_config, '', tmp_path / 'data',
-                        mixture=f'text:{tmp_path / "a"}=0.7; text:{tmp_path / "b"}=0.3')
+  config = decoder_config('tiny')  # data.source='markov': the mixture replaces it.
+  config.data.update(dict(data_dir=str(tmp_path / 'data'),
+                          mixture=f'text:{tmp_path / "a"}=0.7; text:{tmp_path / "b"}=0.3;'))
   config.train.seq_len = 32
   data = pipeline_lib.build(config)
   rows = data.train.rows(0, 1000)
@@ -399,6 +400,10 @@ def test_mixtures_draw_rows_by_weight_deterministically(decoder_config, tmp_path
   assert abs(from_a - 0.7) < 0.01
   again = pipeline_lib.build(config).train.rows(990, 1000)
   np.testing.assert_array_equal(again['tokens'], rows['tokens'][990:])
+  # Past any length: each source goes on into its next epochs, reshuffled.
+  later = data.train.rows(10 ** 9, 10 ** 9 + 1000)
+  assert abs(np.mean([(r == x).any() for r in later['tokens']]) - 0.7) < 0.01
+  assert not np.array_equal(later['tokens'], rows['tokens'])
   assert [s['weight'] for s in data.record['sources']] == [0.7, 0.3]
 
 
@@ -416,18 +421,18 @@ def test_invalid_utf8_is_counted_and_replaced(decoder_config, tmp_path, caplog):
 
 
 def test_tokens_beyond_the_model_vocabulary_and_foreign_shards_are_one_sentence(
-    decoder_config, tmp_path, monkeypatch):
+    decoder_config, tmp_path):
   _write_corpus(tmp_path / 'corpus', count=12)
   config = _text_config(decoder_config, tmp_path / 'corpus', tmp_path / 'data')
-  folder, manifest = pretokenize.ensure(f'text:{tmp_path / "corpus"}', config.data, BYTES)
-  counts = np.load(os.path.join(folder, 'train.counts.npy'))
-  counts[BYTES.vocab_size - 1] += 1  # As if the shards held the last id of a larger vocabulary.
-  np.save(os.path.join(folder, 'train.counts.npy'), counts)
-  config.model.vocab_size = BYTES.vocab_size - 1
-  monkeypatch.setattr(pipeline_lib, '_tokenizer', lambda config: BYTES)
-  with pytest.raises(pipeline_lib.DataError, match=r'holds token id 261, beyond '
-                     r'model.vocab_size=261; raise model.vocab_size'):
+  config.model.vocab_size = BYTES.vocab_size - 1  # The tokenizer's ids would not all embed.
+  with pytest.raises(pipeline_lib.DataError, match=r"^The 'bytes' tokenizer has 262 tokens but "
+                     r'model.vocab_size=261; raise model.vocab_size\.$'):
     pipeline_lib.build(config)
+  config.model.vocab_size = BYTES.vocab_size
+  folder, manifest = pretokenize.ensure(f'text:{tmp_path / "corpus"}', config.data, BYTES)
+  # The same files named another way share the shards (named by the source's fingerprint).
+  again, _ = pretokenize.ensure(f'text:{tmp_path / "corpus"}/', config.data, BYTES)
+  assert again == folder
   # Shards made elsewhere, read through data.tokenized_dir: checked against this run.
   config = _text_config(decoder_config, tmp_path / 'corpus', tmp_path / 'data',
                         tokenized_dir=folder)
@@ -543,23 +548,21 @@ def test_binary_files_and_empty_sources_are_one_sentence(tmp_path):
 
 def test_resuming_with_another_tokenizer_is_one_sentence(tmp_path):
   from research import train
-  tokenizer_lib.save(BYTES, str(tmp_path / 'run' / tokenizer_lib.SAVED_DIR))
-  train._check_tokenizer(str(tmp_path / 'run'), BYTES)  # The same one: accepted.
-
-  class Other:
-    name, fingerprint = 'spm:/models/t5.model', 'f' * 64
-
+  import ml_collections
+  saved = tmp_path / 'run' / tokenizer_lib.SAVED_DIR
+  tokenizer_lib.save(BYTES, str(saved))
+  config = ml_collections.ConfigDict(dict(data=dict(source='text', tokenizer='bytes',
+                                                    extra_ids=0)))
+  train._check_tokenizer(str(tmp_path / 'run'), config)  # The same one: accepted.
+  config.data.source = 'markov'
   with pytest.raises(pipeline_lib.DataError, match=r'^.*run was trained with the tokenizer bytes '
-                     r'and this run would use spm:/models/t5.model; resume with '
-                     r'--config.data.tokenizer=bytes, or start a new --workdir\.$'):
-    train._check_tokenizer(str(tmp_path / 'run'), Other())
-
-
-def test_a_mixture_where_no_documents_are_read_is_one_sentence(decoder_config):
-  from research import config as config_lib
-  config = decoder_config('tiny')  # data.source='markov': synthetic tokens, not documents.
-  config.data.mixture = 'stdlib=1'
-  with pytest.raises(config_lib.ConfigError, match=r'^data.mixture mixes document sources, which '
-                     r'objective.name=causal_lm with data.source=markov does not read; leave '
-                     r'data.mixture empty\.$'):
-    config_lib.validate(config, 8)
+                     r'and this run would use synthetic tokens \(data.source=markov\); resume '
+                     r'with --config.data.tokenizer=bytes, or start a new --workdir\.$'):
+    train._check_tokenizer(str(tmp_path / 'run'), config)
+  for path in saved.iterdir():  # A damaged copy (an interrupted save) is one sentence too.
+    if path.name != 'tokenizer_record.json':
+      path.write_text('{')
+  (saved / 'tokenizer_record.json').write_text('{')
+  with pytest.raises(pipeline_lib.DataError, match=r'^The saved tokenizer in .* is damaged \(.*\); '
+                     r'restore the folder from a copy, or delete it to use data.tokenizer again'):
+    train._check_tokenizer(str(tmp_path / 'run'), config)

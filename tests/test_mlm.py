@@ -174,14 +174,19 @@ def test_sentence_pairs_are_half_negative_with_segment_types(pair):
     np.testing.assert_array_equal(types, np.arange(len(ids)) > seps[0])
     first, second = ids[1:seps[0]], ids[seps[0] + 1:-1]
     window, _ = original.window(r)
-    chunk = max(original.pieces(window), key=lambda piece: len(piece[0]))[0]  # The longest.
+    chunk, doc = max(original.pieces(window), key=lambda piece: len(piece[0]))  # The longest.
     if batch['pair_label'][r] == 0:  # A positive is the chunk in order.
       np.testing.assert_array_equal(np.concatenate([first, second]), chunk)
     elif pair == 'sop':  # A negative of SOP swaps the halves.
       np.testing.assert_array_equal(np.concatenate([second, first]), chunk)
-    else:  # A negative of NSP keeps A and takes B from elsewhere.
+    else:  # A negative of NSP keeps A and takes B from another document.
       np.testing.assert_array_equal(first, chunk[:len(first)])
       assert not np.array_equal(second, chunk[len(first):])
+      if len(second) >= 8:  # Long enough to be found where it came from.
+        stream = original.store.tokens
+        found = [p for p in np.flatnonzero(stream[:len(stream) - len(second) + 1] == second[0])
+                 if np.array_equal(stream[p:p + len(second)], second)]
+        assert found and any(original.store.docs[p] != doc for p in found)
 
 
 class _Data:

@@ -288,7 +288,7 @@ def test_the_train_command_writes_a_model_that_data_tokenizer_reads(tmp_path):
     assert tokenizer.decode(tokenizer.encode(text)) == text
   # --max_bytes caps the text read: too little text for the asked vocabulary.
   runs.assert_error(_cli('train', '--source', f'text:{corpus / "src"}', '--vocab_size', '320',
-                         '--out', str(out), '--max_bytes', '500'),
+                         '--out', str(out) + '_small', '--max_bytes', '500'),
                     'vocab_size=320 is more than this text yields (at most')
 
 
@@ -322,3 +322,30 @@ def test_the_train_command_stops_bad_input_with_one_sentence(tmp_path, args, fra
   result = _cli(*[a.format(tmp=tmp_path) for a in args])
   runs.assert_error(result, fragment.format(tmp=tmp_path))
   assert not (tmp_path / 'm.model').exists()
+
+
+def test_a_tokenizer_json_with_truncation_and_padding_encodes_documents_whole(tmp_path):
+  model, specials, pre_tokenizer, decoder, _ = HF_STYLES['bert']
+  directory = _hf_json(tmp_path, model(), specials, pre_tokenizer(), decoder())
+  published = tokenizers.Tokenizer.from_file(str(tmp_path / 'tokenizer.json'))
+  published.enable_truncation(max_length=8)  # As many BERT exports ship (512).
+  published.enable_padding(length=8, pad_id=0, pad_token='[PAD]')
+  published.save(str(tmp_path / 'tokenizer.json'))
+  text = ' '.join(['return self value'] * 20)
+  assert len(published.encode(text, add_special_tokens=False).ids) == 8
+  tokenizer = tokenizer_lib.get(f'hf:{directory}')
+  ids = tokenizer.encode(text)
+  assert len(ids) == 60 and tokenizer.decode(ids) == text
+
+
+def test_the_train_command_reads_a_tfds_dataset_that_has_only_a_train_split(tmp_path):
+  import tfds_fixtures
+  tfds_fixtures.write_text_dataset(tmp_path / 'tfds', 'lm_text', 'en', '1.0.0',
+                                   {'train': _documents(count=12)})
+  out = tmp_path / 'tfds_model'
+  result = runs.ok(_cli('train', '--source', 'tfds:lm_text/en', '--data_dir',
+                        str(tmp_path / 'tfds'), '--vocab_size', '300', '--out', str(out)))
+  assert result.stdout.splitlines()[-1].startswith(f'--config.data.tokenizer=spm:{out}.model ')
+  runs.assert_error(_cli('train', '--source', 'tfds:lm_text/en', '--data_dir',
+                         str(tmp_path / 'tfds'), '--vocab_size', '300', '--out', str(out)),
+                    f'{out}.model exists; pass --overwrite to replace it, or another --out.')

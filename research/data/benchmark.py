@@ -112,8 +112,9 @@ def _corpus_runs(config_spec, overrides, sizes, root):
   results = {}
   for megabytes in sizes:
     corpus = _write_corpus(os.path.join(root, f'corpus{megabytes}'), megabytes)
-    data = ['--config.data.source=text', f'--config.data.paths={corpus}',
-            f'--config.data.data_dir={root}/data{megabytes}', '--config.data.validation_percent=1']
+    data = ['--config.data.source=text', f'--config.data.paths={corpus}', '--config.data.mixture=',
+            f'--config.data.tokens_dir={root}/tokens{megabytes}', '--config.data.tokenized_dir=',
+            '--config.data.validation_percent=1']
     tokenize_mb, tokenize_s = _measured(
         [sys.executable, '-m', 'research.data.pretokenize', '--config', config_spec, *overrides,
          *data])
@@ -133,7 +134,8 @@ def run(config, trainer_factory, steps, depth, corpus_mb, config_spec, overrides
   from research import objectives
   objective = objectives.build(config)
   with tempfile.TemporaryDirectory() as root:
-    config.data.data_dir, config.data.tokenized_dir = os.path.join(root, 'data'), ''
+    # A fresh folder for the shards (the source's own data_dir stays: TFDS reads from it).
+    config.data.tokens_dir, config.data.tokenized_dir = os.path.join(root, 'tokens'), ''
     start = time.perf_counter()
     pipeline = pipeline_lib.build(config)
     tokenize_s = time.perf_counter() - start

@@ -129,17 +129,9 @@ def _local_split(path, d, num_labels):
 
 
 def _tfds_split(d, split, num_labels):
-  import tensorflow_datasets as tfds  # Imported on use: it is slow to import.
-  directory = sources.tfds_directory(d.data_dir, d.tfds_name)
-  if directory is None:
-    raise DataError(f'TFDS dataset {d.tfds_name} is not prepared under {d.data_dir}; prepare it '
-                    'where TensorFlow is installed (tfds build '
-                    f'{d.tfds_name} --data_dir=DIR --file_format=array_record, or convert a '
-                    'TFRecord one with python -m research.data.tfds_convert --data_dir DIR '
-                    f'--dataset {d.tfds_name}) and set data.data_dir to DIR.')
-  builder = tfds.builder_from_directory(directory)
-  if split not in builder.info.splits:
-    setting = 'set data.validation_split' if split != 'train' else 'prepare its train split'
+  builder = sources.tfds_builder(d.data_dir, d.tfds_name)
+  if split.split('[')[0] not in builder.info.splits:  # TFDS slicing (train[:90%]) is allowed.
+    setting = 'set data.train_split' if split == d.train_split else 'set data.validation_split'
     raise DataError(f'TFDS dataset {d.tfds_name} has no split {split!r} (it has '
                     f'{sorted(builder.info.splits)}); {setting}.')
   source = builder.as_data_source(split=split)
@@ -154,7 +146,7 @@ def read(config):
   """{'train': examples, 'validation': examples} and a fingerprint of both."""
   d, num_labels = config.data, config.model.num_labels
   if d.source == 'tfds':
-    train, train_id = _tfds_split(d, 'train', num_labels)
+    train, train_id = _tfds_split(d, d.train_split, num_labels)
     validation, validation_id = _tfds_split(d, d.validation_split, num_labels)
   else:
     train, train_id = _local_split(d.train_path, d, num_labels)

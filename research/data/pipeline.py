@@ -21,8 +21,8 @@ from research.data import shards
 from research.data import synthetic
 from research.data import tokenizer as tokenizer_lib
 from research.data import windows
-from research.data.sources import DataError
 from research.data import sources
+from research.data.sources import DataError
 
 
 @dataclasses.dataclass
@@ -172,7 +172,7 @@ def _build(config):
   objective = objectives.build(config)
   if objectives.get(config.objective.name).DATA == 'labeled':
     return _labeled(config, objective)
-  if d.source == 'markov':
+  if d.source == 'markov' and not d.mixture:  # A mixture replaces data.source.
     vocabulary = _SyntheticVocabulary(config.model.vocab_size)
     source = synthetic.MarkovSource(
         config.model.vocab_size, d.markov_branching, config.seed, d.min_doc_len,
@@ -193,11 +193,9 @@ def _documents(config, objective):
   tokenizer = _tokenizer(config)
   transform = _transform(objective, tokenizer)
   entries = sources.specs(d)
-  if d.tokenized_dir and len(entries) > 1:
-    raise DataError('data.tokenized_dir names the shards of one source; leave it empty for a '
-                    'mixture.')
   splits = {'train': [], 'validation': []}
-  described, counts = [], np.zeros(tokenizer.vocab_size, np.int64)
+  described, frequencies = [], np.zeros(tokenizer.vocab_size)
+  total_weight = sum(weight for _, weight in entries)
   for salt, (spec, weight) in enumerate(entries):
     folder, manifest = pretokenize.ensure(spec, d, tokenizer, jax.process_index(),
                                           jax.process_count())  # Each process writes a share.
@@ -205,7 +203,8 @@ def _documents(config, objective):
       store = shards.TokenStore(folder, manifest, split)
       rows.append(windows.Windows(store, t.seq_len, config.seed, split == 'train', transform,
                                   salt=salt, name=spec))
-    counts += _checked_counts(splits['train'][-1].store, config.model.vocab_size, spec)
+    counts = splits['train'][-1].store.token_counts()
+    frequencies += counts / counts.sum() * weight / total_weight  # As the mixture draws them.
     described.append(dict(spec=spec, weight=weight, tokenized=folder,
                           train_tokens=manifest['splits']['train']['tokens'],
                           train_documents=manifest['splits']['train']['documents'],
@@ -216,19 +215,23 @@ def _documents(config, objective):
                        for s in ('train', 'validation'))
   fingerprint = hashlib.sha256(repr([(e['spec'], e['weight'], e['train_fingerprint'])
                                      for e in described]).encode()).hexdigest()
+  _check_same_everywhere(fingerprint)
   record = dict(sources=described, fingerprint=fingerprint, tokenizer=tokenizer.name,
                 tokenizer_fingerprint=tokenizer.fingerprint)
-  pipeline = Pipeline(t.batch_size, t.seq_len, train, validation, tokenizer, record, config.seed)
-  pipeline.train_token_counts = counts
-  return pipeline
+  return Pipeline(t.batch_size, t.seq_len, train, validation, tokenizer, record, config.seed,
+                  train_token_counts=frequencies * sum(e['train_tokens'] for e in described))
 
 
-def _checked_counts(store, vocab_size, spec):
-  """The split's token frequencies, checked against the model's vocabulary where they enter."""
-  counts = store.token_counts()
-  used = np.flatnonzero(counts)
-  if len(used) and used[-1] >= vocab_size:
-    raise DataError(f'The tokenized data of {spec} holds token id {int(used[-1])}, beyond '
-                    f'model.vocab_size={vocab_size}; raise model.vocab_size or tokenize with the '
-                    'model\'s tokenizer.')
-  return counts[:vocab_size]
+def _check_same_everywhere(fingerprint):
+  """Every host reads its own shards (its own copy of the files, its own Python's stdlib): one
+  that tokenized other data would feed other rows into its part of every batch."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  mine = np.frombuffer(bytes.fromhex(fingerprint)[:8], np.uint32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  differing = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+  if differing:
+    raise DataError(f'Process {differing[0]} tokenized other data than process 0 (another copy '
+                    'of the files, or another Python for data.source=stdlib); give every host the '
+                    'same data, e.g. in a shared data.tokens_dir.')

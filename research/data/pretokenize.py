@@ -28,31 +28,40 @@ _WRITER = flags.DEFINE_integer('writer', 0, 'Which of --writers this process is 
 _WRITERS = flags.DEFINE_integer('writers', 1, 'How many processes share the work.')
 
 
+def _local(path, setting):
+  """Shards are written under local file locks: a URL is refused in one sentence."""
+  if '://' in path:
+    raise sources.DataError(f'{setting}={path} is not a local folder, where tokenized shards are '
+                            'written and read; set data.tokens_dir (or data.tokenized_dir) to a '
+                            'local or shared one.')
+  return os.path.expanduser(path)
+
+
 def directory(spec, source, data, tokenizer):
+  """Where the shards of `spec` go: named by the source's and the tokenizer's fingerprints."""
   if data.tokenized_dir:
-    return os.path.expanduser(data.tokenized_dir)
+    return _local(data.tokenized_dir, 'data.tokenized_dir')
   kind = sources.parse_spec(spec)[0]
   name = f'{kind}-{source.fingerprint()[:12]}-{tokenizer.fingerprint[:12]}'
   if data.tokens_dir:
-    return os.path.join(os.path.expanduser(data.tokens_dir), name)
-  if '://' in data.data_dir:  # Shards are written with local file locks.
-    raise sources.DataError(f'data.data_dir={data.data_dir} is not a local folder, where tokenized '
-                            'shards are written; set data.tokens_dir to a local or shared one.')
-  return os.path.join(os.path.expanduser(data.data_dir), 'tokens', name)
+    return os.path.join(_local(data.tokens_dir, 'data.tokens_dir'), name)
+  return os.path.join(_local(data.data_dir, 'data.data_dir'), 'tokens', name)
 
 
 def ensure(spec, data, tokenizer, writer=0, writers=1):
   """(directory, manifest) of `spec`'s shards, written first if missing."""
   if data.tokenized_dir:  # Made elsewhere, perhaps from files this machine does not have.
-    folder = os.path.expanduser(data.tokenized_dir)
+    folder = _local(data.tokenized_dir, 'data.tokenized_dir')
     manifest = shards.read_manifest(folder)
     if manifest is not None:
-      shards.check_manifest(manifest, folder, spec, tokenizer)
+      shards.check_manifest(manifest, folder, tokenizer, spec=spec)
       return folder, manifest
-  source = sources.build(spec, data)
+  source = sources.build(spec, data, 'data.mixture' if data.mixture else 'data.paths')
   folder = directory(spec, source, data, tokenizer)
-  manifest = shards.prepare(source, spec, tokenizer, folder, writer, writers)
-  shards.check_manifest(manifest, folder, spec, tokenizer)
+  setting = 'data.tokenized_dir' if data.tokenized_dir else 'data.tokens_dir'
+  manifest = shards.prepare(source, spec, tokenizer, folder, writer, writers, setting)
+  # The folder is named by fingerprints, so another spelling of the same source may have made it.
+  shards.check_manifest(manifest, folder, tokenizer, source_fingerprint=source.fingerprint())
   return folder, manifest
 
 
@@ -64,11 +73,7 @@ def main(argv):
                                    f'{_WRITERS.value}).')
     data = config.data
     tokenizer = tokenizer_lib.get(data.tokenizer, extra_ids=data.extra_ids)
-    entries = sources.specs(data)
-    if data.tokenized_dir and len(entries) > 1:
-      raise sources.DataError('data.tokenized_dir names the shards of one source; leave it empty '
-                              'for a mixture.')
-    for spec, _ in entries:
+    for spec, _ in sources.specs(data):
       started = time.time()
       folder, manifest = ensure(spec, data, tokenizer, _WRITER.value, _WRITERS.value)
       seconds = time.time() - started

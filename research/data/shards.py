@@ -8,18 +8,24 @@ document of every token, is read from one or two records by index. Token i of a 
 shard s at offset i - (tokens of shards before s); nothing of size proportional to the corpus is
 ever held in memory.
 
-Writers share a split by shard: several processes (or hosts on a shared filesystem) each take
-the shards not yet written, under a per-shard lock, and whichever sees every shard finished
-writes the manifest: source and tokenizer fingerprints, per-shard token and document counts,
-a content hash of the tokens, and the training split's token frequencies.
+Writers share a split by shard: several processes (or hosts on a shared filesystem with working
+`flock`) each take their share first and then every shard not yet written, under a per-shard
+lock, and the first to finish writes the manifest: source and tokenizer fingerprints, per-shard
+token and document counts, a content hash of the tokens, and each split's token frequencies.
+Every file appears complete or not at all (written under a unique temporary name, then renamed).
 """
 
+import collections
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import os
+import socket
+import threading
 import time
+import uuid
 
 import numpy as np
 from absl import logging
@@ -59,11 +65,31 @@ def shard_name(split, index, count):
   return f'{split}-{index:05d}-of-{count:05d}.array_record'
 
 
+def _temporary(path):
+  """A name no other process (on this host or another with the same pid) writes."""
+  return f'{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+
+
+def _write_atomically(path, data):
+  temporary = _temporary(path)
+  with open(temporary, 'wb') as f:
+    f.write(data)
+  os.replace(temporary, path)
+
+
+def _npy_bytes(array):
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return buffer.getvalue()
+
+
 def _text(piece, origin, stats):
   """A document piece as str; invalid UTF-8 is replaced by U+FFFD and counted (and the file
   with the most of it remembered, for the message if there is too much)."""
   if isinstance(piece, str):
+    stats['bytes'] += len(piece.encode('utf-8', errors='replace'))
     return piece
+  stats['bytes'] += len(piece)
   try:
     return piece.decode('utf-8')
   except UnicodeDecodeError:
@@ -73,15 +99,24 @@ def _text(piece, origin, stats):
     return piece.decode('utf-8', errors='replace')
 
 
+def _check_utf8(stats, where):
+  """One sentence when more than MAX_INVALID_UTF8 of the bytes are not UTF-8 (a binary file or
+  a wrongly encoded corpus), naming the file with the most."""
+  if stats['invalid_utf8_bytes'] > MAX_INVALID_UTF8 * max(stats['bytes'], 1):
+    origin, count = stats['most_invalid']
+    raise DataError(f"{stats['invalid_utf8_bytes']} of the {stats['bytes']} bytes of {where} are "
+                    f'not valid UTF-8 (the most in {origin}: {count}); convert those files to '
+                    'UTF-8 or remove them from the source.')
+
+
 class _Writer:
   """Cuts a stream of documents into CHUNK-token records."""
 
-  def __init__(self, writer, dtype, vocab_size):
+  def __init__(self, writer, dtype):
     self.writer, self.dtype = writer, dtype
     self.pending, self.starts = [], []  # Token arrays not yet written; their document starts.
     self.buffered = self.written = self.docs_before = 0
     self.digest = hashlib.sha256()
-    self.counts = np.zeros(vocab_size, np.int64)
 
   def add(self, ids, starts_document):
     if starts_document:
@@ -101,7 +136,6 @@ class _Writer:
     record = encode_record(chunk, starts, self.docs_before, self.dtype)
     self.writer.write(record)
     self.digest.update(record)
-    self.counts += np.bincount(chunk, minlength=len(self.counts))
     self.docs_before += len(starts)
     self.starts = self.starts[len(starts):]
     self.written = end
@@ -115,53 +149,48 @@ class _Writer:
 def write_shard(source, part, tokenizer, path):
   """Tokenizes `part` into the array_record file `path`; returns its statistics."""
   from array_record.python import array_record_module  # Imported on use: a native module.
-  dtype = token_dtype(tokenizer.vocab_size)
   stats = dict(tokens=0, documents=0, empty_documents=0, invalid_utf8_bytes=0, bytes=0,
                invalid_by_origin={})
-  temporary = f'{path}.tmp-{os.getpid()}'
-  writer = _Writer(array_record_module.ArrayRecordWriter(temporary, 'group_size:1'), dtype,
-                   tokenizer.vocab_size)
+  counts = np.zeros(tokenizer.vocab_size, np.int64)
+  temporary = _temporary(path)
+  writer = _Writer(array_record_module.ArrayRecordWriter(temporary, 'group_size:1'),
+                   token_dtype(tokenizer.vocab_size))
   try:
-    _tokenize(source, part, tokenizer, writer, stats)
-  except BaseException:  # A bad document (or a stop) leaves no partial shard behind.
+    _tokenize(source, part, tokenizer, writer, stats, counts)
+    invalid = stats.pop('invalid_by_origin')
+    stats['most_invalid'] = max(invalid.items(), key=lambda item: item[1]) if invalid else None
+    _check_utf8(stats, f'{os.path.basename(path)} of {source.name}')  # Early, per shard.
     writer.close()
-    os.remove(temporary)
+  except BaseException:  # A bad document (or a stop) leaves no partial shard behind.
+    try:
+      writer.writer.close()
+    finally:
+      os.remove(temporary)
     raise
   os.replace(temporary, path)
-  invalid = stats.pop('invalid_by_origin')
   stats.update(tokens=writer.written, records=-(-writer.written // CHUNK),
-               sha256=writer.digest.hexdigest(),
-               most_invalid=max(invalid.items(), key=lambda item: item[1]) if invalid else None)
-  np.save(path + '.counts.npy', writer.counts)
+               sha256=writer.digest.hexdigest())
+  _write_atomically(path + '.counts.npy', _npy_bytes(counts))
   return stats
 
 
-def _tokenize(source, part, tokenizer, writer, stats):
-  dtype = writer.dtype
+def _tokenize(source, part, tokenizer, writer, stats, counts):
+  eos = tokenizer.eos_id  # None for a vocabulary without one (BERT's WordPiece).
   open_document = part.continues  # Its first tokens belong to the last shard's last document.
   for piece, ends, origin in source.documents(part):
-    stats['bytes'] += len(piece)
     ids = np.asarray(tokenizer.encode(_text(piece, origin, stats)))
     if len(ids) and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
       raise DataError(f'The tokenizer {tokenizer.name} produced id {int(ids.max())} outside its '
                       f'vocabulary of {tokenizer.vocab_size}; the tokenizer file is inconsistent.')
-    if ends and tokenizer.eos_id is not None:  # (A BERT WordPiece vocabulary has no EOS.)
-      ids = np.append(ids, tokenizer.eos_id)
-    if not open_document and len(ids) <= int(ends and tokenizer.eos_id is not None):
-      # Nothing but EOS: skipped and counted.
-      stats['empty_documents'] += int(ends)
+    if not open_document and ends and len(ids) == 0:  # An empty document: skipped, counted.
+      stats['empty_documents'] += 1
       continue
-    writer.add(ids.astype(dtype), starts_document=not open_document)
+    if ends and eos is not None:
+      ids = np.append(ids, eos)
+    writer.add(ids.astype(writer.dtype), starts_document=not open_document)
+    counts += np.bincount(ids, minlength=len(counts))
     stats['documents'] += int(not open_document)
     open_document = not ends
-  writer.close()
-
-
-def _write_json(path, value):
-  temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'w') as f:
-    json.dump(value, f, indent=1)
-  os.replace(temporary, path)
 
 
 def read_manifest(directory):
@@ -172,7 +201,7 @@ def read_manifest(directory):
     return json.load(f)
 
 
-def prepare(source, spec, tokenizer, directory, writer=0, writers=1):
+def prepare(source, spec, tokenizer, directory, writer=0, writers=1, setting='data.tokens_dir'):
   """Writes the shards of `source` under `directory` and returns the manifest.
 
   A writer takes its share first, then every other shard: one that another writer holds is
@@ -195,15 +224,20 @@ def prepare(source, spec, tokenizer, directory, writer=0, writers=1):
     if os.path.exists(path + '.json'):
       continue
     with open(path + '.lock', 'w') as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)  # Another writer holding it is writing this shard.
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # Another writer holding it is writing this shard.
+      except OSError as error:
+        raise DataError(f'{directory} does not support file locks ({error.strerror}); set '
+                        f'{setting} to a local folder or a shared one with flock.') from None
       if os.path.exists(path + '.json'):
         continue
       started = time.time()
       stats = write_shard(source, part, tokenizer, path)
-      _write_json(path + '.json', stats)
+      _write_atomically(path + '.json', json.dumps(stats, indent=1).encode())
       logging.info('Tokenized %s: %d documents, %d tokens in %.1f s.', os.path.basename(path),
                    stats['documents'], stats['tokens'], time.time() - started)
-  _manifest(directory, source, spec, tokenizer, parts)
+  if read_manifest(directory) is None:
+    _manifest(directory, source, spec, tokenizer, parts)
   return read_manifest(directory)
 
 
@@ -218,23 +252,20 @@ def _manifest(directory, source, spec, tokenizer, parts):
       counts += np.load(os.path.join(directory, name + '.counts.npy'))
     total = {key: sum(s[key] for s in shards)
              for key in ('tokens', 'documents', 'empty_documents', 'invalid_utf8_bytes', 'bytes')}
-    if total['invalid_utf8_bytes'] > MAX_INVALID_UTF8 * max(total['bytes'], 1):
-      worst = max((s['most_invalid'] for s in shards if s['most_invalid']), key=lambda w: w[1])
-      raise DataError(f"{total['invalid_utf8_bytes']} of the {total['bytes']} bytes of the "
-                      f'{split} split of {spec} are not valid UTF-8 (the most in {worst[0]}: '
-                      f'{worst[1]}); convert those files to UTF-8 or remove them from the '
-                      'source.')
+    worst = [s['most_invalid'] for s in shards if s['most_invalid']]
+    total['most_invalid'] = max(worst, key=lambda w: w[1]) if worst else None
+    _check_utf8(total, f'the {split} split of {spec}')
     if total['documents'] == 0:
       raise DataError(f'The {split} split of data source {spec} holds only empty documents; add '
                       'text or change data.validation_percent.')
     if total['invalid_utf8_bytes']:
-      worst = max((s['most_invalid'] for s in shards if s['most_invalid']), key=lambda w: w[1])
       logging.warning('%d bytes of the %s split of %s are not valid UTF-8 and were replaced by '
-                      'U+FFFD (most in %s).', total['invalid_utf8_bytes'], split, spec, worst[0])
+                      'U+FFFD (most in %s).', total['invalid_utf8_bytes'], split, spec,
+                      total['most_invalid'][0])
     if total['empty_documents']:
       logging.info('Skipped %d empty documents in the %s split of %s.',
                    total['empty_documents'], split, spec)
-    np.save(os.path.join(directory, f'{split}.counts.npy'), counts)
+    _write_atomically(os.path.join(directory, f'{split}.counts.npy'), _npy_bytes(counts))
     digest = hashlib.sha256(''.join(s['sha256'] for s in shards).encode()).hexdigest()
     splits[split] = dict(total, shards=shards, fingerprint=digest)
   manifest = dict(
@@ -243,18 +274,23 @@ def _manifest(directory, source, spec, tokenizer, parts):
       tokenizer=dict(name=tokenizer.name, fingerprint=tokenizer.fingerprint,
                      vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id),
       splits=splits, created=time.time())
-  temporary = os.path.join(directory, f'{MANIFEST}.tmp-{os.getpid()}-{id(manifest)}')
+  path = os.path.join(directory, MANIFEST)
+  temporary = _temporary(path)
   with open(temporary, 'w') as f:
     json.dump(manifest, f, indent=1)
   try:  # The first writer's manifest stands; the others read it.
-    os.link(temporary, os.path.join(directory, MANIFEST))
+    os.link(temporary, path)
   except FileExistsError:
     pass
+  except OSError:  # No hard links here: every writer's manifest holds the same shards.
+    os.replace(temporary, path)
+    return
   os.remove(temporary)
 
 
-def check_manifest(manifest, directory, spec, tokenizer):
-  """One sentence when the shards in `directory` were made from another source or tokenizer."""
+def check_manifest(manifest, directory, tokenizer, spec=None, source_fingerprint=None):
+  """One sentence when the shards in `directory` were made with another tokenizer, or from
+  another source: its spec (shards made elsewhere) or its fingerprint."""
   if manifest.get('format') != FORMAT or manifest.get('chunk') != CHUNK:
     raise DataError(f'The tokenized data in {directory} has another format; tokenize again '
                     'with python -m research.data.pretokenize.')
@@ -263,16 +299,51 @@ def check_manifest(manifest, directory, spec, tokenizer):
     raise DataError(f"The tokenized data in {directory} was made with the tokenizer "
                     f"{made['name']} but this run uses {tokenizer.name} (another fingerprint); "
                     'set data.tokenizer to the same one, or tokenize again.')
-  if manifest['source']['spec'] != spec:
-    raise DataError(f"The tokenized data in {directory} was made from {manifest['source']['spec']}"
-                    f' but this run reads {spec}; point the run at its own tokenized data.')
+  source = manifest['source']
+  if (spec is not None and source['spec'] != spec
+      or source_fingerprint is not None and source['fingerprint'] != source_fingerprint):
+    raise DataError(f"The tokenized data in {directory} was made from {source['spec']} but this "
+                    f'run reads {spec or "another version of it"}; point the run at its own '
+                    'tokenized data.')
+
+
+class _Readers:
+  """Open array_record readers of a split's shards, at most `limit` at a time (a corpus may
+  have thousands of shards), each checked against the manifest when opened."""
+
+  def __init__(self, paths, records, limit=64):
+    self.paths, self.records, self.limit = paths, records, limit
+    self._open = collections.OrderedDict()
+    self._lock = threading.Lock()  # The prefetching thread and evaluation read concurrently.
+
+  def read(self, shard, index):
+    from array_record.python import array_record_module
+    with self._lock:
+      reader = self._open.pop(shard, None)
+      if reader is None:
+        if not os.path.exists(self.paths[shard]):
+          raise DataError(f'{self.paths[shard]} is missing from the tokenized data; copy the '
+                          'whole folder, or delete it to tokenize again.')
+        # Random access: no read-ahead, small buffers (as grain's ArrayRecordDataSource).
+        reader = array_record_module.ArrayRecordReader(
+            self.paths[shard], options='readahead_buffer_size:0', file_reader_buffer_size=32768)
+        if reader.num_records() != self.records[shard]:
+          raise DataError(f'{self.paths[shard]} holds {reader.num_records()} records but its '
+                          f'manifest says {self.records[shard]}; copy it again, or delete the '
+                          'folder to tokenize again.')
+        if len(self._open) >= self.limit:
+          self._open.popitem(last=False)[1].close()
+      self._open[shard] = reader
+      return reader.read([index])[0]
 
 
 class TokenStore:
-  """Random access to a tokenized split: read(start, length) -> (tokens, document ids)."""
+  """Random access to a tokenized split: read(start, length) -> (tokens, document ids).
+
+  Opening one costs the same for any corpus: shard sizes come from the manifest, and a shard's
+  file is opened on its first read."""
 
   def __init__(self, directory, manifest, split):
-    import grain  # Imported on use, like every reader of array_record.
     self.directory, self.split = directory, split
     info = manifest['splits'][split]
     self.dtype = np.dtype(manifest['dtype'])
@@ -281,20 +352,14 @@ class TokenStore:
     self.num_documents = info['documents']
     shards = info['shards']
     self._token_offsets = np.cumsum([0] + [s['tokens'] for s in shards])
-    self._record_offsets = np.cumsum([0] + [s['records'] for s in shards])
     self._doc_offsets = np.cumsum([0] + [s['documents'] for s in shards])
-    paths = [os.path.join(directory, s['file']) for s in shards]
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-      raise DataError(f'{missing[0]} is missing from the tokenized data in {directory}; copy the '
-                      'whole folder, or delete it to tokenize again.')
-    self._source = grain.sources.ArrayRecordDataSource(paths)
+    self._readers = _Readers([os.path.join(directory, s['file']) for s in shards],
+                             [s['records'] for s in shards])
+    self._record = functools.lru_cache(maxsize=64)(self._read_record)  # Per store.
 
-  @functools.lru_cache(maxsize=64)
-  def _record(self, shard, index):
+  def _read_record(self, shard, index):
     """(tokens, per-token document ids) of record `index` of `shard`."""
-    data = self._source[int(self._record_offsets[shard] + index)]
-    tokens, starts, docs_before = decode_record(data, self.dtype)
+    tokens, starts, docs_before = decode_record(self._readers.read(shard, index), self.dtype)
     starts_before = np.searchsorted(starts, np.arange(len(tokens)), side='right')
     docs = self._doc_offsets[shard] + docs_before + starts_before - 1
     return tokens, docs

@@ -16,14 +16,18 @@ A split is a list of parts (at most PART_BYTES of text, or PART_EXAMPLES example
 becomes one shard when tokenized (research/data/shards.py), so that several processes can share
 the work and no step holds more than a part in memory. `documents(part)` yields (text, ends,
 origin) pieces: `ends` is False when a document continues in the next piece (a large file read
-in pieces); `origin` names the file or dataset, for messages.
+in pieces, each cut after a newline and tokenized on its own: a SentencePiece model's dummy
+prefix adds one space token at each such cut, one per PIECE_BYTES of text); `origin` names the
+file or dataset, for messages.
 """
 
 import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
+import re
 
 from research.data import corpus
 
@@ -31,7 +35,6 @@ PART_BYTES = 64 << 20
 PIECE_BYTES = 4 << 20  # Text read and tokenized at a time: what bounds a writer's memory.
 PART_EXAMPLES = 100_000
 KINDS = ('stdlib', 'text', 'jsonl', 'parquet', 'tfds')
-SPLITS = ('train', 'validation')
 
 
 class DataError(ValueError):
@@ -278,27 +281,38 @@ def tfds_directory(data_dir, name):
   if version:
     candidates = [root / version]
   else:
-    candidates = sorted(root.glob('*.*.*') if root.exists() else [],
-                        key=lambda v: tuple(int(p) if p.isdigit() else 0
-                                            for p in v.name.split('.')))
+    versions = [v for v in (root.glob('*.*.*') if root.exists() else [])
+                if re.fullmatch(r'\d+\.\d+\.\d+', v.name)]
+    candidates = sorted(versions, key=lambda v: tuple(map(int, v.name.split('.'))))
   prepared = [c for c in candidates if (c / 'dataset_info.json').exists()]
   return os.fspath(prepared[-1]) if prepared else None
+
+
+def tfds_builder(data_dir, name):
+  """The TFDS builder of dataset `name` prepared as array_record under data_dir: what every
+  reader of TFDS datasets here opens (documents, labelled examples)."""
+  import tensorflow_datasets as tfds  # Imported on use: it is slow to import.
+  directory = tfds_directory(data_dir, name)
+  if directory is None:
+    raise DataError(
+        f'TFDS dataset {name} is not prepared under {data_dir}; prepare it where TensorFlow is '
+        f'installed (tfds build {name.split(":")[0]} --data_dir=DIR '
+        '--file_format=array_record, or convert a TFRecord one with python -m '
+        f'research.data.tfds_convert --data_dir DIR --dataset {name}) and set data.data_dir '
+        'to DIR.')
+  builder = tfds.builder_from_directory(directory)
+  if builder.info.file_format.value != 'array_record':
+    raise DataError(f'TFDS dataset {name} under {directory} is stored as '
+                    f'{builder.info.file_format.value}, which cannot be read by index; '
+                    'convert it once with python -m research.data.tfds_convert.')
+  return builder
 
 
 class TfdsSource:
   """A TFDS dataset prepared as array_record, read by index without TensorFlow."""
 
   def __init__(self, name, data_dir, train_split, validation_split, text_field):
-    import tensorflow_datasets as tfds  # Imported on use: it is slow to import.
-    directory = tfds_directory(data_dir, name)
-    if directory is None:
-      raise DataError(
-          f'TFDS dataset {name} is not prepared under {data_dir}; prepare it where TensorFlow is '
-          f'installed (tfds build {name.split(":")[0]} --data_dir=DIR '
-          '--file_format=array_record, or convert a TFRecord one with python -m '
-          f'research.data.tfds_convert --data_dir DIR --dataset {name}) and set data.data_dir '
-          'to DIR.')
-    self.builder = tfds.builder_from_directory(directory)
+    self.builder = tfds_builder(data_dir, name)
     self.name, self.kind, self.text_field = f'tfds:{name}', 'tfds', text_field
     self.splits = dict(train=train_split, validation=validation_split)
     features = list(self.builder.info.features.keys())
@@ -310,10 +324,6 @@ class TfdsSource:
       if split.split('[')[0] not in self.builder.info.splits:
         raise DataError(f'TFDS dataset {name} has no split {split!r} (it has '
                         f'{sorted(self.builder.info.splits)}); set {setting}.')
-    if self.builder.info.file_format.value != 'array_record':
-      raise DataError(f'TFDS dataset {name} under {directory} is stored as '
-                      f'{self.builder.info.file_format.value}, which cannot be read by index; '
-                      'convert it once with python -m research.data.tfds_convert.')
     self._sources = {}
 
   def _source(self, split):
@@ -373,19 +383,22 @@ def build(spec, data, setting='data.paths'):
 def specs(data):
   """[(spec, weight)] of config.data: its mixture, or its one source."""
   if data.mixture:
+    if data.tokenized_dir:
+      raise DataError('data.tokenized_dir names the shards of one source; leave it empty for a '
+                      'mixture.')
     entries = []
-    for entry in data.mixture.split(';'):
-      spec, _, weight = entry.strip().rpartition('=')
+    for entry in filter(None, (e.strip() for e in data.mixture.split(';'))):
+      spec, _, weight = entry.rpartition('=')
       try:
         weight = float(weight)
       except ValueError:
         weight = None
       if not spec or weight is None:
-        raise DataError(f'data.mixture entry {entry.strip()!r} is not SOURCE=WEIGHT; write e.g. '
+        raise DataError(f'data.mixture entry {entry!r} is not SOURCE=WEIGHT; write e.g. '
                         "'tfds:c4/en:3.1.0=0.7;text:/data/wiki=0.3'.")
-      if not weight > 0:
+      if not 0 < weight < math.inf:
         raise DataError(f'data.mixture gives {spec} the weight {weight}; weights must be '
-                        'positive (drop the entry instead).')
+                        'positive and finite (drop the entry instead).')
       parse_spec(spec)
       entries.append((spec, weight))
     return entries

@@ -28,6 +28,8 @@ import numpy as np
 from absl import flags
 from array_record.python import array_record_module
 
+from research.data import sources
+
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir holding the dataset.')
 _DATASET = flags.DEFINE_string('dataset', None, 'NAME[/CONFIG][:VERSION], e.g. c4/en:3.1.0 '
                                '(without a version: the newest prepared one).')
@@ -180,15 +182,11 @@ def find_dataset(data_dir, spec):
   if not match:
     raise ConvertError(f'--dataset {spec} is not NAME[/CONFIG][:VERSION]; pass e.g. --dataset '
                        'c4/en:3.1.0.')
-  name, version = match.groups()
+  name = match.group(1)
   top = os.path.expanduser(data_dir)
   root = os.path.join(top, name)
-  versions = [v for v in glob.glob(os.path.join(glob.escape(root), '*.*.*'))
-              if os.path.isfile(os.path.join(v, 'dataset_info.json'))
-              and re.fullmatch(r'\d+\.\d+\.\d+', os.path.basename(v))]
-  if version:
-    versions = [v for v in versions if os.path.basename(v) == version]
-  if not versions:
+  directory = sources.tfds_directory(data_dir, spec)  # The reader's own lookup.
+  if directory is None:
     # What is there (other versions, or configs when none was given) says what to pass instead.
     found = sorted(os.path.relpath(os.path.dirname(p), top) for p in
                    glob.glob(os.path.join(glob.escape(root), '**', 'dataset_info.json'),
@@ -198,8 +196,7 @@ def find_dataset(data_dir, spec):
     raise ConvertError(f'No prepared TFDS dataset {spec} under {data_dir}{there}; prepare it '
                        f'where TensorFlow is installed with `tfds build {spec} --data_dir='
                        f'{data_dir}`, or pass the --data_dir that holds it.')
-  newest = max(versions, key=lambda v: tuple(map(int, os.path.basename(v).split('.'))))
-  return newest, name
+  return directory, name
 
 
 def _shards(info, out_dir):

@@ -158,6 +158,10 @@ class HfTokenizer:
     except Exception as error:  # The library raises a bare Exception for a bad file.
       raise ValueError(f'data.tokenizer={self.name}: {path} is not a readable tokenizer.json '
                        f'({error}); use the file the model was published with.') from None
+    # A published tokenizer.json may carry the model's truncation (e.g. to 512) and padding:
+    # documents are encoded whole, unpadded.
+    self._tokenizer.no_truncation()
+    self._tokenizer.no_padding()
     self.fingerprint = _sha256(self.data)
     vocab = self._tokenizer.get_vocab()
     self.vocab_size = max(self._tokenizer.get_vocab_size(), max(vocab.values(), default=-1) + 1)
@@ -458,20 +462,29 @@ def _training_error(message, vocab_size, sentences):
   return f'SentencePiece training failed ({first.rstrip(".")}).'
 
 
-def source_texts(specs, data_dir, text_field, validation_percent):
+def source_texts(specs, data_dir, text_field, validation_percent, train_split='train'):
   """The training split's documents of data sources named like data.source / data.mixture
   entries (research/data/sources.py: text:GLOB, jsonl:FILE, parquet:FILE, tfds:NAME, stdlib),
-  read part by part, so that a corpus need not fit in memory; undecodable bytes are replaced."""
+  read part by part, so that a corpus need not fit in memory; undecodable bytes are replaced.
+
+  Sources take turns document by document, and each visits its parts in a fixed shuffled
+  order, so that a --max_bytes sample spans every source and the whole of each."""
+  import itertools
   import ml_collections
   from research.data import sources  # Imported on use: only training reads sources here.
   settings = ml_collections.ConfigDict(dict(
       data_dir=data_dir, text_field=text_field, validation_percent=validation_percent,
-      train_split='train', validation_split='validation'))
-  for spec in specs:
-    source = sources.build(spec, settings, setting='--source')
-    for part in source.parts('train'):
-      for piece, _, _ in source.documents(part):
+      train_split=train_split, validation_split=train_split))  # Validation is not read here.
+
+  def documents(source):
+    parts = source.parts('train')
+    for index in np.random.default_rng(0).permutation(len(parts)):
+      for piece, _, _ in source.documents(parts[index]):
         yield piece.decode('utf-8', errors='replace') if isinstance(piece, bytes) else piece
+
+  streams = [documents(sources.build(spec, settings, setting='--source')) for spec in specs]
+  for turn in itertools.zip_longest(*streams):
+    yield from (text for text in turn if text is not None)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -491,6 +504,9 @@ def main(argv):
                        help='tfds sources: where the dataset is prepared.')
   command.add_argument('--validation_percent', type=int, default=5,
                        help='Of local sources: the validation share, left out of training.')
+  command.add_argument('--train_split', default='train',
+                       help='tfds sources: the split read (TFDS slicing allowed).')
+  command.add_argument('--overwrite', action='store_true', help='Replace an existing model.')
   command.add_argument('--vocab_size', type=int, required=True)
   command.add_argument('--model_type', default='unigram', help='unigram or bpe.')
   command.add_argument('--out', required=True, help='Output prefix: writes PREFIX.model.')
@@ -506,7 +522,11 @@ def main(argv):
       raise ValueError(f'--model_type={args.model_type} is not one of {list(MODEL_TYPES)}.')
     if args.max_bytes < 1 or args.extra_ids < 0:
       raise ValueError('--max_bytes must be positive and --extra_ids not negative.')
-    texts = source_texts(args.source, args.data_dir, args.text_field, args.validation_percent)
+    if os.path.exists(args.out + '.model') and not args.overwrite:
+      raise ValueError(f'{args.out}.model exists; pass --overwrite to replace it, or another '
+                       '--out.')
+    texts = source_texts(args.source, args.data_dir, args.text_field, args.validation_percent,
+                         args.train_split)
     path = train(texts, args.vocab_size, args.model_type, args.out, args.max_bytes)
     tokenizer = get(SPM_PREFIX + path, args.extra_ids)
   except ValueError as error:

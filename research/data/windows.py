@@ -12,6 +12,11 @@ pairs) takes the window's longest piece.
 Epoch e visits the windows in an order drawn from (seed, salt, e) by grain's index_shuffle, a
 bijection computed per index: row g needs neither the rows before it nor a permutation array,
 so a start or a resume at any step costs the same and memory does not grow with the corpus.
+
+What a window does not use is not seen in that epoch, nor in any other (windows are fixed):
+for causal LM only the stream's tail after the last whole window; for MLM the tokens that the
+[CLS]/[SEP] of each further document in a window push out (two per document boundary); for
+sentence pairs every piece but the longest, so pairs suit corpora of documents longer than a row.
 """
 
 import grain
@@ -30,9 +35,12 @@ class Windows(grain.MapDataset):
   """One split's rows as a grain MapDataset: len() is an epoch, any index >= 0 is valid."""
 
   def __init__(self, store, seq_len, seed, shuffle, transform, salt=0, name='data'):
+    """salt: which source of a mixture (their orders and examples' randomness differ)."""
     super().__init__([])
     self.store, self.seq_len, self.seed, self.shuffle = store, seq_len, seed, shuffle
     self.transform, self.salt = transform, salt
+    # An example's randomness is drawn from this key and its place: sources and splits differ.
+    self.key = (salt, 0 if store.split == 'train' else 1)
     self.size, self.stride = transform.span(seq_len)
     self.count = (store.num_tokens - (self.size - self.stride)) // self.stride
     if self.count < 1:
@@ -77,7 +85,7 @@ class Windows(grain.MapDataset):
         tokens, need = tokens[:keep], self.transform.positions(keep)
       if need <= 0:  # A lone token left of a document: nothing to predict.
         continue
-      examples.append(self.transform.example(tokens, (window, number), epoch, self))
+      examples.append(self.transform.example(tokens, self.key + (window, number), epoch, self))
       used += need
     packed = packing.pack_examples(examples, 1, self.seq_len, self.fields)[0]
     return self.transform.finish_row(packed)
@@ -86,7 +94,7 @@ class Windows(grain.MapDataset):
     """Up to `length` tokens of another document than example `index`'s (BERT's random next
     sentence): the longest piece of a random window; ten draws of the same document in a row
     are accepted as they come."""
-    window, number = index
+    window, number = index[-2:]
     own = self.pieces(window)[number][1]
     for _ in range(10):
       tokens, doc = max(self.pieces(int(rng.integers(self.count))), key=lambda p: len(p[0]))
@@ -104,13 +112,31 @@ def concatenate(rows):
 
 
 class Mixture:
-  """Rows drawn from several splits by weight, a pure function of the row index: grain's
-  proportional interleaving picks the split of row g and its index there, so each split keeps
-  its own epochs and the mixture needs no state to resume."""
+  """Rows drawn from several splits by weight, a pure function of the row index.
+
+  The weights, as integer shares of RESOLUTION, fix a cycle of that many rows in which split i
+  takes its share, spread evenly (each row goes to the split furthest behind its share). Row g
+  is row g % RESOLUTION of cycle g // RESOLUTION, so its split and its index in that split (and
+  so the split's epoch) follow from g alone: no state to resume, and no end.
+  """
+  RESOLUTION = 1000
 
   def __init__(self, splits, weights):
-    self.splits = splits
-    self._mixed = grain.MapDataset.mix(splits, list(weights))
+    total = sum(weights)
+    self.shares = [max(1, round(self.RESOLUTION * w / total)) for w in weights]
+    self.period = sum(self.shares)
+    owner, taken = [], [0] * len(splits)
+    for row in range(self.period):
+      behind = [(row + 1) * share / self.period - taken[i] for i, share in enumerate(self.shares)]
+      i = max(range(len(splits)), key=behind.__getitem__)
+      owner.append((i, taken[i]))  # The split of this row of a cycle, and its index there.
+      taken[i] += 1
+    self.splits, self._owner = splits, owner
+
+  def __getitem__(self, index):
+    cycle, row = divmod(int(index), self.period)
+    split, within = self._owner[row]
+    return self.splits[split][cycle * self.shares[split] + within]
 
   def rows(self, start, stop):
-    return concatenate([self._mixed[g] for g in range(start, stop)])
+    return concatenate([self[g] for g in range(start, stop)])

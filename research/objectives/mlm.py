@@ -256,7 +256,7 @@ class Objective:
     rows = []
     for row in range(c.train.batch_size):
       tokens = rng.choice(transform.text_ids, size)
-      example = transform.example(tokens, (row, 0), 0, split)
+      example = transform.example(tokens, (0, 0, row, 0), 0, split)
       packed = packing.pack_examples([example], 1, c.train.seq_len,
                                      transform.packed_fields(c.train.seq_len))[0]
       rows.append(transform.finish_row(packed))
