@@ -203,25 +203,16 @@ def test_fine_tuning_starts_from_the_pretraining_run_and_learns_word_order(tmp_p
             '--config.train.seq_len=32', '--config.train.progress_bar=false',
             '--config.mesh.data=8']
 
-  # A learning rate far below float32 resolution: step 1 holds the parameters it started from.
-  probe = tmp_path / 'probe'
-  result = runs.ok(runs.command('research.train', '--workdir', str(probe), *common,
-                                '--config.optim.lr=1e-30', '--config.train.stop_at_step=1'))
-  assert 'initialised 2 afresh (classifier)' in result.stderr, result.stderr
-  source, started = runs.params(pretrained, 30), runs.params(probe, 1)
-  assert all(name in started for name in source if 'pair_head' not in name)
-  for name, value in started.items():  # Names are tuples of keys.
-    if 'classifier' not in name:
-      np.testing.assert_array_equal(value, source[name], err_msg=str(name))
-
+  # The loaded parameters themselves are compared in tests/test_warm_start.py.
   run = tmp_path / 'run'
-  runs.ok(runs.command('research.train', '--workdir', str(run), *common,
-                       '--config.train.num_steps=200'))  # Accuracy 1.0 at step 200 (0.45 at 100).
+  result = runs.ok(runs.command('research.train', '--workdir', str(run), *common,
+                                '--config.train.num_steps=300'))  # 0.98 at 300 (0.76 at 200).
+  assert 'initialised 2 afresh (classifier)' in result.stderr, result.stderr
   final = runs.metrics(run)[-1]
-  assert final['step'] == 200 and final['eval_accuracy'] > 0.9, final
+  assert final['step'] == 300 and final['eval_accuracy'] > 0.9, final
   assert 0 < final['eval_f1'] <= 1
   # The best state is kept apart, and keeping it never removed the latest.
-  assert os.listdir(run / 'best') and '200' in os.listdir(run / 'checkpoints')
+  assert os.listdir(run / 'best') and '300' in os.listdir(run / 'checkpoints')
 
 
 def _wordpiece_tokenizer(directory):

@@ -228,7 +228,8 @@ def _assert_same_training(records, params, reference_records, reference_params):
 @pytest.mark.slow
 def test_sharded_encoder_training_matches_one_device():
   reference = _train(_config('nsp'), dict(data=1, fsdp=1, tensor=1))
-  assert reference[0][-1]['loss'] < reference[0][0]['loss']  # The steps really train.
+  # The steps really update the parameters (losses of 3 different batches say little).
+  assert all(r['grad_norm'] > 0.1 for r in reference[0]) and reference[0][-1]['learning_rate'] > 0
   assert set(reference[0][0]['totals']) == {'mlm', 'nsp'}
   for mesh_shape in (dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)):
     _assert_same_training(*_train(_config('nsp'), mesh_shape), *reference)
