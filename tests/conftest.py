@@ -29,3 +29,15 @@ def decoder_config():
   """Returns a function variant -> a fresh locked decoder config (synthetic data)."""
   path = os.path.join(REPO, 'configs', 'decoder.py')
   return lambda variant='tiny': _fast(load_config_file(f'{path}:{variant}'))
+
+
+# The longest test files first: the two parallel workers take files in collection order, so
+# the short ones then fill in at the end instead of one worker finishing a long file alone.
+_LONGEST_FIRST = ('test_multiprocess.py', 'test_checkpoint.py', 'test_train_cli.py',
+                  'test_finetune.py', 'test_sharding.py', 'test_encoder_cli.py', 'test_mlm.py',
+                  'test_run_control.py', 'test_bench.py', 'test_data.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable within a file.

@@ -472,7 +472,7 @@ def test_pretokenize_command_writes_the_shards_training_then_reads(decoder_confi
   bad = runs.in_process('research.data.pretokenize', '--config', 'configs/decoder.py:tiny',
                         '--writer=2', '--writers=2')
   assert bad.returncode == 2
-  assert bad.stderr.strip() == 'Error: --writer=2 must lie in [0, --writers=2).', bad.stderr
+  assert bad.stderr.strip() == 'error: --writer=2 must lie in [0, --writers=2).', bad.stderr
 
 
 def test_a_token_budget_sets_the_number_of_steps(decoder_config):

@@ -187,7 +187,7 @@ def test_the_decoder_classifies_from_its_last_real_token():
 
 
 @pytest.mark.slow
-def test_fine_tuning_starts_from_the_pretraining_run_and_learns_word_order(tmp_path):
+def test_fine_tuning_starts_from_the_pretraining_run_and_keeps_the_best_state(tmp_path):
   corpus = runs.write_corpus(tmp_path / 'corpus')
   pretrained = tmp_path / 'pretrained'
   runs.ok(runs.command(
@@ -203,16 +203,20 @@ def test_fine_tuning_starts_from_the_pretraining_run_and_learns_word_order(tmp_p
             '--config.train.seq_len=32', '--config.train.progress_bar=false',
             '--config.mesh.data=8']
 
-  # The loaded parameters themselves are compared in tests/test_warm_start.py.
+  # The loaded parameters themselves are compared in tests/test_warm_start.py, and learning the
+  # task in the test of a model imported from Hugging Face below.
   run = tmp_path / 'run'
   result = runs.ok(runs.command('research.train', '--workdir', str(run), *common,
-                                '--config.train.num_steps=300'))  # 0.98 at 300 (0.76 at 200).
+                                '--config.train.num_steps=60', '--config.train.eval_every=20',
+                                '--config.checkpoint.every_steps=20'))
   assert 'initialised 2 afresh (classifier)' in result.stderr, result.stderr
-  final = runs.metrics(run)[-1]
-  assert final['step'] == 300 and final['eval_accuracy'] > 0.9, final
-  assert 0 < final['eval_f1'] <= 1
+  records = [r for r in runs.metrics(run) if 'eval_accuracy' in r]
+  assert [r['step'] for r in records] == [20, 40, 60]
+  assert all(0 <= r['eval_f1'] <= 1 for r in records)
   # The best state is kept apart, and keeping it never removed the latest.
-  assert os.listdir(run / 'best') and '300' in os.listdir(run / 'checkpoints')
+  best = max(records, key=lambda r: r['eval_accuracy'])['step']
+  assert os.listdir(run / 'best') == [str(best)], (os.listdir(run / 'best'), records)
+  assert '60' in os.listdir(run / 'checkpoints')
 
 
 def _wordpiece_tokenizer(directory):
@@ -241,7 +245,7 @@ def test_a_hugging_face_tokenizer_gives_special_ids_and_words(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuning_a_model_imported_from_hugging_face_with_its_tokenizer(tmp_path):
+def test_fine_tuning_a_model_imported_from_hugging_face_learns_word_order(tmp_path):
   import torch
   import transformers
   vocab_size = _wordpiece_tokenizer(tmp_path / 'hf')

@@ -9,8 +9,7 @@ multi-host job writing its share), so this command is for doing it ahead of time
 many machines: `--writers N` machines each run it with their own `--writer`, and each also takes
 any shard that no one has started. The shards of a source go to
 `<data.tokens_dir or data.data_dir/tokens>/<kind>-<source fingerprint>-<tokenizer fingerprint>`,
-or to
-data.tokenized_dir when set (one source only).
+or to data.tokenized_dir when set (one source only).
 """
 
 import os
@@ -72,7 +71,10 @@ def main(argv):
       raise config_lib.ConfigError(f'--writer={_WRITER.value} must lie in [0, --writers='
                                    f'{_WRITERS.value}).')
     data = config.data
-    tokenizer = tokenizer_lib.get(data.tokenizer, extra_ids=data.extra_ids)
+    try:
+      tokenizer = tokenizer_lib.get(data.tokenizer, extra_ids=data.extra_ids)
+    except ValueError as error:  # A tokenizer file that is missing or unreadable.
+      raise sources.DataError(str(error)) from None
     for spec, _ in sources.specs(data):
       started = time.time()
       folder, manifest = ensure(spec, data, tokenizer, _WRITER.value, _WRITERS.value)
@@ -87,8 +89,8 @@ def main(argv):
       megabytes = sum(info['bytes'] for info in manifest['splits'].values()) / 1e6
       print(f'{spec}: {folder} ({megabytes:.1f} MB of text, {seconds:.1f} s, '
             f'{megabytes / max(seconds, 1e-9):.1f} MB/s)')
-  except (config_lib.ConfigError, ValueError) as error:
-    print(f'Error: {error}', file=sys.stderr)
+  except (config_lib.ConfigError, sources.DataError) as error:
+    print(f'error: {error}', file=sys.stderr)
     return 2
   return 0
 

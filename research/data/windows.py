@@ -4,8 +4,8 @@ The split's token stream (documents, each ended by EOS, concatenated) is cut int
 objective's `transform.span(seq_len)`: `size` tokens every `stride` (for causal language
 modelling seq_len + 1 tokens overlapping by one, so every token but a document's first is a
 target exactly once per epoch). A window is split where its documents change; each piece
-becomes an example of the objective (randomness drawn from the window, the piece and, where the
-objective wants it, the epoch), and the examples are packed into one row with segment ids, so
+becomes an example of the objective (randomness drawn from the source, the split, the window,
+the piece and, where the objective wants it, the epoch), and the examples are packed into one row with segment ids, so
 that no token attends across documents. An objective that wants one example per row (sentence
 pairs) takes the window's longest piece.
 
@@ -114,10 +114,10 @@ def concatenate(rows):
 class Mixture:
   """Rows drawn from several splits by weight, a pure function of the row index.
 
-  The weights, as integer shares of RESOLUTION, fix a cycle of that many rows in which split i
+  The weights, as integer shares of about RESOLUTION rows, fix a cycle of rows in which split i
   takes its share, spread evenly (each row goes to the split furthest behind its share). Row g
-  is row g % RESOLUTION of cycle g // RESOLUTION, so its split and its index in that split (and
-  so the split's epoch) follow from g alone: no state to resume, and no end.
+  is row g % period of cycle g // period, so its split and its index in that split (and so the
+  split's epoch) follow from g alone: no state to resume, and no end.
   """
   RESOLUTION = 1000
 
