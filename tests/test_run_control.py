@@ -93,19 +93,21 @@ def short_documents(tmp_path_factory):
   return root
 
 
-@pytest.mark.parametrize('new_batch_size', [16, 4])
-def test_a_changed_batch_size_continues_from_the_next_unseen_row(tmp_path, short_documents,
-                                                                 new_batch_size):
+def test_a_changed_batch_size_continues_from_the_next_unseen_row(tmp_path, short_documents):
   workdir, corpus = tmp_path / 'run', short_documents
   runs.ok(runs.train(workdir, corpus, '--config.train.stop_at_step=5'))  # Rows 0..39.
-  runs.ok(runs.train(workdir, corpus, f'--config.train.batch_size={new_batch_size}',
-                     '--config.train.stop_at_step=7'))
-  tokens = {r['step']: r['tokens'] for r in runs.metrics(workdir) if 'tokens' in r}
-  for step, first_row in ((6, 40), (7, 40 + new_batch_size)):
-    expected = _rows_tokens(corpus, first_row, first_row + new_batch_size)
-    assert tokens[step] == expected, (step, tokens[step], expected)
-  # Rows counted from the step alone would have been others.
-  assert tokens[6] != _rows_tokens(corpus, 5 * new_batch_size, 6 * new_batch_size)
+  first_row = 40
+  for new_batch_size, stop in ((16, 7), (4, 9)):  # A larger batch, then a smaller one.
+    runs.ok(runs.train(workdir, corpus, f'--config.train.batch_size={new_batch_size}',
+                       f'--config.train.stop_at_step={stop}'))
+    tokens = {r['step']: r['tokens'] for r in runs.metrics(workdir) if 'tokens' in r}
+    for step in (stop - 1, stop):
+      expected = _rows_tokens(corpus, first_row, first_row + new_batch_size)
+      assert tokens[step] == expected, (step, tokens[step], expected)
+      first_row += new_batch_size
+    # Rows counted from the step alone would have been others.
+    assert tokens[stop - 1] != _rows_tokens(corpus, (stop - 2) * new_batch_size,
+                                            (stop - 1) * new_batch_size)
 
 
 def test_a_changed_sequence_length_on_resume_is_refused(tmp_path, corpus):
