@@ -91,6 +91,7 @@ class _JaxTrainer:
           self.trainer.dropout_rng)
       tokens += float(self.trainer.objective.tokens(batch))
     jax.block_until_ready((self.state, self.metrics))
+    self.tokens_per_step = tokens / count
     return tokens
 
 
@@ -125,7 +126,7 @@ def bench_train(config):
   results = dict(
       variant=config.variant, devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
       tokens_per_s=tokens_per_s, tokens_per_s_windows=rates['ours'],
-      step_time_ms=1000 * t.batch_size * t.seq_len / tokens_per_s,
+      step_time_ms=1000 * ours.tokens_per_step / tokens_per_s,
       compile_s=ours.compile_s, model_tflops_per_s=tokens_per_s * flops_per_token / 1e12,
       flops_per_token=flops_per_token, final_loss=float(ours.metrics['loss']))
   if peak:

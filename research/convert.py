@@ -121,7 +121,7 @@ def write_workdir(config, params, workdir, data):
   """Saves layer-stacked numpy `params` in `workdir` as step 0 of a run of `config` (resolved
   config, environment record with `data`, checkpoint with a fresh optimizer state)."""
   if not config.model.scan_layers:
-    params = layout.unstack(params, workdir_lib.family(config).param_layers(config.model))
+    params = layout.convert(params, scan_layers=False)
   mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
   family = workdir_lib.family(config)
   model = family.build(config.model)
@@ -180,6 +180,9 @@ def _special_tokens(workdir, config):
   tokenizer = tokenizer_lib.get(config.data.tokenizer)
   ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
              pad_token_id=tokenizer.pad_id)
+  if getattr(workdir_lib.family(config), 'IS_ENCODER_DECODER', False):
+    # Our decoders start from the filler id (research/objectives/text_to_text.py).
+    ids['decoder_start_token_id'] = tokenizer_lib.filler_id(tokenizer)
   return ids, dict(ids)
 
 
@@ -193,7 +196,7 @@ def to_hf(workdir, out_dir, overwrite=False):
     raise hf.ConversionError(f'model.family={config.model.family!r} has no Hugging Face '
                              'converter.')
   # np.asarray keeps the checkpoint's dtype (bfloat16 too, as an ml_dtypes array).
-  params = layout.stack(jax.tree.map(np.asarray, params), family.param_layers(config.model))
+  params = layout.convert(params, scan_layers=True)
   # The model's own fields win (RoBERTa's pad_token_id sets its position offset).
   hf.write_model_dir(out_dir, dict(ids, **converter().hf_config_from_model(config.model)),
                      converter().params_to_hf(params, config.model),
@@ -223,7 +226,7 @@ def change_layout(workdir, out_dir):
     source.close()
   new = ml_collections.ConfigDict(config.to_dict())
   new.model.scan_layers = not config.model.scan_layers
-  state = layout.convert(state, family.param_layers(config.model), new.model.scan_layers)
+  state = layout.convert(state, new.model.scan_layers)
   tx, _ = optim.make_optimizer(new.optim, new.train.num_steps)
   new_abstract, new_shardings = train_state.abstract(family.build(new.model), tx, mesh,
                                                      family.init_inputs(new.train.seq_len))

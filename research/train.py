@@ -161,20 +161,24 @@ def _fetch_checked(pending, first_step):
 
 
 def _sample(trainer, params, config):
+  """A greedy sample of the trained model: the continuation of train.sample_prompt (decoders),
+  or the answer to it as an input (encoder-decoders)."""
   tokenizer = trainer.pipeline.tokenizer
   if (config.train.sample_tokens <= 0 or not hasattr(tokenizer, 'decode')
       or not getattr(trainer.family, 'GENERATES_TEXT', False)):
     return None
+  answers = getattr(trainer.family, 'IS_ENCODER_DECODER', False)
   prompt = tokenizer.encode(config.train.sample_prompt)
   stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
   sampling = decode.SamplingConfig(max_new_tokens=config.train.sample_tokens, stop_tokens=stops,
                                    pad_id=tokenizer_lib.filler_id(tokenizer))
   # Every process takes part (the parameters are sharded over the whole mesh); process 0 prints.
   model = trainer.family.build(config.model)
-  ids = decode.generate(model, params, [prompt.tolist()], sampling, mesh=trainer.mesh)[0]
+  inputs = prompt.tolist() + (list(stops) if answers else [])
+  ids = decode.generate(model, params, [inputs], sampling, mesh=trainer.mesh)[0]
+  if answers:
+    return f'{config.train.sample_prompt} -> {tokenizer.decode(ids)}'
   return config.train.sample_prompt + tokenizer_lib.continuation_text(tokenizer, prompt, ids)
-
-
 
 
 def _check_tokenizer(workdir, config):

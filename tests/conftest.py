@@ -34,7 +34,9 @@ def decoder_config():
 # The longest test files first: the two parallel workers take files in collection order, so
 # the short ones then fill in at the end instead of one worker finishing a long file alone.
 _LONGEST_FIRST = ('test_multiprocess.py', 'test_checkpoint.py', 'test_train_cli.py',
-                  'test_finetune.py', 'test_sharding.py', 'test_encoder_cli.py', 'test_mlm.py',
+                  'test_finetune.py', 'test_encoder_decoder.py', 'test_sharding.py',
+                  'test_encoder_decoder_cli.py', 'test_seq2seq.py', 'test_t5_convert.py',
+                  'test_encoder_cli.py', 'test_mlm.py',
                   'test_run_control.py', 'test_bench.py', 'test_decode.py', 'test_remat_scan.py',
                   'test_plan.py', 'test_convert_cli.py', 'test_layout.py', 'test_warm_start.py',
                   'test_train_step.py', 'test_data.py')

@@ -68,3 +68,47 @@ def test_bidirectional_attention_sees_later_keys_of_its_own_segment_only():
   np.testing.assert_array_equal(
       attention.causal_attention(q, k, v, segments, 'explicit'),
       attention.dot_product_attention(q, k, v, segments, True, 'explicit'))
+
+
+def _plain_attention(q, k, v, bias, mask, scale):
+  """The textbook form, differentiated by jax: softmax(q k^T * scale + bias, masked) v."""
+  logits = jnp.einsum('bthd,bshd->bhts', q, k) * scale + bias
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize('implementation', ['explicit', 'xla'])
+@pytest.mark.parametrize('cross, batch_bias', [(False, True), (True, False)])
+def test_attention_bias_and_its_gradient_match_autodiff_of_the_plain_form(implementation, cross,
+                                                                        batch_bias):
+  """T5's relative-position bias (shared over the batch: [1, heads, q, k]) or a per-row one, in
+  self-attention with packed segments and in cross-attention over keys of another length."""
+  b, t, s, h, d = 3, 12, 17 if cross else 12, 4, 8
+  keys = jax.random.split(jax.random.key(3), 5)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, s, h, d)) for key in keys[1:3])
+  bias = jax.random.normal(keys[3], (b if batch_bias else 1, h, t, s))
+  d_out = jax.random.normal(keys[4], (b, t, h, d))
+  segments = np.ones((b, t), np.int32)
+  segments[0, 5:] = 2  # Two examples in row 0 and padding in row 1, in both streams.
+  segments[1, 9:] = 0
+  kv_segments = None
+  if cross:
+    kv_segments = np.ones((b, s), np.int32)
+    kv_segments[0, 8:] = 2
+    kv_segments[1, 13:] = 0
+  mask = attention.segment_mask(segments, t, not cross, kv_segments, s)
+
+  def ours(q, k, v, bias):
+    return attention.dot_product_attention(q, k, v, segments, not cross, implementation,
+                                           bias=bias, scale=1.0, kv_segment_ids=kv_segments)
+
+  def run(attend):
+    out, vjp = jax.vjp(attend, q, k, v, bias)
+    return (out,) + vjp(d_out)
+
+  got = jax.jit(lambda: run(ours))()
+  want = jax.jit(lambda: run(lambda *x: _plain_attention(*x, mask, 1.0)))()
+  for got_grad, want_grad in zip(got, want):  # The output, then q, k, v and bias gradients.
+    assert got_grad.shape == want_grad.shape
+    np.testing.assert_allclose(got_grad, want_grad, atol=2e-5, rtol=0)

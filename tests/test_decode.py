@@ -149,3 +149,27 @@ def test_generation_from_parameters_sharded_over_a_mesh_equals_one_device(decode
                                     return_logits=True, mesh=mesh)
   assert got == want
   np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=0)
+
+
+def test_beam_search_serves_decoders_with_ragged_prompts(decoder_config):
+  """One beam is greedy decoding; more beams find sequences at least as likely as greedy's,
+  scored as beam search scores them (sum of log probabilities / length, no stop token here)."""
+  model, params = _model(decoder_config, 'llama')
+  greedy = decode.generate(model, params, PROMPTS, decode.SamplingConfig(max_new_tokens=6))
+  one = decode.generate(model, params, PROMPTS, decode.SamplingConfig(max_new_tokens=6,
+                                                                      num_beams=1))
+  assert one == greedy
+  beams, scores = decode.generate(model, params, PROMPTS,
+                                  decode.SamplingConfig(max_new_tokens=6, num_beams=3),
+                                  return_logits=True)
+  forward = jax.jit(lambda tokens: model.apply({'params': params}, tokens, method='language_model'))
+
+  def score(prompt, continuation):
+    log_p = jax.nn.log_softmax(forward(jnp.asarray([prompt + continuation], jnp.int32))[0])
+    steps = range(len(prompt) - 1, len(prompt) + len(continuation) - 1)
+    return sum(float(log_p[i, t]) for i, t in zip(steps, continuation)) / len(continuation)
+
+  for row, prompt in enumerate(PROMPTS):
+    assert len(beams[row]) == 6
+    np.testing.assert_allclose(scores[row], score(prompt, beams[row]), atol=1e-4)
+    assert score(prompt, beams[row]) >= score(prompt, greedy[row]) - 1e-5

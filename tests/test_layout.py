@@ -41,13 +41,13 @@ def _steps(trainer, state, first, count):
 
 def test_a_train_state_converts_both_ways_without_changing_a_number(decoder_config):
   state = _trainer(_config(decoder_config)).state
-  per_layer = layout.convert(state, 3, scan_layers=False)
+  per_layer = layout.convert(state, scan_layers=False)
   assert 'layers' not in per_layer.params and per_layer.params['layers_2']
   mu = per_layer.opt_state[1][0].mu  # Adam's first moment follows the parameters.
   assert set(mu) == set(per_layer.params)
   np.testing.assert_array_equal(per_layer.params['layers_1']['mlp']['up']['kernel'],
                                 np.asarray(state.params['layers']['mlp']['up']['kernel'][1]))
-  back = layout.convert(per_layer, 3, scan_layers=True)
+  back = layout.convert(per_layer, scan_layers=True)
   same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), state, back)
   assert all(jax.tree.leaves(same))
 

@@ -37,7 +37,7 @@ def test_remat_policies_and_scan_give_the_plain_loss_and_gradients(decoder_confi
   params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
                         is_leaf=lambda x: hasattr(x, 'names'))
   want_loss, want_grads = _loss_fn(plain)(params)
-  stacked = layout.stack(jax.tree.map(np.asarray, params), 3)
+  stacked = layout.stack(jax.tree.map(np.asarray, params))
   # Every policy unrolled; scanned, none, the default (dots) and the one that keeps least.
   cases = [(False, 'full'), (False, 'dots'), (False, 'minimal'),
            (True, 'none'), (True, 'dots'), (True, 'minimal')]
@@ -45,7 +45,7 @@ def test_remat_policies_and_scan_give_the_plain_loss_and_gradients(decoder_confi
     model = decoder.build(_config(decoder_config, scan_layers, remat))
     loss, grads = _loss_fn(model)(stacked if scan_layers else params)
     if scan_layers:
-      grads = layout.unstack(grads, 3)
+      grads = layout.unstack(grads)
     assert abs(float(loss) - float(want_loss)) <= 1e-6, (scan_layers, remat)
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), grads, want_grads)
     assert max(jax.tree.leaves(diffs)) <= 1e-5, (scan_layers, remat, diffs)

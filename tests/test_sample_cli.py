@@ -38,7 +38,8 @@ BASE = ['--prompt_ids', '1,2,3,4', '--max_new_tokens', '12']
                               'the model has max_len=16'),
     (['--top_kk=3'], 'Unknown flag --top_kk; the closest is --top_k'),
     (['--seed=x'], '--seed=x is not a valid value (an integer is expected); correct that flag.'),
-    (['--prompt=a'], 'Pass --workdir and either --prompt'),  # Not both kinds of prompt.
+    (['--prompt=a'], 'Pass --workdir and one of --prompt'),  # Not both kinds of prompt.
+    (['--num_beams=-1'], 'num_beams=-1 must be a non-negative integer (0: no beam search)'),
 ])
 def test_bad_inputs_stop_with_one_sentence(workdir, args, fragment):
   runs.assert_error(_sample('--workdir', str(workdir), *BASE, *args), fragment)

@@ -253,7 +253,7 @@ def test_a_damaged_saved_tokenizer_stops_with_one_sentence(trained, tmp_path, da
                                'SentencePiece model'),
     ('hf:{tmp}', 0, 'data.tokenizer=hf:{tmp} names no folder with a tokenizer.json'),
     ('hf:{tmp}/bad', 0, '{tmp}/bad/tokenizer.json is not a readable tokenizer.json'),
-    ('bytes', 3, 'data.tokenizer=bytes takes no extra_ids (asked for 3)'),
+    ('hf:{tmp}/bad', 3, 'data.tokenizer=hf:{tmp}/bad takes no extra_ids (asked for 3)'),
     ('spm:{tmp}/bad.model', -1, 'extra_ids=-1 must be a non-negative integer'),
 ])
 def test_bad_tokenizer_settings_stop_with_one_sentence(tmp_path, name, extra_ids, fragment):

@@ -1,14 +1,18 @@
-"""Labelled examples (text, optional text pair, integer label) for fine-tuning.
+"""Labelled examples for fine-tuning, as (text, pair, label) with a label of the objective's kind
+(`read(config, targets)`): 'classes' reads (text, optional text pair, integer class id) for
+classifiers, 'text' reads (input text, None, target text) for sequence-to-sequence models.
 
 Sources (`config.data.source`):
   csv, jsonl  local files `data.train_path` and `data.validation_path` (a header row / one JSON
               object per line) with the columns `data.text_field`, `data.pair_field` (optional)
-              and `data.label_field`
+              and `data.label_field` (classes), or `data.text_field` and `data.target_field`
+              (text)
   tfds        a TFDS dataset by name (`data.tfds_name`, e.g. glue/sst2) already prepared as
               array_record under `data.data_dir`, read with `as_data_source()`; without
               TensorFlow TFDS cannot prepare it, so a missing one is one sentence saying how
 Every value is checked where it enters: a missing column, a label that is not an integer in
-[0, model.num_labels), a missing text pair: one sentence naming the file and row.
+[0, model.num_labels), a missing text pair or target text: one sentence naming the file and
+row.
 
 Rows hold one example each. Training visits the examples in an order drawn from (seed, epoch),
 epoch after epoch, so the batch at step N is a pure function of the step; validation visits them
@@ -27,6 +31,7 @@ from research.data import sources
 from research.data.sources import DataError
 
 SOURCES = ('csv', 'jsonl', 'tfds')
+TARGETS = ('classes', 'text')  # What an example's label is: a class id or a target text.
 
 
 def _where(path, row):
@@ -59,7 +64,7 @@ def _read_jsonl(path):
   return sorted(columns), records
 
 
-def _label(value, where, num_labels, field):
+def _class(value, where, num_labels, field):
   try:
     label = int(value)
     if isinstance(value, float) and value != label or isinstance(value, bool):
@@ -76,40 +81,52 @@ def _label(value, where, num_labels, field):
 def _text(value, where, field, hint):
   if isinstance(value, bytes):
     value = value.decode('utf-8', errors='replace')
-  if not isinstance(value, str) or not value:
+  if value is not None and not isinstance(value, str):
+    raise DataError(f'The {field!r} of {where} is {value!r}, not a text; write it as a string.')
+  if not value:
     raise DataError(f'The {field!r} of {where} is missing or empty; {hint}.')
   return value
 
 
-def _records_to_examples(records, columns, path, d, num_labels):
+def _fields(d, targets):
+  """{setting: column} of every column that examples with `targets` labels read."""
+  if targets == 'text':
+    return dict(text_field=d.text_field, target_field=d.target_field)
+  fields = dict(text_field=d.text_field, label_field=d.label_field)
+  if d.pair_field:
+    fields['pair_field'] = d.pair_field
+  return fields
+
+
+def _label(record, where, d, num_labels, targets):
+  if targets == 'text':
+    return _text(record.get(d.target_field), where, d.target_field,
+                 'every example needs a target text')
+  return _class(record.get(d.label_field), where, num_labels, d.label_field)
+
+
+def _records_to_examples(records, columns, path, d, num_labels, targets):
   """[(text, pair or None, label)] from (row, dict) records, checked field by field."""
-  for field in [d.text_field, d.label_field] + ([d.pair_field] if d.pair_field else []):
+  for setting, field in _fields(d, targets).items():
     if field not in columns:
       raise DataError(f'{path} has no field {field!r} (it has {sorted(columns)}); set '
-                      f'data.{_setting(d, field)} to one of them.')
+                      f'data.{setting} to one of them.')
   examples = []
   for row, record in records:
     where = _where(path, row)
     text = _text(record.get(d.text_field), where, d.text_field, 'every example needs a text')
     pair = None
-    if d.pair_field:
+    if targets == 'classes' and d.pair_field:
       pair = _text(record.get(d.pair_field), where, d.pair_field, 'every example needs its '
                    "text pair (or set data.pair_field='' for single texts)")
-    examples.append((text, pair, _label(record.get(d.label_field), where, num_labels,
-                                        d.label_field)))
+    examples.append((text, pair, _label(record, where, d, num_labels, targets)))
   if not examples:
     raise DataError(f'{path} holds no example; add rows to it.')
   return examples
 
 
-def _setting(d, field):
-  for name in ('text_field', 'pair_field', 'label_field'):
-    if d[name] == field:
-      return name
-  return 'text_field'
-
-
-def _local_split(path, d, num_labels):
+def _local_split(path, d, num_labels, targets='classes'):
+  """(examples, a digest of the files' bytes, the files) of a path or glob."""
   if not path:
     raise DataError(f"data.source={d.source!r} needs data.train_path and data.validation_path.")
   matches = sorted(glob.glob(os.path.expanduser(path)))
@@ -124,11 +141,12 @@ def _local_split(path, d, num_labels):
     except (UnicodeDecodeError, csv.Error) as error:
       raise DataError(f'{file} is not a readable UTF-8 {d.source} file ({error}); fix or convert '
                       'it.') from None
-    examples += _records_to_examples(records, columns, file, d, num_labels)
-  return examples, digest.hexdigest()
+    examples += _records_to_examples(records, columns, file, d, num_labels, targets)
+  return examples, digest.hexdigest(), matches
 
 
-def _tfds_split(d, split, num_labels):
+def _tfds_split(d, split, num_labels, targets):
+  """(examples, the dataset, split and size read)."""
   builder = sources.tfds_builder(d.data_dir, d.tfds_name)
   if split.split('[')[0] not in builder.info.splits:  # TFDS slicing (train[:90%]) is allowed.
     setting = 'set data.train_split' if split == d.train_split else 'set data.validation_split'
@@ -138,31 +156,49 @@ def _tfds_split(d, split, num_labels):
   columns = list(builder.info.features.keys())
   records = ((i, source[i]) for i in range(len(source)))
   where = f'{d.tfds_name} {split}'
-  examples = _records_to_examples(records, columns, where, d, num_labels)
+  examples = _records_to_examples(records, columns, where, d, num_labels, targets)
   return examples, f'{builder.info.full_name}:{split}:{len(source)}'
 
 
-def read(config):
-  """{'train': examples, 'validation': examples} and a fingerprint of both."""
-  d, num_labels = config.data, config.model.num_labels
+def read(config, targets='classes'):
+  """({'train': examples, 'validation': examples}, a fingerprint of both, what was read: the
+  files or TFDS splits, the columns and the kind of labels). `targets` (TARGETS) says what the
+  labels are: class ids in [0, model.num_labels) or target texts."""
+  if targets not in TARGETS:
+    raise ValueError(f'targets={targets!r} is not one of {list(TARGETS)}.')
+  d = config.data
+  num_labels = config.model.num_labels if targets == 'classes' else None
   if d.source == 'tfds':
-    train, train_id = _tfds_split(d, d.train_split, num_labels)
-    validation, validation_id = _tfds_split(d, d.validation_split, num_labels)
+    if not d.tfds_name:
+      raise DataError("data.source='tfds' needs data.tfds_name (a dataset prepared under "
+                      'data.data_dir, e.g. glue/sst2).')
+    train, train_id = _tfds_split(d, d.train_split, num_labels, targets)
+    validation, validation_id = _tfds_split(d, d.validation_split, num_labels, targets)
+    origin = dict(train=train_id, validation=validation_id)
   else:
-    train, train_id = _local_split(d.train_path, d, num_labels)
-    validation, validation_id = _local_split(d.validation_path, d, num_labels)
-  fields = f'{d.text_field}|{d.pair_field}|{d.label_field}'
+    train, train_id, train_files = _local_split(d.train_path, d, num_labels, targets)
+    validation, validation_id, validation_files = _local_split(d.validation_path, d, num_labels,
+                                                               targets)
+    origin = dict(train=train_files, validation=validation_files)
+  if targets == 'classes':  # As fingerprinted before text targets existed: runs still resume.
+    fields = f'{d.text_field}|{d.pair_field}|{d.label_field}'
+  else:
+    fields = f'{d.text_field}|{d.target_field}|text'
   fingerprint = hashlib.sha256(f'{train_id}|{validation_id}|{fields}'.encode()).hexdigest()
-  return dict(train=train, validation=validation), fingerprint
+  described = dict(origin, columns=_fields(d, targets), targets=targets)
+  return dict(train=train, validation=validation), fingerprint, described
 
 
 class LabeledRows:
   """Rows of one example each: training endless over shuffled epochs, validation once in order
-  (indices past its end are padding rows of weight 0)."""
+  (indices past its end are padding rows of weight 0). Texts, and labels that are target texts
+  (`targets`='text'), are tokenized once here."""
 
-  def __init__(self, examples, tokenizer, seed, shuffle, transform):
-    self.examples = [(tokenizer.encode(text), None if pair is None else tokenizer.encode(pair),
-                      label) for text, pair, label in examples]
+  def __init__(self, examples, tokenizer, seed, shuffle, transform, targets='classes'):
+    encode = tokenizer.encode
+    self.examples = [(encode(text), None if pair is None else encode(pair),
+                      encode(label) if targets == 'text' else label)
+                     for text, pair, label in examples]
     self.seed, self.shuffle, self.transform = seed, shuffle, transform
     self._orders = {}
 

@@ -5,7 +5,7 @@ research/data/sources.py) are tokenized once into array_record shards (research/
 and read by index (research/data/windows.py), so a start costs the same at any step and corpus
 size. Two other kinds of data have their own paths:
   markov          an in-memory synthetic token stream (research/data/synthetic.py)
-  csv/jsonl/tfds  labelled examples, for objectives that classify (research/data/labeled.py)
+  csv/jsonl/tfds  labelled examples, for fine-tuning objectives (research/data/labeled.py)
 """
 
 import dataclasses
@@ -91,15 +91,17 @@ class Pipeline:
     hi = self.batch_size if hi is None else hi
     return self.validation.rows(index * self.batch_size + lo, index * self.batch_size + hi)
 
-  def unigram_cross_entropy(self, num_batches):
-    """Validation loss (nats/token) of the add-one unigram model of the training tokens."""
+  def unigram_cross_entropy(self, num_batches, targets='targets', weights='weights'):
+    """Validation loss (nats/token) of the add-one unigram model of the training tokens on the
+    batch fields `targets` where `weights` > 0 (an encoder-decoder: decoder_targets,
+    decoder_weights)."""
     counts = self.train_token_counts + 1.0
     log_probs = np.log(counts / counts.sum())
     total, count = 0.0, 0.0
     for index in range(num_batches):
       rows = self.eval_batch(index)
-      mask = rows['weights'] > 0
-      total -= log_probs[rows['targets'][mask]].sum()
+      mask = rows[weights] > 0
+      total -= log_probs[rows[targets][mask]].sum()
       count += mask.sum()
     return total / count
 
@@ -147,15 +149,18 @@ def _transform(objective, tokenizer):
 
 
 def _labeled(config, objective):
-  """A pipeline of labelled examples (fine-tuning), one example per row."""
+  """A pipeline of labelled examples (fine-tuning), one example per row. Labels are class ids
+  unless the objective's module says TARGETS = 'text' (sequence-to-sequence targets)."""
   t = config.train
   tokenizer = _tokenizer(config)
-  examples, fingerprint = labeled.read(config)
+  targets = getattr(objectives.get(config.objective.name), 'TARGETS', 'classes')
+  examples, fingerprint, described = labeled.read(config, targets)
   transform = _transform(objective, tokenizer)
   rows = {split: labeled.LabeledRows(examples[split], tokenizer, config.seed, split == 'train',
-                                     transform) for split in examples}
-  record = dict(source=config.data.source, fingerprint=fingerprint, tokenizer=config.data.tokenizer,
-                train_examples=len(rows['train']), validation_examples=len(rows['validation']))
+                                     transform, targets) for split in examples}
+  record = dict(source=config.data.source, read=described, fingerprint=fingerprint,
+                tokenizer=config.data.tokenizer, train_examples=len(rows['train']),
+                validation_examples=len(rows['validation']))
   return Pipeline(t.batch_size, t.seq_len, rows['train'], rows['validation'], tokenizer, record,
                   config.seed, eval_batches=-(-len(rows['validation']) // t.batch_size))
 

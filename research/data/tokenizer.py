@@ -7,7 +7,7 @@
 Every tokenizer has encode/decode/word_ids, `vocab_size`, the special ids pad_id, bos_id, eos_id,
 unk_id, cls_id, sep_id and mask_id (None where the tokenizer defines no such token; `require`
 turns a missing one into an error for the feature that needs it), `sentinel_ids` (T5's
-<extra_id_i>, spm only), `special_ids` (every defined id that stands for no text), `name` (the
+<extra_id_i>, spm and bytes), `special_ids` (every defined id that stands for no text), `name` (the
 data.tokenizer it was built from) and `fingerprint` (a hex sha256 of exactly what it maps: for a
 file, of its bytes, plus the extra_ids when there are any).
 
@@ -88,23 +88,27 @@ def _word_ids(continues, ids):
 
 class ByteTokenizer:
   """UTF-8 bytes shifted past three special tokens: pad=0, bos=1, eos=2 (ByT5 layout), then
-  cls=259, sep=260, mask=261 after the bytes (so byte ids stay those of ByT5)."""
+  cls=259, sep=260, mask=261 after the bytes (so byte ids stay those of ByT5), then `extra_ids`
+  T5 sentinels, <extra_id_0> the highest id (with 122, ByT5's vocabulary of 384 and its
+  <extra_id_0> = 383)."""
   name, kind, file = BYTES, 'bytes', None
   pad_id, bos_id, eos_id, unk_id = 0, 1, 2, None
   _OFFSET = 3
   cls_id, sep_id, mask_id = 256 + _OFFSET, 257 + _OFFSET, 258 + _OFFSET
-  vocab_size = 259 + _OFFSET
-  sentinel_ids = ()
-  # Ids that never stand for text (MLM never chooses them).
-  special_ids = (pad_id, bos_id, eos_id, cls_id, sep_id, mask_id)
-  fingerprint = _sha256(b'bytes-v1 pad=0 bos=1 eos=2 byte=id-3 cls=259 sep=260 mask=261 size=262')
   data = None
+  _SPACES = tuple(b + 3 for b in b' \t\n\r\f\v')  # Byte + _OFFSET.
+
+  def __init__(self, extra_ids=0):
+    self.vocab_size = 259 + self._OFFSET + extra_ids
+    self.sentinel_ids = tuple(self.vocab_size - 1 - i for i in range(extra_ids))
+    # Ids that never stand for text (MLM never chooses them).
+    self.special_ids = _defined(self, self.sentinel_ids)
+    layout = b'bytes-v1 pad=0 bos=1 eos=2 byte=id-3 cls=259 sep=260 mask=261 size=262'
+    self.fingerprint = _sha256(layout + (f' extra_ids={extra_ids}'.encode() if extra_ids else b''))
 
   def encode(self, text):
     data = text.encode('utf-8') if isinstance(text, str) else bytes(text)
     return np.frombuffer(data, np.uint8).astype(np.int32) + self._OFFSET
-
-  _SPACES = tuple(b + 3 for b in b' \t\n\r\f\v')  # Byte + _OFFSET.
 
   def word_ids(self, ids):
     """Which word each token belongs to (whole-word masking): a run of non-space bytes is one
@@ -115,10 +119,18 @@ class ByteTokenizer:
     return np.cumsum(starts) - 1
 
   def decode(self, ids):
-    ids = np.asarray(ids)
-    text = (ids >= self._OFFSET) & (ids < self._OFFSET + 256)
-    data = (ids[text] - self._OFFSET).astype(np.uint8).tobytes()
-    return data.decode('utf-8', errors='replace')
+    """Text of the byte ids; sentinels read <extra_id_i>, other special ids stand for no text."""
+    ids = np.asarray(ids).reshape(-1)
+    parts, run = [], []
+    for index in ids.tolist():
+      if self._OFFSET <= index < self._OFFSET + 256:
+        run.append(index - self._OFFSET)
+      elif index >= self.vocab_size - len(self.sentinel_ids) and index < self.vocab_size:
+        parts += [bytes(run).decode('utf-8', errors='replace'),
+                  f'<extra_id_{self.vocab_size - 1 - index}>']
+        run = []
+    parts.append(bytes(run).decode('utf-8', errors='replace'))
+    return ''.join(parts)
 
 
 def _read(path, name, what):
@@ -279,18 +291,19 @@ def check_name(name):
 
 
 def get(name, extra_ids=0):
-  """The tokenizer data.tokenizer=`name` names, with `extra_ids` T5 sentinels (spm only)."""
+  """The tokenizer data.tokenizer=`name` names, with `extra_ids` T5 sentinels (spm, bytes)."""
   check_name(name)
   if not isinstance(extra_ids, int) or isinstance(extra_ids, bool) or extra_ids < 0:
     raise ValueError(f'extra_ids={extra_ids!r} must be a non-negative integer.')
-  if extra_ids and not name.startswith(SPM_PREFIX):
+  if extra_ids and name.startswith(HF_PREFIX):
     raise ValueError(f'data.tokenizer={name} takes no extra_ids (asked for {extra_ids}); '
-                     'T5 sentinels come with an spm: tokenizer, so set extra_ids to 0.')
+                     'T5 sentinels come with an spm: or the bytes tokenizer, so set extra_ids '
+                     'to 0.')
   if name.startswith(HF_PREFIX):
     return HfTokenizer(name[len(HF_PREFIX):], name)
   if name.startswith(SPM_PREFIX):
     return SentencePieceTokenizer(name[len(SPM_PREFIX):], extra_ids, name)
-  return ByteTokenizer()
+  return ByteTokenizer(extra_ids)
 
 
 def require(tokenizer, names, purpose):
@@ -374,7 +387,7 @@ def load_saved(directory):
   directory = os.path.abspath(directory)
   try:
     if kind == 'bytes':
-      tokenizer = ByteTokenizer()
+      tokenizer = ByteTokenizer(extra_ids)
     elif kind == 'hf':
       tokenizer = HfTokenizer(directory, HF_PREFIX + directory)
     else:

@@ -5,8 +5,10 @@ objective's `transform.span(seq_len)`: `size` tokens every `stride` (for causal 
 modelling seq_len + 1 tokens overlapping by one, so every token but a document's first is a
 target exactly once per epoch). A window is split where its documents change; each piece
 becomes an example of the objective (randomness drawn from the source, the split, the window,
-the piece and, where the objective wants it, the epoch), and the examples are packed into one row with segment ids, so
-that no token attends across documents. An objective that wants one example per row (sentence
+the piece and, where the objective wants it, the epoch), and the objective packs the examples
+into one row with segment ids, so that no token attends across documents. A piece that does not
+fit the room left in the row (in every stream: an encoder-decoder row has inputs and targets) is
+cut to the longest part that does. An objective that wants one example per row (sentence
 pairs) takes the window's longest piece.
 
 Epoch e visits the windows in an order drawn from (seed, salt, e) by grain's index_shuffle, a
@@ -23,7 +25,6 @@ import grain
 import numpy as np
 from grain.experimental import index_shuffle
 
-from research.data import packing
 from research.data.sources import DataError
 
 
@@ -47,7 +48,7 @@ class Windows(grain.MapDataset):
       raise DataError(f'The {store.split} split of {name} has {store.num_tokens} tokens, fewer '
                       f'than one row of train.seq_len={seq_len} needs; add data, shorten '
                       'train.seq_len or change data.validation_percent.')
-    self.fields = transform.packed_fields(seq_len)
+    self.capacity = np.atleast_1d(transform.capacity(seq_len))
     self.one_per_row = getattr(transform, 'one_per_row', False)
 
   def __len__(self):
@@ -75,20 +76,33 @@ class Windows(grain.MapDataset):
     numbered = list(enumerate(self.pieces(window)))
     if self.one_per_row:
       numbered = [max(numbered, key=lambda item: len(item[1][0]))]
-    examples, used = [], 0
+    examples, used = [], np.zeros_like(self.capacity)
     for number, (tokens, _) in numbered:
-      need, room = self.transform.positions(len(tokens)), self.seq_len - used
-      if need > room and not self.one_per_row:  # Cut to the room left (special tokens).
-        keep = len(tokens) - (need - room)
+      need, room = self._need(len(tokens)), self.capacity - used
+      if (need > room).any() and not self.one_per_row:  # Cut to the room left.
+        keep = self._longest_fitting(len(tokens), room)
         if keep < 1:
           break
-        tokens, need = tokens[:keep], self.transform.positions(keep)
-      if need <= 0:  # A lone token left of a document: nothing to predict.
+        tokens, need = tokens[:keep], self._need(keep)
+      if not need.any():  # Too short to make an example of (a lone token: nothing to predict).
         continue
       examples.append(self.transform.example(tokens, self.key + (window, number), epoch, self))
       used += need
-    packed = packing.pack_examples(examples, 1, self.seq_len, self.fields)[0]
-    return self.transform.finish_row(packed)
+    return self.transform.finish_row(self.transform.pack(examples, self.seq_len))
+
+  def _need(self, length):
+    """Row positions an example cut from `length` document tokens takes, per stream (an
+    encoder-decoder row has two: inputs and targets), at most."""
+    return np.atleast_1d(self.transform.positions(length))
+
+  def _longest_fitting(self, length, room):
+    """The most tokens of a piece of `length` whose example fits `room` (0 when none does):
+    positions grow with the length, so a bisection finds it."""
+    low, high = 0, length  # fits(low) holds (nothing fits in any room), fits(high) does not.
+    while high - low > 1:
+      middle = (low + high) // 2
+      low, high = (middle, high) if (self._need(middle) <= room).all() else (low, middle)
+    return low
 
   def other_document_text(self, index, length, rng):
     """Up to `length` tokens of another document than example `index`'s (BERT's random next

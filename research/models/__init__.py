@@ -8,8 +8,7 @@ A family module provides
                                       methods, `initialize` creates every parameter
   init_inputs(seq_len)                arguments of `initialize` for abstract initialisation
   abstract_params / count_params      the parameter tree without allocating it
-  param_layers(model_config)          blocks stored in the parameter tree (ALBERT shares one)
-  body_flops_per_token(spec, seq_len) and the FLOPs of its heads, for MFU
+  FLOPs of its body and heads, for MFU (what its objectives call)
   HF_MODEL_TYPES                      Hugging Face model types its converter reads (optional)
   GENERATES_TEXT                      True when research.decode can sample from it (optional)
   TORCH_PEER                          the PyTorch module research.bench --peer=torch times
@@ -21,6 +20,7 @@ import math
 FAMILIES = {
     'decoder': 'research.models.decoder',
     'encoder': 'research.models.encoder',
+    'encoder_decoder': 'research.models.encoder_decoder',
 }
 
 

@@ -1,4 +1,5 @@
-"""Scaled dot-product attention kernels: causal (decoders) or bidirectional (encoders).
+"""Scaled dot-product attention kernels: causal (decoders), bidirectional (encoders) or cross
+(encoder-decoders), with an optional additive bias (T5's relative positions).
 
 `jax.nn.dot_product_attention` is the path on accelerators (its cuDNN fused kernel on GPU).
 `explicit_attention` is for CPUs: the same mathematics with a hand-written backward pass. On
@@ -14,15 +15,21 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ('auto', 'explicit', 'xla', 'cudnn')
 
 
-def segment_mask(segment_ids, length, causal=True):
+def segment_mask(segment_ids, length, causal=True, kv_segment_ids=None, kv_length=None):
   """[batch or 1, 1, q, k] boolean mask: causal when `causal`, and within one segment when
   packing (a query sees only keys of its own segment id; padding, id 0, sees only padding, so no
-  row is ever empty)."""
-  mask = jnp.ones((length, length), bool)
+  row is ever empty). Cross-attention passes the keys' own `kv_segment_ids` and `kv_length`."""
+  kv_length = length if kv_length is None else kv_length
+  mask = jnp.ones((length, kv_length), bool)
   mask = (jnp.tril(mask) if causal else mask)[None, None]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-  return mask
+  if segment_ids is None and kv_segment_ids is None:
+    return mask
+  if segment_ids is None:
+    segment_ids = jnp.ones(kv_segment_ids.shape[:1] + (length,), kv_segment_ids.dtype)
+  if kv_segment_ids is None:
+    kv_segment_ids = segment_ids if kv_length == length else jnp.ones(
+        segment_ids.shape[:1] + (kv_length,), segment_ids.dtype)
+  return mask & (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
 
 
 def _grouped(x, num_kv_heads):
@@ -31,9 +38,17 @@ def _grouped(x, num_kv_heads):
   return x.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
 
 
-def _forward(q, k, v, mask):
+def _grouped_bias(bias, num_kv_heads):
+  """[b or 1, heads, q, k] -> [b or 1, kv_heads, groups, q, k]."""
+  b, h, t, s = bias.shape
+  return bias.reshape(b, num_kv_heads, h // num_kv_heads, t, s)
+
+
+def _forward(q, k, v, mask, bias=None):
   qg = _grouped(q, k.shape[2])
   logits = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + _grouped_bias(bias, k.shape[2]).astype(jnp.float32)
   logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
   logits = logits - jnp.max(logits, axis=-1, keepdims=True)
   weights = jnp.exp(logits)
@@ -43,17 +58,17 @@ def _forward(q, k, v, mask):
 
 
 @jax.custom_vjp
-def _explicit(q, k, v, mask):
-  return _forward(q, k, v, mask)[0]
+def _explicit(q, k, v, mask, bias):
+  return _forward(q, k, v, mask, bias)[0]
 
 
-def _explicit_fwd(q, k, v, mask):
-  out, probs = _forward(q, k, v, mask)
-  return out, (q, k, v, mask, probs, out)
+def _explicit_fwd(q, k, v, mask, bias):
+  out, probs = _forward(q, k, v, mask, bias)
+  return out, (q, k, v, mask, bias, probs, out)
 
 
 def _explicit_bwd(residuals, d_out):
-  q, k, v, mask, probs, out = residuals
+  q, k, v, mask, bias, probs, out = residuals
   kv_heads = k.shape[2]
   d_out_g = _grouped(d_out, kv_heads)
   d_v = jnp.einsum('bkgts,btkgd->bskd', probs.astype(v.dtype), d_out_g)
@@ -63,22 +78,38 @@ def _explicit_bwd(residuals, d_out):
   products = (d_out_g * _grouped(out, kv_heads)).astype(jnp.float32)
   row_dot = products @ jnp.ones((products.shape[-1],), jnp.float32)  # [b, t, kv_heads, groups]
   row_dot = jnp.transpose(row_dot, (0, 2, 3, 1))
-  d_logits = (probs * (d_probs - row_dot[..., None])).astype(q.dtype)
+  d_logits32 = probs * (d_probs - row_dot[..., None])
+  d_logits = d_logits32.astype(q.dtype)
   d_q = jnp.einsum('bkgts,bskd->btkgd', d_logits, k).reshape(q.shape)
   d_k = jnp.einsum('bkgts,btkgd->bskd', d_logits, _grouped(q, kv_heads))
-  return d_q, d_k, d_v, None
+  d_bias = None
+  if bias is not None:  # The logits' gradient, summed over the batch where bias broadcasts.
+    d_bias = d_logits32.reshape((d_logits32.shape[0], -1) + d_logits32.shape[3:])
+    if bias.shape[0] == 1:
+      d_bias = jnp.sum(d_bias, axis=0, keepdims=True)
+    d_bias = d_bias.astype(bias.dtype)
+  return d_q, d_k, d_v, None, d_bias
 
 
 _explicit.defvjp(_explicit_fwd, _explicit_bwd)
 
 
-def explicit_attention(q, k, v, segment_ids=None, causal=True):
-  """q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; returns [b, t, heads, d].
+def _scaled(q, scale):
+  """q times `scale` (None: head_dim ** -0.5; T5 folds the scale into its initialisation, 1.0)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  return q if scale == 1.0 else q * jnp.asarray(scale, q.dtype)
 
-  The backward pass never assumes a causal mask, so bidirectional attention uses it as is.
+
+def explicit_attention(q, k, v, segment_ids=None, causal=True, bias=None, scale=None,
+                       kv_segment_ids=None):
+  """q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; bias: [b or 1, heads, t, s] added to the
+  logits (T5's relative positions); returns [b, t, heads, d].
+
+  The backward pass never assumes a causal mask, so bidirectional and cross-attention use it as
+  is; it returns the bias gradient too.
   """
-  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  return _explicit(q * scale, k, v, segment_mask(segment_ids, q.shape[1], causal))
+  mask = segment_mask(segment_ids, q.shape[1], causal, kv_segment_ids, k.shape[1])
+  return _explicit(_scaled(q, scale), k, v, mask, bias)
 
 
 def resolve_implementation(implementation, dtype):
@@ -97,27 +128,37 @@ def resolve_implementation(implementation, dtype):
   return 'xla'
 
 
-def masked_attention(q, k, v, mask, implementation='auto'):
+def masked_attention(q, k, v, mask, implementation='auto', bias=None, scale=None):
   """Attention under an explicit [batch, 1, q, k] boolean mask (decoding with a cache)."""
   implementation = resolve_implementation(implementation, q.dtype)
   if implementation == 'explicit':
-    return _forward(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v, mask)[0]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return _forward(_scaled(q, scale), k, v, mask, bias)[0]
+  return jax.nn.dot_product_attention(q, k, v, bias=_cast(bias, q), mask=mask, scale=scale,
+                                      implementation=implementation)
 
 
-def dot_product_attention(q, k, v, segment_ids, causal, implementation='auto'):
-  """Self-attention with the kernel `implementation` (see IMPLEMENTATIONS).
+def _cast(bias, q):
+  return None if bias is None else bias.astype(q.dtype)
 
-  q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; segment_ids: [b, t] or None (no packing and
-  no padding: with causal=False every query sees every key).
+
+def dot_product_attention(q, k, v, segment_ids, causal, implementation='auto', bias=None,
+                          scale=None, kv_segment_ids=None):
+  """Attention with the kernel `implementation` (see IMPLEMENTATIONS).
+
+  q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; segment_ids: [b, t] or None (no packing and
+  no padding: with causal=False every query sees every key); kv_segment_ids: the keys' segment
+  ids when they are not the queries' (cross-attention, s may differ from t); bias: [b or 1,
+  heads, t, s] added to the logits; scale: of the logits (None: head_dim ** -0.5).
   """
   implementation = resolve_implementation(implementation, q.dtype)
   if implementation == 'explicit':
-    return explicit_attention(q, k, v, segment_ids, causal)
+    return explicit_attention(q, k, v, segment_ids, causal, bias, scale, kv_segment_ids)
   # The causal part is left to is_causal: cuDNN then skips the masked blocks.
-  mask = None if segment_ids is None else segment_mask(segment_ids, q.shape[1], causal=False)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                      implementation=implementation)
+  mask = None
+  if segment_ids is not None or kv_segment_ids is not None:
+    mask = segment_mask(segment_ids, q.shape[1], False, kv_segment_ids, k.shape[1])
+  return jax.nn.dot_product_attention(q, k, v, bias=_cast(bias, q), mask=mask, scale=scale,
+                                      is_causal=causal, implementation=implementation)
 
 
 def causal_attention(q, k, v, segment_ids, implementation='auto'):

@@ -91,6 +91,7 @@ class DecoderBlock(nn.Module):
     h = layers.Mlp(hidden_dim=spec.mlp_dim, gated=not spec.is_gpt2, use_bias=spec.is_gpt2,
                    init_std=0.02, out_init_std=out_std, dtype=spec.dtype,
                    param_dtype=spec.param_dtype, sharding=self.sharding,
+                   activation='gelu_tanh' if spec.is_gpt2 else 'silu',
                    name='mlp')(_norm(spec, 'mlp_norm')(x))
     x = x + dropout(h)
     x = constrain(x, self.sharding, ('batch', 'length', 'act_embed'))

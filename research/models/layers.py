@@ -5,6 +5,7 @@ config into these. Parameters carry logical axis names (see research/partitionin
 constrains activations when the model runs on a mesh and is None otherwise.
 """
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -163,9 +164,12 @@ class Attention(nn.Module):
   sharding: Optional[Callable] = None
   decode: bool = False  # Autoregressive decoding with a key/value cache (collection 'cache').
   causal: bool = True  # False: every query sees every key of its segment (encoders).
+  scale: Optional[float] = None  # Of the logits; None: head_dim ** -0.5 (T5: 1.0).
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, bias=None):
+    """bias: [batch or 1, heads, length, keys] added to the logits (T5's relative positions;
+    when decoding, over every slot of the cache)."""
     def project(heads, head_axis, name):
       return DenseGeneral((heads, self.head_dim), ('embed', head_axis, 'head_dim'),
                           use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype,
@@ -181,17 +185,17 @@ class Attention(nn.Module):
     k = constrain(k, self.sharding, ('batch', 'kv_length', 'act_kv_heads', 'head_dim'))
     v = constrain(v, self.sharding, ('batch', 'kv_length', 'act_kv_heads', 'head_dim'))
     if self.decode:
-      out = self._cached_attention(q, k, v, segment_ids)
+      out = self._cached_attention(q, k, v, segment_ids, bias)
     else:
       out = attention.dot_product_attention(q, k, v, segment_ids, self.causal,
-                                            self.implementation)
+                                            self.implementation, bias=bias, scale=self.scale)
       out = checkpoint_name(out, 'attention_out')  # Kept by remat='minimal'.
     return DenseGeneral((x.shape[-1],), ('heads', 'head_dim', 'embed'), contract_dims=2,
                         use_bias=self.use_bias, init_std=self.out_init_std, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='out')(out)
 
 
-  def _cached_attention(self, q, k, v, segment_ids):
+  def _cached_attention(self, q, k, v, segment_ids, bias):
     """Writes k, v at the cache's next slots and attends over everything written so far.
 
     The cache (allocated once, by `init` with a [batch, cache_length] input) holds keys, values
@@ -216,16 +220,71 @@ class Attention(nn.Module):
     slots = jnp.arange(keys.value.shape[1])
     causal = slots[None, :] <= (start + jnp.arange(length))[:, None]
     mask = causal[None, None] & (segment_ids[:, None, :, None] == segments.value[:, None, None, :])
-    return attention.masked_attention(q, keys.value, values.value, mask, self.implementation)
+    return attention.masked_attention(q, keys.value, values.value, mask, self.implementation,
+                                      bias=bias, scale=self.scale)
 
 
-# GELU variants of the ungated Mlp: the tanh approximation ('gelu_new' of GPT-2 and ALBERT) and
-# the exact erf form (BERT, RoBERTa). Checkpoints are trained with one; the other shifts outputs.
+class CrossAttention(nn.Module):
+  """Multi-head attention of queries `x` over `encoded` states (encoder-decoders), no biases.
+
+  When decoding, the keys and values of the encoded states are projected once, by the call that
+  passes `encoded` (the prefill), kept in the 'cache' collection, and read by the calls after it
+  (which pass encoded=None).
+  """
+  num_heads: int
+  head_dim: int
+  init_std: float
+  kv_init_std: float
+  out_init_std: float
+  implementation: str = 'auto'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  sharding: Optional[Callable] = None
+  decode: bool = False
+  scale: Optional[float] = None
+
+  @nn.compact
+  def __call__(self, x, encoded, segment_ids, encoded_segment_ids):
+    def project(inputs, std, name):
+      return DenseGeneral((self.num_heads, self.head_dim), ('embed', 'heads', 'head_dim'),
+                          init_std=std, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=name)(inputs)
+
+    q = constrain(project(x, self.init_std, 'query'), self.sharding,
+                  ('batch', 'length', 'act_heads', 'head_dim'))
+    if encoded is not None:
+      k = project(encoded, self.kv_init_std, 'key')
+      v = project(encoded, self.kv_init_std, 'value')
+    if self.decode:
+      if encoded is not None:  # The prefill: keep the projections for every later step.
+        self.put_variable('cache', 'cross_key', k)
+        self.put_variable('cache', 'cross_value', v)
+        self.put_variable('cache', 'cross_segment', encoded_segment_ids)
+      k, v = self.get_variable('cache', 'cross_key'), self.get_variable('cache', 'cross_value')
+      encoded_segment_ids = self.get_variable('cache', 'cross_segment')
+    k = constrain(k, self.sharding, ('batch', 'kv_length', 'act_heads', 'head_dim'))
+    v = constrain(v, self.sharding, ('batch', 'kv_length', 'act_heads', 'head_dim'))
+    out = attention.dot_product_attention(q, k, v, segment_ids, False, self.implementation,
+                                          scale=self.scale, kv_segment_ids=encoded_segment_ids)
+    out = checkpoint_name(out, 'attention_out')
+    return DenseGeneral((x.shape[-1],), ('heads', 'head_dim', 'embed'), contract_dims=2,
+                        init_std=self.out_init_std, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name='out')(out)
+
+
+# GELU variants: the tanh approximation ('gelu_new' of GPT-2, ALBERT and T5 v1.1) and the exact
+# erf form (BERT, RoBERTa). Checkpoints are trained with one; the other shifts outputs.
 GELU_APPROXIMATE = {'gelu_tanh': True, 'gelu': False}
+# Activations of the Mlp (of its gate, when gated).
+ACTIVATIONS = {'gelu_tanh': functools.partial(nn.gelu, approximate=True),
+               'gelu': functools.partial(nn.gelu, approximate=False),
+               'relu': nn.relu, 'silu': nn.silu}
 
 
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2, BERT) or gated SiLU MLP (SwiGLU, Llama)."""
+  """Ungated MLP act(x W1) W2 (GPT-2, BERT: GELU; T5 v1.0: ReLU) or gated act(x Wg) * (x Wu) W2
+  (Llama: SiLU; T5 v1.1: tanh GELU). Dropout, when given, acts on the hidden activations (T5).
+  """
   hidden_dim: int
   gated: bool
   use_bias: bool
@@ -234,7 +293,8 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   sharding: Optional[Callable] = None
-  activation: str = 'gelu_tanh'  # Ungated only: a key of GELU_APPROXIMATE.
+  activation: str = 'gelu_tanh'  # A key of ACTIVATIONS.
+  dropout: Optional[Callable] = None
 
   @nn.compact
   def __call__(self, x):
@@ -245,9 +305,11 @@ class Mlp(nn.Module):
     if self.gated:
       gate = dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'gate')(x)
       up = dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'up')(x)
-      h = nn.silu(gate) * up
+      h = ACTIVATIONS[self.activation](gate) * up
     else:
-      h = nn.gelu(dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'fc')(x),
-                  approximate=GELU_APPROXIMATE[self.activation])
+      h = ACTIVATIONS[self.activation](dense(self.hidden_dim, ('embed', 'mlp'), self.init_std,
+                                             'fc')(x))
     h = constrain(h, self.sharding, ('batch', 'length', 'act_mlp'))
+    if self.dropout is not None:
+      h = self.dropout(h)
     return dense(x.shape[-1], ('mlp', 'embed'), self.out_init_std, 'proj')(h)

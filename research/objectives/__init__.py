@@ -7,7 +7,13 @@ it cannot train) and a class `Objective(config)` with
   transform(tokenizer)                  the data side (research/data/windows.py): documents ->
                                         examples, deterministic in the seed and the example's
                                         index (and the epoch where the objective wants it),
-                                        packed into rows and finished into the batch fields
+                                        packed into rows and finished into the batch fields;
+                                        its span / capacity / positions size windows and the
+                                        room each example takes in a row (per stream: an
+                                        encoder-decoder row has inputs and targets), and its
+                                        example / pack / finish_row make the row; for
+                                        labelled data (DATA = 'labeled') row(example) makes
+                                        one row of one example
   counts(batch) -> {term: count}        each loss term's denominator over the WHOLE global batch
   sums(model, params, batch, rng)       {term: {'loss': sum, 'correct': sum}} of a (micro-)batch
   tokens(batch)                         real input tokens, for throughput (host or device arrays)
@@ -32,6 +38,10 @@ OBJECTIVES = {
     'causal_lm': 'research.objectives.causal_lm',
     'mlm': 'research.objectives.mlm',
     'classification': 'research.objectives.classification',
+    'span_corruption': 'research.objectives.span_corruption',
+    'prefix_lm': 'research.objectives.prefix_lm',
+    'ul2': 'research.objectives.ul2',
+    'seq2seq': 'research.objectives.seq2seq',
 }
 
 

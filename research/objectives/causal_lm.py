@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import objectives
+from research.data import packing
 from research.data import sources
 from research.data import tokenizer as tokenizer_lib
 
@@ -46,6 +47,13 @@ class Transform:
   def span(self, seq_len):
     """(tokens per example at most, stride between example starts within a document)."""
     return seq_len + 1, seq_len
+
+  def capacity(self, seq_len):
+    """Row positions to fill (one stream)."""
+    return seq_len
+
+  def pack(self, examples, seq_len):
+    return packing.pack_examples(examples, 1, seq_len, self.packed_fields(seq_len))[0]
 
   def positions(self, length):
     """Row positions taken by an example cut from `length` document tokens."""

@@ -96,6 +96,13 @@ class Transform:
     size = seq_len - (3 if self.pair != 'none' else 2)
     return size, size
 
+  def capacity(self, seq_len):
+    """Row positions to fill (one stream)."""
+    return seq_len
+
+  def pack(self, examples, seq_len):
+    return packing.pack_examples(examples, 1, seq_len, self.packed_fields(seq_len))[0]
+
   def positions(self, length):
     return length + (3 if self.pair != 'none' else 2)
 

@@ -1,0 +1,76 @@
+"""Prefix language modelling for encoder-decoders: the encoder reads a prefix, the decoder
+predicts the rest.
+
+objective.prefix='random': each example (a piece of a document, n tokens) is split at a point
+drawn uniformly among those whose prefix + EOS fits train.seq_len and whose rest + EOS fits
+train.target_len (from the seed, the example's place and the epoch). Windows hold
+(seq_len + target_len) / 2 - 1 tokens, so that the split of a full window has room both ways.
+objective.prefix='none': the encoder reads EOS alone and the decoder models the whole example
+(decoder-side causal LM; windows of target_len - 1 tokens).
+"""
+
+import numpy as np
+
+from research.objectives import text_to_text
+
+DATA = 'documents'
+PREFIXES = ('random', 'none')
+
+
+def check_config(config, family):
+  text_to_text.check_config(config, family, 'prefix_lm')
+  if config.objective.prefix not in PREFIXES:
+    raise ValueError(f'objective.prefix={config.objective.prefix!r} is not one of '
+                     f'{list(PREFIXES)}.')
+
+
+def split_range(length, inputs_room, targets_room):
+  """(lowest, highest) prefix length of a `length`-token example whose prefix + EOS and rest + EOS
+  fit the rooms; the caller has cut the example so that the range is not empty."""
+  return max(1, length - targets_room + 1), min(length - 1, inputs_room - 1)
+
+
+class Transform(text_to_text.Transform):
+  SALT = 0x50464C4D
+
+  def __init__(self, config, tokenizer, prefix=None, mode=()):
+    """mode: ids the inputs start with (UL2's [S2S])."""
+    super().__init__(config, tokenizer, 'objective.name=prefix_lm')
+    self.prefix = prefix or config.objective.prefix
+    self.seq_len, self.mode = config.train.seq_len, np.asarray(mode, np.int32)
+
+  def span(self, seq_len):
+    if self.prefix == 'none':
+      size = self.target_len - 1
+    else:
+      size = (seq_len - len(self.mode) + self.target_len) // 2 - 1
+    return size, size
+
+  def positions(self, length):
+    """At most (inputs, targets) for an example of `length` tokens: whatever the split, the
+    prefix and the rest each take at most `length` positions with their EOS."""
+    if length < 2:
+      return 0, 0
+    if self.prefix == 'none':
+      return 1 + len(self.mode), length + 1
+    return min(length, self.seq_len - len(self.mode)) + len(self.mode), min(length,
+                                                                           self.target_len)
+
+  def example(self, tokens, index, epoch, split):
+    del split
+    tokens = np.asarray(tokens, np.int32)
+    if self.prefix == 'none':
+      cut = 0
+    else:
+      # A window sized for other denoisers (UL2) may hold more than one split can place.
+      tokens = tokens[:self.seq_len - len(self.mode) + self.target_len - 2]
+      lowest, highest = split_range(len(tokens), self.seq_len - len(self.mode), self.target_len)
+      cut = int(self.rng(index, epoch).integers(lowest, highest + 1))
+    return dict(inputs=self.with_eos(np.concatenate([self.mode, tokens[:cut]])),
+                targets=self.with_eos(tokens[cut:]))
+
+
+class Objective(text_to_text.Objective):
+
+  def transform(self, tokenizer):
+    return Transform(self.config, tokenizer)
