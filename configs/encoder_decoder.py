@@ -42,8 +42,7 @@ VARIANTS = {
                        emb_dim=1472, mlp_dim=3584, vocab_size=384),
 }
 
-# Variants on bytes: the byte tokenizer with sentinels up to ByT5's vocabulary of 384.
-_BYTE_VARIANTS = ('t5_tiny', 'byt5_small')
+# Sentinels of the byte tokenizer up to ByT5's vocabulary of 384.
 BYTE_SENTINELS = 384 - 262
 
 TRAIN_SHAPES = {
@@ -106,11 +105,11 @@ def get_config(variant: str = 't5_tiny') -> ml_collections.ConfigDict:
   config.model = _model_defaults()
   config.model.update(VARIANTS[variant])
   config.objective = objective_defaults()
-  if variant in _BYTE_VARIANTS:
-    config.data.extra_ids = BYTE_SENTINELS
-    config.objective.mean_span_length = 20.0 if variant == 'byt5_small' else 3.0
-  else:
-    config.data.extra_ids = 100
+  # The default tokenizer is bytes with ByT5's sentinels; T5's SentencePiece model takes
+  # --config.data.tokenizer=spm:FILE --config.data.extra_ids=100.
+  config.data.extra_ids = BYTE_SENTINELS
+  if variant == 'byt5_small':
+    config.objective.mean_span_length = 20.0  # ByT5's spans, longer in bytes than in pieces.
   if variant != 't5_tiny':
     # T5's pretraining: Adafactor at a constant 0.01 after warm-up, decaying as 1/sqrt(step).
     config.optim.update(dict(name='adafactor', decay='rsqrt', weight_decay=0.0, clip_norm=0.0))

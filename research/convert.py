@@ -94,6 +94,7 @@ def from_hf(model_dir, workdir):
   saved = os.path.join(os.path.abspath(workdir), tokenizer_lib.SAVED_DIR)
   if tokenizer is not None:  # The workdir's own copy: the run does not depend on model_dir.
     config.data.tokenizer = tokenizer_lib.HF_PREFIX + saved
+    config.data.extra_ids = 0  # Its sentinels, if any, are its own tokens.
   config_lib.validate(config, jax.device_count())
   params = workdir_lib.family(config).hf_converter().params_from_hf(tensors, config.model)
   os.makedirs(workdir, exist_ok=True)
@@ -175,15 +176,20 @@ def _special_tokens(workdir, config):
   """
   source = hf.read_source(workdir)
   if source is not None:
-    ids = source['special_tokens']
-    return ids, source['generation_config'] or dict(ids)
-  tokenizer = tokenizer_lib.get(config.data.tokenizer)
-  ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-             pad_token_id=tokenizer.pad_id)
+    ids = dict(source['special_tokens'])
+    generation = source['generation_config'] or dict(ids)
+    filler = next((i for i in (ids.get('pad_token_id'), ids.get('eos_token_id')) if i is not None),
+                  0)
+  else:
+    tokenizer = tokenizer_lib.get(config.data.tokenizer)
+    ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+               pad_token_id=tokenizer.pad_id)
+    generation, filler = dict(ids), tokenizer_lib.filler_id(tokenizer)
   if getattr(workdir_lib.family(config), 'IS_ENCODER_DECODER', False):
     # Our decoders start from the filler id (research/objectives/text_to_text.py).
-    ids['decoder_start_token_id'] = tokenizer_lib.filler_id(tokenizer)
-  return ids, dict(ids)
+    ids['decoder_start_token_id'] = filler
+    generation = dict(generation, decoder_start_token_id=filler)
+  return ids, generation
 
 
 def to_hf(workdir, out_dir, overwrite=False):
@@ -211,6 +217,10 @@ def change_layout(workdir, out_dir):
                              'converted run.')
   _check_out(workdir, out_dir, overwrite=False)
   config = workdir_lib.load_config(workdir)
+  if config.optim.name == 'adafactor':  # Its factored moments are not stacked per layer.
+    raise hf.ConversionError('The layout of a run trained with optim.name=adafactor cannot be '
+                             'changed (its factored second moments are not kept per layer); '
+                             'resume it with its own model.scan_layers.')
   family = workdir_lib.family(config)
   source = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None)
   try:

@@ -77,9 +77,10 @@ def check_inputs(spec, prompts, sampling, encoder_decoder=False):
                      'search).')
   if not np.isfinite(s.length_penalty):
     raise ValueError(f'length_penalty={s.length_penalty} must be a finite number.')
-  if s.num_beams and s.temperature != 0:
-    raise ValueError(f'Beam search is deterministic: temperature={s.temperature} has no use with '
-                     f'num_beams={s.num_beams}; set temperature to 0 or num_beams to 1.')
+  if s.num_beams and (s.temperature != 0 or s.top_k or s.top_p < 1):
+    raise ValueError(f'Beam search is deterministic: temperature={s.temperature}, top_k={s.top_k} '
+                     f'and top_p={s.top_p} have no use with num_beams={s.num_beams}; leave them '
+                     'at 0, 0 and 1, or set num_beams to 0.')
   if not prompts:
     raise ValueError('No prompt given; pass at least one prompt.')
   for row, prompt in enumerate(prompts):

@@ -117,8 +117,8 @@ def _feed_forward_proj(m):
 def hf_config_from_model(m):
   """config.json contents for our `config.model` (parameters stored in m.param_dtype).
 
-  The decoder starts from id 0, as ours does; pad and end-of-sequence ids are the tokenizer's
-  (research.convert adds them). tie_word_embeddings and scale_decoder_outputs both say whether
+  The decoder's start id, pad and end-of-sequence ids are the tokenizer's (research.convert adds
+  them). tie_word_embeddings and scale_decoder_outputs both say whether
   the output is tied and scaled, for transformers before and since version 5.
   """
   spec = encoder_decoder.EncoderDecoderSpec.from_config(m)
@@ -130,7 +130,7 @@ def hf_config_from_model(m):
               relative_attention_max_distance=m.relative_max_distance,
               dropout_rate=m.dropout_rate, layer_norm_epsilon=m.norm_eps,
               feed_forward_proj=proj, dense_act_fn=_ACT_FN[m.activation],
-              is_gated_act=m.gated, is_encoder_decoder=True, decoder_start_token_id=0,
+              is_gated_act=m.gated, is_encoder_decoder=True,
               tie_word_embeddings=bool(m.tie_embeddings),
               scale_decoder_outputs=bool(m.tie_embeddings), n_positions=m.max_len,
               # `dtype` for transformers 5, `torch_dtype` for older versions.

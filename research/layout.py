@@ -30,7 +30,7 @@ def unstack(tree):
   if 'layers' not in tree:
     return tree
   rest = {k: v for k, v in tree.items() if k != 'layers'}
-  for i in range(len(jax.tree.leaves(tree['layers'])[0])):
+  for i in range(max(len(leaf) for leaf in jax.tree.leaves(tree['layers']))):
     rest[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], tree['layers'])
   return rest
 

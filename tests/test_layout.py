@@ -2,6 +2,7 @@
 included, and a converted checkpoint (research.convert layout) resumes training exactly."""
 
 import functools
+import os
 
 import jax
 import numpy as np
@@ -78,3 +79,13 @@ def test_a_converted_checkpoint_resumes_with_the_losses_of_the_original_layout(d
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match='is not empty; pass a new or empty folder'):
     convert.change_layout(str(tmp_path / 'run'), str(tmp_path / 'per_layer'))
+
+
+def test_a_run_with_factored_adafactor_moments_keeps_its_layout(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_lib.load_config_file(os.path.join(repo, 'configs', 'encoder_decoder.py:t5_small'))
+  assert config.optim.name == 'adafactor'
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text(config.to_json_best_effort())
+  with pytest.raises(ValueError, match='optim.name=adafactor cannot be changed'):
+    convert.change_layout(str(tmp_path / 'run'), str(tmp_path / 'new'))

@@ -96,6 +96,10 @@ def test_prefix_lm_splits_each_example_into_inputs_and_targets():
     assert len(inputs) <= bound[0] and len(targets) <= bound[1]
     cuts.add(len(inputs))
   assert len(cuts) > 10  # The split point is drawn.
+  # Any split of a window's pieces fits both streams: no token of a window is dropped.
+  assert transform.span(128) == (127, 127)
+  config.train.target_len = 32
+  assert prefix_lm.Objective(config).transform(TOKENIZER).span(128) == (31, 31)
   config.objective.prefix = 'none'
   decoder_only = prefix_lm.Objective(config).transform(TOKENIZER)
   example = decoder_only.example(tokens, (0, 0, 0, 0), 0, None)
@@ -145,3 +149,15 @@ def test_target_length_and_sentinels_are_checked_against_the_row():
   decoder.objective.name = 'span_corruption'
   with pytest.raises(config_lib.ConfigError, match='model.family=.decoder. is not one'):
     config_lib.validate(decoder, 1)
+
+
+def test_resuming_with_another_target_length_is_refused():
+  from research.data import pipeline as pipeline_lib
+  data = pipeline_lib.Pipeline(8, 128, None, None, TOKENIZER, dict(fingerprint='f'), 0,
+                               target_len=32)
+  position = data.position(10)
+  data.check_position(position)
+  data.target_len = 64
+  with pytest.raises(pipeline_lib.DataError, match=r'rows of train.target_len=32 but this run has '
+                                                   r'64; resume with --config.train.target_len=32'):
+    data.check_position(position)

@@ -96,6 +96,21 @@ def test_sentinels_sit_above_the_vocabulary_with_extra_id_0_highest(trained):
   assert t5.fingerprint != tokenizer_lib.get(f'spm:{trained["unigram"]}', extra_ids=4).fingerprint
 
 
+def test_byte_sentinels_take_byt5s_ids_and_survive_saving(tmp_path):
+  """ByT5's vocabulary of 384: 122 sentinels above our 262 ids, <extra_id_0> = 383."""
+  tokenizer = tokenizer_lib.get('bytes', extra_ids=122)
+  assert tokenizer.vocab_size == 384 and tokenizer.sentinel_ids[:2] == (383, 382)
+  assert tokenizer.sentinel_ids[-1] == 262 and set(tokenizer.sentinel_ids) <= set(
+      tokenizer.special_ids)
+  assert tokenizer.encode('ab').tolist() == tokenizer_lib.ByteTokenizer().encode('ab').tolist()
+  assert tokenizer.decode([100, 383, 101, 382]) == 'a<extra_id_0>b<extra_id_1>'
+  assert tokenizer.fingerprint != tokenizer_lib.ByteTokenizer().fingerprint
+  tokenizer_lib.save(tokenizer, str(tmp_path / 'saved'))
+  loaded = tokenizer_lib.load_saved(str(tmp_path / 'saved'))
+  assert (loaded.fingerprint, loaded.sentinel_ids) == (tokenizer.fingerprint,
+                                                       tokenizer.sentinel_ids)
+
+
 def test_t5s_layout_has_no_bos_and_no_encoder_tokens(tmp_path):
   path = _t5_like(tmp_path / 't5.model')
   tokenizer = tokenizer_lib.get(f'spm:{path}', extra_ids=3)

@@ -59,7 +59,7 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
 def test_default_corpus_run_beats_a_unigram_model_and_checkpoints(decoder_config, tmp_path):
   """The demo path: `tiny` on the embedded standard-library corpus through the real command."""
   workdir, data_dir = tmp_path / 'demo', tmp_path / 'tfds'
-  steps = 200  # Eval loss 1.88 here against a unigram model's 3.08 (2.03 after 150 steps).
+  steps = 150  # Eval loss 2.03 here against a unigram model's 3.08 (1.88 after 200 steps).
   result = subprocess.run(
       [sys.executable, '-m', 'research.train', '--config', 'configs/decoder.py:tiny',
        '--workdir', str(workdir), f'--config.data.data_dir={data_dir}',
@@ -76,8 +76,8 @@ def test_default_corpus_run_beats_a_unigram_model_and_checkpoints(decoder_config
   unigram = pipeline_lib.build(config).unigram_cross_entropy(config.train.eval_batches)
   final = [json.loads(line) for line in open(workdir / 'metrics.jsonl')][-1]
   assert final['step'] == steps
-  assert final['eval_loss'] < unigram - 1.0, (final['eval_loss'], unigram)
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['100', '200']
+  assert final['eval_loss'] < unigram - 0.8, (final['eval_loss'], unigram)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['100', '150']
   data = json.load(open(workdir / 'environment.json'))['data']
   assert data['sources'][0]['spec'] == 'stdlib' and len(data['fingerprint']) == 64
   assert data['sources'][0]['train_documents'] > 100 and data['tokenizer'] == 'bytes'

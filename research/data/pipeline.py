@@ -46,6 +46,7 @@ class Pipeline:
   objective: dict = dataclasses.field(default_factory=dict)
   origin_step: int = 0
   origin_row: int = 0
+  target_len: int = 0  # Decoder positions per row (encoder-decoders), else 0.
   train_token_counts: np.ndarray = None  # Of the training split: the unigram baseline.
 
   def resume_at(self, step, rows_consumed):
@@ -57,17 +58,20 @@ class Pipeline:
   def position(self, step):
     """What a checkpoint at `step` records to continue the data exactly (see check_position)."""
     return dict(next_step=step, rows_consumed=self.first_row(step), seq_len=self.seq_len,
-                seed=self.seed, fingerprint=self.record['fingerprint'], objective=self.objective)
+                target_len=self.target_len, seed=self.seed,
+                fingerprint=self.record['fingerprint'], objective=self.objective)
 
   def check_position(self, position):
     """Refuses, in one sentence, a position whose rows mean something else in this run."""
     if position['rows_consumed'] == 0:  # Nothing consumed yet: any data may follow.
       return
-    for key, name in (('seq_len', 'train.seq_len'), ('seed', 'seed')):
-      if position[key] != getattr(self, key):
-        raise DataError(f'The checkpoint counts its data position in rows of {name}='
-                        f'{position[key]} but this run has {getattr(self, key)}; resume with '
-                        f'--config.{name}={position[key]}, or warm start a new --workdir with '
+    for key, name in (('seq_len', 'train.seq_len'), ('target_len', 'train.target_len'),
+                      ('seed', 'seed')):
+      saved = position.get(key, 0)  # Checkpoints of earlier versions hold no target_len.
+      if saved != getattr(self, key):
+        raise DataError(f'The checkpoint counts its data position in rows of {name}={saved} '
+                        f'but this run has {getattr(self, key)}; resume with --config.{name}='
+                        f'{saved}, or warm start a new --workdir with '
                         '--config.checkpoint.init_from.')
     if position['fingerprint'] != self.record['fingerprint']:
       raise DataError('The checkpoint was trained on other data (fingerprint '
@@ -91,17 +95,15 @@ class Pipeline:
     hi = self.batch_size if hi is None else hi
     return self.validation.rows(index * self.batch_size + lo, index * self.batch_size + hi)
 
-  def unigram_cross_entropy(self, num_batches, targets='targets', weights='weights'):
-    """Validation loss (nats/token) of the add-one unigram model of the training tokens on the
-    batch fields `targets` where `weights` > 0 (an encoder-decoder: decoder_targets,
-    decoder_weights)."""
+  def unigram_cross_entropy(self, num_batches):
+    """Validation loss (nats/token) of the add-one unigram model of the training tokens."""
     counts = self.train_token_counts + 1.0
     log_probs = np.log(counts / counts.sum())
     total, count = 0.0, 0.0
     for index in range(num_batches):
       rows = self.eval_batch(index)
-      mask = rows[weights] > 0
-      total -= log_probs[rows[targets][mask]].sum()
+      mask = rows['weights'] > 0
+      total -= log_probs[rows['targets'][mask]].sum()
       count += mask.sum()
     return total / count
 
@@ -149,11 +151,11 @@ def _transform(objective, tokenizer):
 
 
 def _labeled(config, objective):
-  """A pipeline of labelled examples (fine-tuning), one example per row. Labels are class ids
-  unless the objective's module says TARGETS = 'text' (sequence-to-sequence targets)."""
+  """A pipeline of labelled examples (fine-tuning), one example per row; the objective's module
+  says whether labels are class ids (TARGETS = 'classes') or target texts ('text')."""
   t = config.train
   tokenizer = _tokenizer(config)
-  targets = getattr(objectives.get(config.objective.name), 'TARGETS', 'classes')
+  targets = objectives.get(config.objective.name).TARGETS
   examples, fingerprint, described = labeled.read(config, targets)
   transform = _transform(objective, tokenizer)
   rows = {split: labeled.LabeledRows(examples[split], tokenizer, config.seed, split == 'train',
@@ -169,6 +171,7 @@ def build(config):
   """The pipeline of `config`'s data for its objective."""
   pipeline = _build(config)
   pipeline.objective = config.objective.to_dict()
+  pipeline.target_len = config.train.get('target_len', 0)  # Sizes encoder-decoder rows too.
   return pipeline
 
 

@@ -18,7 +18,9 @@ IMPLEMENTATIONS = ('auto', 'explicit', 'xla', 'cudnn')
 def segment_mask(segment_ids, length, causal=True, kv_segment_ids=None, kv_length=None):
   """[batch or 1, 1, q, k] boolean mask: causal when `causal`, and within one segment when
   packing (a query sees only keys of its own segment id; padding, id 0, sees only padding, so no
-  row is ever empty). Cross-attention passes the keys' own `kv_segment_ids` and `kv_length`."""
+  self-attention row is empty). Cross-attention passes the keys' own `kv_segment_ids` and
+  `kv_length`; there a padding query over inputs without padding sees nothing and attends
+  uniformly, harmlessly: its outputs carry no loss."""
   kv_length = length if kv_length is None else kv_length
   mask = jnp.ones((length, kv_length), bool)
   mask = (jnp.tril(mask) if causal else mask)[None, None]

@@ -133,7 +133,8 @@ class Block(nn.Module):
     self.attn = layers.Attention(
         num_heads=spec.num_heads, num_kv_heads=spec.num_heads, head_dim=spec.head_dim,
         use_bias=False, rope_theta=None, init_std=(d * spec.head_dim) ** -0.5,
-        out_init_std=spec.inner_dim ** -0.5, implementation=spec.attention, dtype=spec.dtype,
+        kv_init_std=d ** -0.5, out_init_std=spec.inner_dim ** -0.5,
+        implementation=spec.attention, dtype=spec.dtype,
         param_dtype=spec.param_dtype, sharding=self.sharding, decode=self.decode,
         causal=self.is_decoder, scale=1.0)
     if self.is_decoder:

@@ -165,19 +165,21 @@ class Attention(nn.Module):
   decode: bool = False  # Autoregressive decoding with a key/value cache (collection 'cache').
   causal: bool = True  # False: every query sees every key of its segment (encoders).
   scale: Optional[float] = None  # Of the logits; None: head_dim ** -0.5 (T5: 1.0).
+  kv_init_std: Optional[float] = None  # Of the key and value kernels; None: init_std.
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, bias=None):
     """bias: [batch or 1, heads, length, keys] added to the logits (T5's relative positions;
     when decoding, over every slot of the cache)."""
-    def project(heads, head_axis, name):
+    def project(heads, head_axis, std, name):
       return DenseGeneral((heads, self.head_dim), ('embed', head_axis, 'head_dim'),
-                          use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype,
+                          use_bias=self.use_bias, init_std=std, dtype=self.dtype,
                           param_dtype=self.param_dtype, name=name)(x)
 
-    q = project(self.num_heads, 'heads', 'query')
-    k = project(self.num_kv_heads, 'kv_heads', 'key')
-    v = project(self.num_kv_heads, 'kv_heads', 'value')
+    kv_std = self.init_std if self.kv_init_std is None else self.kv_init_std
+    q = project(self.num_heads, 'heads', self.init_std, 'query')
+    k = project(self.num_kv_heads, 'kv_heads', kv_std, 'key')
+    v = project(self.num_kv_heads, 'kv_heads', kv_std, 'value')
     if self.rope_theta is not None:
       q = rotary_embedding(q, positions, self.rope_theta)
       k = rotary_embedding(k, positions, self.rope_theta)

@@ -14,7 +14,8 @@ from research import objectives
 from research.data import labeled
 from research.data import tokenizer as tokenizer_lib
 
-DATA = 'labeled'  # Reads labelled examples (research/data/labeled.py).
+DATA = 'labeled'  # Reads labelled examples (research/data/labeled.py)...
+TARGETS = 'classes'  # ...whose labels are class ids.
 TERM = 'label'
 _TOKEN_FIELDS = ('tokens', 'positions', 'segment_ids', 'token_types')
 

@@ -2,9 +2,10 @@
 predicts the rest.
 
 objective.prefix='random': each example (a piece of a document, n tokens) is split at a point
-drawn uniformly among those whose prefix + EOS fits train.seq_len and whose rest + EOS fits
-train.target_len (from the seed, the example's place and the epoch). Windows hold
-(seq_len + target_len) / 2 - 1 tokens, so that the split of a full window has room both ways.
+drawn uniformly in [1, n - 1] (from the seed, the example's place and the epoch). Windows hold
+min(seq_len, target_len) - 1 tokens, so that any split of a window's pieces fits both streams
+and no token of a window is dropped; rows fill both streams when target_len = seq_len (with
+target_len < seq_len the encoder's positions are partly empty).
 objective.prefix='none': the encoder reads EOS alone and the decoder models the whole example
 (decoder-side causal LM; windows of target_len - 1 tokens).
 """
@@ -22,6 +23,10 @@ def check_config(config, family):
   if config.objective.prefix not in PREFIXES:
     raise ValueError(f'objective.prefix={config.objective.prefix!r} is not one of '
                      f'{list(PREFIXES)}.')
+  t = config.train
+  if min(t.seq_len, t.target_len) < 3:
+    raise ValueError(f'train.seq_len={t.seq_len} and train.target_len={t.target_len} leave no '
+                     'room for a prefix and its continuation; use at least 3 each.')
 
 
 def split_range(length, inputs_room, targets_room):
@@ -43,7 +48,7 @@ class Transform(text_to_text.Transform):
     if self.prefix == 'none':
       size = self.target_len - 1
     else:
-      size = (seq_len - len(self.mode) + self.target_len) // 2 - 1
+      size = min(seq_len - len(self.mode), self.target_len) - 1
     return size, size
 
   def positions(self, length):

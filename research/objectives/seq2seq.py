@@ -47,9 +47,7 @@ class Transform:
   def row(self, example):
     if example is None:
       return packing.empty_rows(self.fields, 1)
-    text, pair, target = example
-    if pair is not None:  # labeled.read gives text targets without pairs.
-      raise ValueError('objective.name=seq2seq reads one input text per example, not a pair.')
+    text, _, target = example  # labeled.read gives text targets without pairs.
     example = dict(inputs=self._with_eos(text, self.seq_len),
                    targets=self._with_eos(target, self.target_len))
     return packing.pack_pairs([example], self.seq_len, self.target_len, self.fields,

@@ -3,6 +3,8 @@
 A row holds two streams, packed example by example (research/data/packing.py `pack_pairs`):
 train.seq_len encoder positions (the inputs) and train.target_len decoder positions (the targets,
 fed to the decoder shifted right with each example starting from the padding id, as T5 does).
+Positions within each example are packed too (as T5X packs them), though T5's relative bias
+reads each token's place in the row: within one example both give the same distances.
 The objectives differ only in how an example's inputs and targets are made from a piece of a
 document (span_corruption.py, prefix_lm.py, ul2.py) or read from labelled pairs (seq2seq.py).
 

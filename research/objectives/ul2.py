@@ -84,6 +84,10 @@ class Transform(text_to_text.Transform):
       else:
         self.denoisers.append(_Denoiser(mode, mean, density, tokenizer.sentinel_ids))
     size = self.span(config.train.seq_len)[0]
+    if size < 2:
+      raise ValueError(f'Rows of train.seq_len={config.train.seq_len} and train.target_len='
+                       f'{self.target_len} hold no example of every UL2 denoiser; raise '
+                       'train.target_len (UL2 trains with target_len = seq_len).')
     for denoiser in self.denoisers:
       if isinstance(denoiser, _Denoiser):
         spans = span_corruption.noise_counts(max(size, 2), denoiser.density, denoiser.mean)[1]
