@@ -187,7 +187,7 @@ def test_t5_tiny_learns_to_reverse_strings_from_scratch_and_answers_inputs(tmp_p
       '--config.train.seq_len=10', '--config.train.target_len=10',
       '--config.train.batch_size=64', '--config.train.num_steps=600',
       '--config.train.eval_every=300', '--config.optim.lr=5e-3', '--config.optim.warmup_steps=50',
-      '--config.train.progress_bar=false'))
+      '--config.train.progress_bar=false', '--cpu_devices=1'))
   assert 'fresh initialisation' in result.stderr, result.stderr[-4000:]
   final = runs.metrics(run)[-1]
   assert final['step'] == 600 and final['eval_sequence_accuracy'] > 0.95, final
