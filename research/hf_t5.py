@@ -25,8 +25,12 @@ from research.hf import check_shapes
 from research.hf import _contiguous
 from research.hf import _field
 from research.hf import _unsupported
+from research.hf_encoder import _get
 from research.hf_encoder import _rate
 from research.hf_encoder import _same
+from research.hf_encoder import _set
+from research.hf_encoder import _to_hf
+from research.hf_encoder import _to_ours
 
 encoder_decoder = models.get('encoder_decoder')  # The family this module converts.
 
@@ -242,26 +246,6 @@ def check_tensors(tensors, m):
                           'scales the decoder outputs as only a tied output layer does; set '
                           'scale_decoder_outputs (and tie_word_embeddings) to false in '
                           'config.json if the model was trained untied.')
-
-
-def _set(tree, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _to_ours(x, shape, transposed):
-  return (x.T if transposed else x).reshape(shape)
-
-
-def _to_hf(x, shape, transposed):
-  return x.reshape(shape[::-1]).T if transposed else x.reshape(shape)
 
 
 def params_from_hf(tensors, model_config):

@@ -21,6 +21,8 @@ import torch
 import transformers
 from transformers.models.t5 import modeling_t5
 
+from research.peers.torch_bert import _optimizer  # AdamW, no decay on norms or biases.
+
 _FIRST_ID = 3  # Random ids start above the special tokens (padding, which also starts decoding).
 # (model.gated, model.activation) -> transformers' feed_forward_proj (research/hf_t5.py's names).
 _FEED_FORWARD = {(False, 'relu'): 'relu', (True, 'relu'): 'gated-relu',
@@ -61,14 +63,6 @@ def parameter_count(config):
   """Trainable parameters of the peer (tied tensors once), to check it is our model."""
   torch.manual_seed(0)
   return sum(p.numel() for p in _build(config.model).parameters() if p.requires_grad)
-
-
-def _optimizer(model, optim):
-  decay = [p for p in model.parameters() if p.dim() >= 2]
-  no_decay = [p for p in model.parameters() if p.dim() < 2]
-  return torch.optim.AdamW([dict(params=decay, weight_decay=optim.weight_decay),
-                            dict(params=no_decay, weight_decay=0.0)],
-                           lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps)
 
 
 def _random_batch(config, batch_size, seq_len):
