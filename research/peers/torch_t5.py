@@ -21,7 +21,9 @@ import torch
 import transformers
 from transformers.models.t5 import modeling_t5
 
-from research.peers.torch_bert import _optimizer  # AdamW, no decay on norms or biases.
+# AdamW with no decay on norms or biases, and one step of a transformers model's own loss.
+from research.peers.torch_bert import _optimizer
+from research.peers.torch_bert import _train_step
 
 _FIRST_ID = 3  # Random ids start above the special tokens (padding, which also starts decoding).
 # (model.gated, model.activation) -> transformers' feed_forward_proj (research/hf_t5.py's names).
@@ -71,17 +73,6 @@ def _random_batch(config, batch_size, seq_len):
   inputs = ids[torch.randint(len(ids), (batch_size, seq_len))]
   labels = ids[torch.randint(len(ids), (batch_size, config.train.target_len))]
   return dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), labels=labels)
-
-
-def _train_step(model, optimizer, batch, clip_norm):
-  """One optimizer step; returns the loss (cross entropy per target)."""
-  loss = model(**batch).loss
-  loss.backward()
-  if clip_norm > 0:
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-  optimizer.step()
-  optimizer.zero_grad(set_to_none=True)
-  return loss.detach()
 
 
 def make_trainer(config, batch_size, seq_len):
