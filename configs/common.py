@@ -109,3 +109,17 @@ def base_config(variant, shape, source='stdlib'):
       sample_prompt='def ',
   ))
   return config
+
+
+def distill_defaults(base):
+  """objective.* settings of distillation (research/objectives/distill.py), used when
+  objective.name=distill: `base` (the family's own objective) gives the data and the hard-label
+  loss, and a trained run in objective.teacher the soft targets."""
+  return dict(
+      base=base,
+      teacher='',  # The teacher run's workdir (its config.json and newest checkpoint are read).
+      alpha=0.5,  # Weight of the soft (KL) term; 1 - alpha weighs the base objective's loss.
+      temperature=2.0,  # Both distributions are softened by it; the KL term is scaled by T^2.
+      hidden_weight=0.0,  # > 0 adds the mean squared error of projected hidden states.
+      teacher_dtype='float32',  # float32 | bfloat16: the teacher's parameters and computation.
+  )

@@ -74,7 +74,8 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
                               source='markov' if variant == 'nanogpt_cpu' else 'stdlib')
   config.model = _model_defaults()
   config.model.update(VARIANTS[variant])
-  config.objective = ml_collections.ConfigDict(dict(name='causal_lm'))
+  config.objective = ml_collections.ConfigDict(dict(name='causal_lm',
+                                                    **common.distill_defaults('causal_lm')))
   config.train.sample_tokens = min(120, config.model.max_len - 8)
   config.lock()
   return config

@@ -91,6 +91,7 @@ def _objective(style, seq_len):
       max_predictions=4 * math.ceil(0.15 * seq_len / 4),
       whole_word=False,  # Choose whole words (runs of non-space bytes) instead of tokens.
       **OBJECTIVES[style],  # dynamic_masking: a new mask every epoch; pair: none | nsp | sop.
+      **common.distill_defaults('mlm'),
   ))
 
 

@@ -91,6 +91,7 @@ def objective_defaults(name='span_corruption'):
       denoisers='R:3:0.15=1;R:8:0.15=1;X:3:0.5=1;X:8:0.5=1;X:64:0.15=1;X:64:0.5=1;S=2',
       z_loss=0.0,  # Coefficient of log(Z)^2 per target (T5X: 1e-4).
       label_smoothing=0.0,
+      **common.distill_defaults(name),
   ))
 
 

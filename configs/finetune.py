@@ -55,7 +55,8 @@ TASKS = {
 }
 DEFAULT_MODELS = {'classification': 'encoder.bert_tiny', 'seq2seq': 'encoder_decoder.t5_tiny'}
 BEST_METRICS = {'classification': 'eval_accuracy', 'seq2seq': 'eval_sequence_accuracy'}
-_SMALL = ('bert_tiny', 'tiny', 'nanogpt_cpu', 't5_tiny')  # Variants that train in minutes on CPU.
+# Variants that train in minutes on CPU.
+_SMALL = ('bert_tiny', 'tiny', 'nanogpt_cpu', 't5_tiny', 'gru_attention_tiny')
 
 
 def get_config(arg: str = 'sst2') -> ml_collections.ConfigDict:
@@ -112,7 +113,8 @@ def _text_to_text(config, pretraining, spec, arg):
                      'fine-tune pairs with ,encoder_decoder.VARIANT or an encoder-decoder workdir.')
   config.train.target_len = pretraining.train.target_len  # Decoder positions per row.
   config.data.target_field = spec['target_field']  # The text the model learns to write.
-  config.objective.update(dict(z_loss=0.0, label_smoothing=0.0))
+  config.objective.update(dict(z_loss=0.0, label_smoothing=0.0,
+                               **common.distill_defaults('seq2seq')))
 
 
 def _pretraining_config(model, arg):

@@ -160,6 +160,10 @@ DATA_SOURCES = (sources.KINDS + ('markov',)
                 + tuple(k for k in labeled.SOURCES if k not in sources.KINDS))
 
 
+# Sizes that must be positive in every family that has them.
+MODEL_SIZES = ('num_layers', 'num_heads', 'emb_dim', 'mlp_dim', 'hidden_dim')
+
+
 def validate(config, num_devices):
   """Checks a config against itself and the device count; returns the resolved mesh shape."""
   m, o, t = config.model, config.optim, config.train
@@ -168,11 +172,12 @@ def validate(config, num_devices):
     objective = objectives.get(config.objective.name)
   except ValueError as error:
     raise ConfigError(str(error)) from None
+  # Model keys are checked where a family has them (a recurrent or counted model has no heads).
+  model_choices = {'dtype': ('float32', 'bfloat16'), 'param_dtype': ('float32', 'bfloat16'),
+                   'remat': tuple(layers.REMAT_POLICIES),
+                   'attention': ('auto', 'explicit', 'xla', 'cudnn')}
   choices = {
-      'model.dtype': (m.dtype, ('float32', 'bfloat16')),
-      'model.param_dtype': (m.param_dtype, ('float32', 'bfloat16')),
-      'model.remat': (m.remat, tuple(layers.REMAT_POLICIES)),
-      'model.attention': (m.attention, ('auto', 'explicit', 'xla', 'cudnn')),
+      **{f'model.{key}': (m[key], allowed) for key, allowed in model_choices.items() if key in m},
       'optim.name': (o.name, ('adamw', 'adafactor', 'lion')),
       'optim.decay': (o.decay, ('cosine', 'linear', 'rsqrt', 'constant')),
       'data.source': (config.data.source, DATA_SOURCES),
@@ -188,8 +193,7 @@ def validate(config, num_devices):
     raise ConfigError(f'config.train.num_tokens={t.num_tokens} must not be negative.')
   if t.num_tokens:  # A token budget: the steps whose batches reach it.
     t.num_steps = -(-t.num_tokens // max(t.batch_size * t.seq_len, 1))
-  positive = {'model.num_layers': m.num_layers, 'model.num_heads': m.num_heads,
-              'model.emb_dim': m.emb_dim, 'model.mlp_dim': m.mlp_dim,
+  positive = {**{f'model.{key}': m[key] for key in MODEL_SIZES if key in m},
               'model.vocab_size': m.vocab_size, 'train.batch_size': t.batch_size,
               'train.seq_len': t.seq_len, 'train.num_steps': t.num_steps,
               'optim.grad_accum_steps': o.grad_accum_steps, 'optim.lr': o.lr,
@@ -208,11 +212,11 @@ def validate(config, num_devices):
   if w.slow_factor <= 1 or w.slow_min_s < 0 or w.exit_after_s < 0 or w.peer_timeout_s < 1:
     raise ConfigError(f'config.watchdog needs slow_factor > 1, slow_min_s >= 0, exit_after_s >= 0 '
                       f'and peer_timeout_s >= 1, got {w.to_dict()}.')
-  if m.remat == 'offload' and jax.default_backend() == 'cpu':
+  if m.get('remat') == 'offload' and jax.default_backend() == 'cpu':
     raise ConfigError("config.model.remat='offload' keeps activations in pinned host memory, "
                       "which needs a GPU or TPU; use 'dots' or 'full' on CPU.")
-  if not 0 <= m.dropout_rate < 1:
-    raise ConfigError(f'config.model.dropout_rate={m.dropout_rate} must lie in [0, 1).')
+  if not 0 <= m.get('dropout_rate', 0.0) < 1:
+    raise ConfigError(f'config.model.dropout_rate={m.get("dropout_rate")} must lie in [0, 1).')
   try:
     family.check_config(m)
     objective.check_config(config, family)
@@ -237,7 +241,7 @@ def validate(config, num_devices):
                         f'{t.sample_tokens} exceed model.max_len={m.max_len}; sample fewer tokens.')
   if o.warmup_steps < 0:
     raise ConfigError(f'optim.warmup_steps={o.warmup_steps} must not be negative.')
-  if config.data.mixture and objectives.get(config.objective.name).DATA != 'documents':
+  if config.data.mixture and objectives.data_module(config).DATA != 'documents':
     raise ConfigError(f'data.mixture mixes document sources, which objective.name='
                       f'{config.objective.name} does not read; leave data.mixture empty.')
   if not 1 <= config.data.validation_percent <= 50:

@@ -60,7 +60,11 @@ def plan(config, devices):
   objective = objectives.build(config)
   model = family.build(config.model, partitioning.ActivationSharding(mesh))
   tx, schedule = optim.make_optimizer(config.optim, t.num_steps)
-  state, state_shardings = train_state.abstract(model, tx, mesh, family.init_inputs(t.seq_len))
+  # An objective may add parameters of its own and read frozen arrays (research/train.py setup).
+  state, state_shardings = train_state.abstract(objectives.init_model(objective, model), tx, mesh,
+                                                family.init_inputs(t.seq_len))
+  frozen, frozen_shardings = objectives.frozen(objective, mesh, abstract=True)
+  frozen_args, frozen_in = ((), ()) if frozen is None else ((frozen,), (frozen_shardings,))
   fields = objective.fields(t.seq_len)
   shapes = global_batch.batch_shapes(fields, t.batch_size)
   shardings = global_batch.batch_shardings(fields, t.batch_size, mesh)
@@ -72,10 +76,10 @@ def plan(config, devices):
   step = jax.jit(
       step_lib.make_train_step(model, objective, tx, schedule, config.optim.grad_accum_steps,
                                dropout=config.model.dropout_rate > 0, mesh=mesh),
-      in_shardings=(state_shardings, shardings, replicated),
+      in_shardings=(state_shardings, shardings, replicated) + frozen_in,
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   started = time.perf_counter()
-  compiled = step.lower(state, batch, rng).compile()
+  compiled = step.lower(state, batch, rng, *frozen_args).compile()
   compile_s = time.perf_counter() - started
   memory = compiled.memory_analysis()
   spec = family.spec_from_config(config.model)

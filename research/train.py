@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research import checkpoint as checkpoint_lib
 from research import config as config_lib
+from research import counting
 from research import decode
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
@@ -54,6 +55,7 @@ class Trainer(NamedTuple):
   batch_shapes: dict
   batch_shardings: dict
   dropout_rng: jax.Array
+  frozen: object = None  # Arrays the objective reads but never trains (bound into the steps).
 
 
 def setup(config, mesh, pipeline=None):
@@ -73,20 +75,31 @@ def setup(config, mesh, pipeline=None):
   model = family.build(config.model, partitioning.ActivationSharding(mesh))
   tx, schedule = optim.make_optimizer(config.optim, t.num_steps)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  state, state_shardings = train_state.create(model, tx, mesh, family.init_inputs(t.seq_len),
-                                              init_rng)
+  state, state_shardings = train_state.create(objectives.init_model(objective, model), tx, mesh,
+                                              family.init_inputs(t.seq_len), init_rng)
+  frozen, frozen_shardings = objectives.frozen(objective, mesh)
+  frozen_in = () if frozen is None else (frozen_shardings,)
 
   # Compiled steps: jitted once, explicit shardings, the state donated.
   train_step = jax.jit(
       step_lib.make_train_step(model, objective, tx, schedule, config.optim.grad_accum_steps,
                                dropout=config.model.dropout_rate > 0, mesh=mesh),
-      in_shardings=(state_shardings, batch_shardings, replicated),
+      in_shardings=(state_shardings, batch_shardings, replicated) + frozen_in,
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   eval_step = jax.jit(step_lib.make_eval_step(model, objective),
-                      in_shardings=(state_shardings.params, batch_shardings),
+                      in_shardings=(state_shardings.params, batch_shardings) + frozen_in,
                       out_shardings=replicated)
-  return Trainer(mesh, pipeline, family, objective, model, state, state_shardings, train_step,
-                 eval_step, batch_shapes, batch_shardings, dropout_rng)
+  return Trainer(mesh, pipeline, family, objective, model, state, state_shardings,
+                 _bind(train_step, frozen), _bind(eval_step, frozen), batch_shapes,
+                 batch_shardings, dropout_rng, frozen)
+
+
+def _bind(step, frozen):
+  """`step` with its last argument, the frozen arrays, supplied: they still enter the compiled
+  step as an argument, not as constants."""
+  if frozen is None:
+    return step
+  return lambda *args: step(*args, frozen)
 
 
 def _progress_bar(config, start, total):
@@ -204,6 +217,9 @@ def _check_tokenizer(workdir, config):
 def run(config, workdir):
   """Trains `config` in `workdir` (resuming what is there); returns the last logged metrics."""
   mesh_shape = config_lib.validate(config, jax.device_count())
+  if getattr(models.get(config.model.family), 'COUNTED', False):  # Fitted by counting, no steps.
+    with workdir_lib.lock(workdir):
+      return counting.run(config, workdir)
   mesh = mesh_lib.make_mesh(mesh_shape, dcn_shape=config_lib.dcn_sizes(config))
   with workdir_lib.lock(workdir), preemption.StopRequest() as stop:
     return _train(config, workdir, mesh, stop)

@@ -35,7 +35,7 @@ def load_params(workdir, config=None, mesh=None):
   else:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            family(config).abstract_params(config.model))
+                            models.abstract_params(family(config), config.model))
   params, step = checkpoint_lib.read_params(os.path.join(workdir, 'checkpoints'), abstract)
   return config, params, step
 

@@ -36,7 +36,8 @@ def decoder_config():
 _LONGEST_FIRST = ('test_multiprocess.py', 'test_checkpoint.py', 'test_train_cli.py',
                   'test_finetune.py', 'test_encoder_decoder.py', 'test_sharding.py',
                   'test_encoder_decoder_cli.py', 'test_seq2seq.py', 'test_t5_convert.py',
-                  'test_encoder_cli.py', 'test_mlm.py',
+                  'test_encoder_cli.py', 'test_distill.py', 'test_rnn_seq2seq.py',
+                  'test_word_vectors.py', 'test_mlm.py', 'test_rnn.py', 'test_ngram.py',
                   'test_run_control.py', 'test_bench.py', 'test_decode.py', 'test_remat_scan.py',
                   'test_plan.py', 'test_convert_cli.py', 'test_layout.py', 'test_warm_start.py',
                   'test_train_step.py', 'test_data.py')

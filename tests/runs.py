@@ -4,6 +4,7 @@ import contextlib
 import importlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,8 +14,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
 
+from research import config as config_lib
 from research import convert
-from research.models import decoder
+from research import mesh as mesh_lib
+from research import models
+from research import train as train_lib
+from research.data import global_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,7 +135,27 @@ def random_run(path, config):
   """A workdir of `config` at step 0 whose weights are drawn at random (normal, std 0.5), large
   enough that every prediction depends on them."""
   rng = np.random.default_rng(0)
+  family = models.get(config.model.family)
   params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32),
-                        decoder.abstract_params(config.model))
+                        models.abstract_params(family, config.model))
   convert.write_workdir(config, params, str(path), data=dict(source='test'))
   return path
+
+
+def train_steps(config, mesh_shape, batches):
+  """(losses, final parameters) of the train step of `config` on `mesh_shape` (missing axes 1),
+  one step per host batch of `batches`; each step must really update the parameters."""
+  devices = jax.devices()[:math.prod(mesh_shape.values())]
+  mesh_shape = {axis: mesh_shape.get(axis, 1) for axis in mesh_lib.MESH_AXES}
+  for axis, size in mesh_shape.items():
+    config.mesh[axis] = size
+  config_lib.validate(config, len(devices))
+  trainer = train_lib.setup(config, mesh_lib.make_mesh(mesh_shape, devices), pipeline=object())
+  state, losses = trainer.state, []
+  for batch in batches:
+    state, metrics = trainer.train_step(
+        state, global_batch.to_global(batch, trainer.batch_shardings), trainer.dropout_rng)
+    losses.append(float(metrics['loss']))
+    assert float(metrics['grad_norm']) > 0.1
+  assert float(metrics['learning_rate']) > 0  # Past the warm-up's first step.
+  return losses, jax.device_get(state.params)

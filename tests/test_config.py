@@ -14,6 +14,7 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from research import config as config_lib
+from research import models
 from research import optim
 from research.models import decoder
 
@@ -45,7 +46,7 @@ def _closed_form_count(m):
 @pytest.mark.parametrize('variant', ['tiny', 'nanogpt_cpu'] + sorted(HF_PARAM_COUNTS))
 def test_parameter_counts(decoder_config, variant):
   config = decoder_config(variant)
-  count = decoder.count_params(config.model)
+  count = models.count_params(decoder, config.model)
   assert count == _closed_form_count(config.model)
   if variant in HF_PARAM_COUNTS:
     assert count == HF_PARAM_COUNTS[variant]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import runs
+from research.config import load_config_file
 from research.data import pipeline as pipeline_lib
 from research.data import pretokenize
 from research.data import shards
@@ -370,10 +371,22 @@ def _text_config(decoder_config, corpus, data_dir, **data):
   return config
 
 
-def test_global_batches_do_not_depend_on_the_number_of_hosts(decoder_config, tmp_path):
+# Each objective's examples draw their randomness from (seed, index): masking and span
+# corruption, not only windows, must give every host its slice of the same global batch.
+HOST_CONFIGS = {'causal_lm': 'decoder.py:tiny', 'mlm': 'encoder.py:bert_tiny',
+                'span_corruption': 'encoder_decoder.py:t5_tiny'}
+
+
+@pytest.mark.parametrize('objective', sorted(HOST_CONFIGS))
+def test_global_batches_do_not_depend_on_the_number_of_hosts(tmp_path, objective):
   _write_corpus(tmp_path / 'corpus', count=30)
-  config = _text_config(decoder_config, tmp_path / 'corpus', tmp_path / 'data')
+  config = load_config_file(os.path.join(runs.REPO, 'configs', HOST_CONFIGS[objective]))
+  config.data.source, config.data.paths = 'text', str(tmp_path / 'corpus')
+  config.data.data_dir = str(tmp_path / 'data')
   config.train.batch_size, config.train.seq_len = 8, 32
+  if objective == 'span_corruption':
+    config.train.target_len = 16
+  assert config.objective.name == objective
   data = pipeline_lib.build(config)
   for step in (0, 1, 5, 10 ** 6):
     whole = data.train_batch(step)

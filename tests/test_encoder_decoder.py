@@ -3,7 +3,6 @@ the full forward pass, beam search (one beam == greedy; a constructed case where
 greedy)."""
 
 import functools
-import math
 import os
 
 import jax
@@ -12,11 +11,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+import runs
 from research import config as config_lib
 from research import decode
-from research import mesh as mesh_lib
-from research import train
-from research.data import global_batch
 from research.data import packing
 from research.models import encoder_decoder
 from research.objectives import text_to_text
@@ -58,33 +55,16 @@ def _init(config):
   return model, nn.meta.unbox(params['params'])
 
 
-def _train(config, mesh_shape, batches):
-  devices = jax.devices()[:math.prod(mesh_shape.values())]
-  mesh_shape = {axis: mesh_shape.get(axis, 1) for axis in mesh_lib.MESH_AXES}
-  for axis, size in mesh_shape.items():
-    config.mesh[axis] = size
-  config_lib.validate(config, len(devices))
-  trainer = train.setup(config, mesh_lib.make_mesh(mesh_shape, devices), pipeline=object())
-  state, losses = trainer.state, []
-  for batch in batches:
-    state, metrics = trainer.train_step(
-        state, global_batch.to_global(batch, trainer.batch_shardings), trainer.dropout_rng)
-    losses.append(float(metrics['loss']))
-    assert float(metrics['grad_norm']) > 0.1  # The steps really update the parameters.
-  assert float(metrics['learning_rate']) > 0
-  return losses, jax.device_get(state.params)
-
-
 @pytest.mark.slow
 def test_sharded_training_matches_one_device():
   rng = np.random.default_rng(0)
   batches = [_packed_batch(rng, 8) for _ in range(3)]
-  want_losses, want_params = _train(_config(), dict(data=1), batches)
-  for mesh_shape in (dict(data=2, fsdp=2, tensor=2), dict(data=2, sequence=2, tensor=2)):
-    losses, params = _train(_config(), mesh_shape, batches)
-    np.testing.assert_allclose(losses, want_losses, atol=1e-5, rtol=0)
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, want_params)
-    assert max(jax.tree.leaves(diffs)) <= 1e-4, diffs
+  want_losses, want_params = runs.train_steps(_config(), dict(data=1), batches)
+  # Parameters over fsdp and tensor, activations over the sequence too, in one mesh.
+  losses, params = runs.train_steps(_config(), dict(fsdp=2, sequence=2, tensor=2), batches)
+  np.testing.assert_allclose(losses, want_losses, atol=1e-5, rtol=0)
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, want_params)
+  assert max(jax.tree.leaves(diffs)) <= 1e-4, diffs
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -16,6 +16,7 @@ from research import hf
 from research import hf_encoder
 from research import layout
 from research import mesh as mesh_lib
+from research import models
 from research import partitioning
 from research.models import encoder
 
@@ -310,16 +311,16 @@ def test_parameter_counts_equal_transformers(name, architecture, make_config, mi
     torch_model = getattr(transformers, architecture)(hf_config)
   want = sum(p.numel() for p in torch_model.parameters())  # Tied weights once.
   hf_dict = dict(hf_config.to_dict(), architectures=[architecture])
-  assert encoder.count_params(_from_hf(hf_dict)) == want
+  assert models.count_params(encoder, _from_hf(hf_dict)) == want
   assert round(want / 1e6, 1) == millions
 
 
 def test_albert_holds_one_block():
   config = _from_hf(transformers.AlbertConfig(vocab_size=30000).to_dict())
-  params = encoder.abstract_params(config)
+  params = models.abstract_params(encoder, config)
   assert config.num_layers == 12 and encoder.param_layers(config) == 1
   assert all(x.shape[0] == 1 for x in jax.tree.leaves(params['layers']))
-  unscanned = encoder.abstract_params(_model_config(**dict(config, scan_layers=False)))
+  unscanned = models.abstract_params(encoder, _model_config(**dict(config, scan_layers=False)))
   assert [k for k in unscanned if k.startswith('layers')] == ['layers_0']
 
 
@@ -331,7 +332,7 @@ def _kernel_size(tree):
 @pytest.mark.parametrize('style', sorted(TINY))
 def test_flops_count_every_applied_weight(style):
   config = _tiny(style)
-  spec, params = encoder.spec_from_config(config), encoder.abstract_params(config)
+  spec, params = encoder.spec_from_config(config), models.abstract_params(encoder, config)
   applications = spec.num_layers // spec.param_layers
   weights = applications * _kernel_size(params['layers']) + _kernel_size(params.get('embed_proj'))
   seq_len = 20

@@ -231,11 +231,10 @@ def test_sharded_encoder_training_matches_one_device():
   # The steps really update the parameters (losses of 3 different batches say little).
   assert all(r['grad_norm'] > 0.1 for r in reference[0]) and reference[0][-1]['learning_rate'] > 0
   assert set(reference[0][0]['totals']) == {'mlm', 'nsp'}
-  for mesh_shape in (dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)):
-    _assert_same_training(*_train(_config('nsp'), mesh_shape), *reference)
+  _assert_same_training(*_train(_config('nsp'), dict(data=2, fsdp=2, tensor=2)), *reference)
 
 
-@pytest.mark.parametrize('pair', ['nsp', 'none'])
+@pytest.mark.parametrize('pair', ['nsp'])  # Both terms: MLM alone is the same code, once.
 def test_accumulated_mlm_and_pair_losses_match_one_large_batch(pair):
   mesh_shape = dict(data=2, fsdp=1, tensor=1)
   batch = _Data(_config(pair)).train_batch(0)

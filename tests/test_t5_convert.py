@@ -17,6 +17,7 @@ from research import convert
 from research import decode
 from research import hf_t5
 from research import layout
+from research import models
 from research.hf import ConversionError
 from research.models import encoder_decoder
 
@@ -272,4 +273,4 @@ def test_every_variant_has_the_parameters_of_transformers_model(variant):
     with torch.device('meta'):
       model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.shared.weight))
   theirs = sum(p.numel() for p in model.parameters())
-  assert encoder_decoder.count_params(config.model) == theirs
+  assert models.count_params(encoder_decoder, config.model) == theirs

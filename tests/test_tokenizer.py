@@ -364,3 +364,40 @@ def test_the_train_command_reads_a_tfds_dataset_that_has_only_a_train_split(tmp_
   runs.assert_error(_cli('train', '--source', 'tfds:lm_text/en', '--data_dir',
                          str(tmp_path / 'tfds'), '--vocab_size', '300', '--out', str(out)),
                     f'{out}.model exists; pass --overwrite to replace it, or another --out.')
+
+
+ASCII_TEXTS = ['def f(self):\n\treturn 1  # ok\n', 'leading and trailing  ', 'a\r\nb']
+
+
+def _spelt_bytes(tokenizer, text):
+  return int(tokenizer.text_bytes()[tokenizer.encode(text)].sum())
+
+
+def test_byte_ids_spell_one_byte_each_and_special_ids_none():
+  tokenizer = tokenizer_lib.get('bytes', extra_ids=5)
+  for text in TEXTS:
+    assert _spelt_bytes(tokenizer, text) == len(text.encode('utf-8'))
+  assert not tokenizer.text_bytes()[list(tokenizer.special_ids)].any()
+
+
+@pytest.mark.parametrize('kind', tokenizer_lib.MODEL_TYPES)
+def test_sentencepiece_pieces_spell_the_text_plus_its_dummy_prefix_space(trained, kind):
+  tokenizer = tokenizer_lib.get(f'spm:{trained[kind]}', extra_ids=3)
+  for text in TEXTS:  # Byte-fallback pieces (non-ASCII here) count one byte each.
+    assert _spelt_bytes(tokenizer, text) == len(text.encode('utf-8')) + (text != '')
+  assert not tokenizer.text_bytes()[list(tokenizer.special_ids)].any()
+
+
+@pytest.mark.parametrize('style', sorted(HF_STYLES))
+def test_hugging_face_pieces_spell_the_text_they_decode_to(tmp_path, style):
+  model, specials, pre_tokenizer, decoder, _ = HF_STYLES[style]
+  directory = _hf_json(tmp_path, model(), specials, pre_tokenizer(), decoder())
+  tokenizer = tokenizer_lib.get(f'hf:{directory}')
+  for text in ASCII_TEXTS:
+    decoded = tokenizer.decode(tokenizer.encode(text))
+    # (A byte the small vocabulary never saw is dropped by encoding, so compare with the decode.)
+    expected = {'gpt2': len(decoded), 'roberta': len(decoded),
+                'llama': len(decoded) + 1,  # Metaspace's prefix space, as SentencePiece.
+                'bert': len(''.join(decoded.split()))}[style]  # WordPiece drops spaces.
+    assert _spelt_bytes(tokenizer, text) == expected
+  assert not tokenizer.text_bytes()[list(tokenizer.special_ids)].any()

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from research import models
 from research.config import load_config_file
 from research.models import encoder
 from research.peers import torch_bert
@@ -29,7 +30,7 @@ def _albert_tiny():
 @pytest.mark.parametrize('make_config', [_bert_tiny, _albert_tiny], ids=['bert', 'albert'])
 def test_peer_is_our_model_and_trains(make_config):
   config = make_config()
-  assert torch_bert.parameter_count(config) == encoder.count_params(config.model)
+  assert torch_bert.parameter_count(config) == models.count_params(encoder, config.model)
 
   # One batch, repeated: the loss (masked LM plus the pair task's) must fall.
   torch.manual_seed(0)

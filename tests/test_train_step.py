@@ -69,3 +69,24 @@ def test_dropout_uses_the_explicit_rng_and_evaluation_is_deterministic(decoder_c
   first = jax.device_get(trainer.eval_step(trainer.state.params, batch))
   second = jax.device_get(trainer.eval_step(trainer.state.params, batch))
   assert first == second
+
+
+def test_bits_per_byte_divide_the_loss_in_bits_by_the_bytes_the_targets_spell(decoder_config):
+  from research import models, objectives
+  config = decoder_config('tiny')
+  config.data.source = 'stdlib'  # Text through the byte tokenizer (eos = 2 spells no byte).
+  objective = objectives.build(config)
+  model = models.get('decoder').build(config.model)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), method='initialize')
+  targets = np.array([[70, 71, 2, 72, 73, 74, 0, 0]], np.int32)
+  weights = np.array([[1, 1, 1, 1, 1, 0, 0, 0]], np.float32)  # 4 weighted bytes and an eos.
+  batch = dict(tokens=np.roll(targets, 1, axis=1), targets=targets, weights=weights,
+               positions=np.arange(8, dtype=np.int32)[None], segment_ids=np.ones((1, 8), np.int32))
+  sums = objectives.host_totals(objective.sums(model, params['params'], batch, None))['lm']
+  assert sums['bytes'] == objective.target_bytes(batch) == 4.0
+  metrics = objective.metrics({'lm': dict(sums, count=5.0)})
+  assert metrics['bits_per_byte'] == pytest.approx(sums['loss'] / np.log(2) / 4.0)
+  assert metrics['loss'] == pytest.approx(sums['loss'] / 5.0)
+  assert 'bits_per_byte' in objective.metric_names()
+  config.data.source = 'markov'  # Synthetic tokens spell no text: no bits per byte.
+  assert 'bits_per_byte' not in objectives.build(config).metric_names()

@@ -79,10 +79,11 @@ class Pipeline:
                       'here); resume with the same data settings, or warm start a new --workdir '
                       'with --config.checkpoint.init_from.')
     saved = position.get('objective')  # Absent from checkpoints of earlier versions.
-    if saved is not None and saved != self.objective:
-      changed = ', '.join(f'objective.{k}: {saved.get(k)!r} there, {self.objective.get(k)!r} here'
-                          for k in sorted(set(saved) | set(self.objective))
-                          if saved.get(k) != self.objective.get(k))
+    # Settings a later version added are not in an earlier checkpoint's record: only those it
+    # recorded can differ.
+    changed = ', '.join(f'objective.{k}: {saved[k]!r} there, {self.objective.get(k)!r} here'
+                        for k in sorted(saved or {}) if saved[k] != self.objective.get(k))
+    if changed:
       raise DataError(f"The checkpoint's rows were made with other objective settings "
                       f'({changed}); resume with those, or warm start a new --workdir with '
                       '--config.checkpoint.init_from.')
@@ -155,7 +156,7 @@ def _labeled(config, objective):
   says whether labels are class ids (TARGETS = 'classes') or target texts ('text')."""
   t = config.train
   tokenizer = _tokenizer(config)
-  targets = objectives.get(config.objective.name).TARGETS
+  targets = objectives.data_module(config).TARGETS
   examples, fingerprint, described = labeled.read(config, targets)
   transform = _transform(objective, tokenizer)
   rows = {split: labeled.LabeledRows(examples[split], tokenizer, config.seed, split == 'train',
@@ -170,7 +171,7 @@ def _labeled(config, objective):
 def build(config):
   """The pipeline of `config`'s data for its objective."""
   pipeline = _build(config)
-  pipeline.objective = config.objective.to_dict()
+  pipeline.objective = objectives.data_settings(config)
   pipeline.target_len = config.train.get('target_len', 0)  # Sizes encoder-decoder rows too.
   return pipeline
 
@@ -178,7 +179,7 @@ def build(config):
 def _build(config):
   d, t = config.data, config.train
   objective = objectives.build(config)
-  if objectives.get(config.objective.name).DATA == 'labeled':
+  if objectives.data_module(config).DATA == 'labeled':
     return _labeled(config, objective)
   if d.source == 'markov' and not d.mixture:  # A mixture replaces data.source.
     vocabulary = _SyntheticVocabulary(config.model.vocab_size)
@@ -191,6 +192,8 @@ def _build(config):
                     vocabulary, record, config.seed,
                     train_token_counts=np.bincount(train.tokens, minlength=vocabulary.vocab_size))
 
+  if objectives.data_module(config).DATA == 'cooccurrence':  # Counted once (GloVe).
+    return objective.cooccurrence(_documents(config, objective))
   return _documents(config, objective)
 
 

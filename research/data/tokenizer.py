@@ -66,6 +66,8 @@ class Tokenizer(Protocol):
 
   def word_ids(self, ids) -> np.ndarray: ...
 
+  def text_bytes(self) -> np.ndarray: ...
+
 
 def _sha256(data):
   return hashlib.sha256(data).hexdigest()
@@ -118,6 +120,12 @@ class ByteTokenizer:
     starts = space | np.concatenate([[True], space[:-1]])
     return np.cumsum(starts) - 1
 
+  def text_bytes(self):
+    """UTF-8 bytes of text each id stands for: 1 for a byte, 0 for a special id."""
+    lengths = np.zeros(self.vocab_size, np.int32)
+    lengths[self._OFFSET:self._OFFSET + 256] = 1
+    return lengths
+
   def decode(self, ids):
     """Text of the byte ids; sentinels read <extra_id_i>, other special ids stand for no text."""
     ids = np.asarray(ids).reshape(-1)
@@ -139,6 +147,9 @@ def _read(path, name, what):
                      'an existing one.')
   with open(path, 'rb') as f:
     return f.read()
+
+
+_BYTE_PIECE = re.compile('<0x[0-9A-Fa-f]{2}>')  # A byte-fallback piece (SentencePiece, Llama).
 
 
 class HfTokenizer:
@@ -216,6 +227,30 @@ class HfTokenizer:
   def word_ids(self, ids):
     return _word_ids(self._continues, ids)
 
+  def text_bytes(self):
+    """UTF-8 bytes of text each id stands for (0 for special ids), read from the piece as the
+    tokenizer's decoder spells it: byte-level BPE (GPT-2, RoBERTa, Llama 3) one byte per
+    character, Metaspace ('▁' a space, '<0xNN>' one byte), WordPiece without its '##' (the spaces
+    it drops count nothing); other decoders decode each piece alone."""
+    decoder = type(self._tokenizer.decoder).__name__
+    lengths = np.zeros(self.vocab_size, np.int32)
+    special = set(self.special_ids)
+    for piece, index in self._tokenizer.get_vocab(with_added_tokens=True).items():
+      if index in special or index >= self.vocab_size:
+        continue
+      if decoder == 'ByteLevel':
+        text = 'x' * len(piece)
+      elif _BYTE_PIECE.fullmatch(piece):
+        text = 'x'
+      elif decoder == 'WordPiece':
+        text = piece.removeprefix('##')
+      elif '▁' in piece:
+        text = piece.replace('▁', ' ')
+      else:
+        text = self._tokenizer.decode([index])
+      lengths[index] = len(text.encode('utf-8'))
+    return lengths
+
 
 class SentencePieceTokenizer:
   """A SentencePiece model (T5's, or one trained by `train`) read with the `sentencepiece` library.
@@ -277,6 +312,18 @@ class SentencePieceTokenizer:
 
   def word_ids(self, ids):
     return _word_ids(self._continues, ids)
+
+  def text_bytes(self):
+    """UTF-8 bytes of text each id stands for: a byte-fallback piece one, a word-start mark a
+    space, control pieces and sentinels none."""
+    lengths = np.zeros(self.vocab_size, np.int32)
+    special = set(self.special_ids)
+    for index in range(self._size):
+      if index in special:
+        continue
+      piece = self._sp.id_to_piece(index)
+      lengths[index] = 1 if self._sp.is_byte(index) else len(piece.replace('▁', ' ').encode())
+    return lengths
 
 
 _FORMS = ("'bytes', 'hf:DIR' (a Hugging Face model directory with a tokenizer.json) or "

@@ -7,11 +7,14 @@ A family module provides
   build(model_config, sharding)       the linen module: __call__ returns hidden states, heads are
                                       methods, `initialize` creates every parameter
   init_inputs(seq_len)                arguments of `initialize` for abstract initialisation
-  abstract_params / count_params      the parameter tree without allocating it
   FLOPs of its body and heads, for MFU (what its objectives call)
   HF_MODEL_TYPES                      Hugging Face model types its converter reads (optional)
   GENERATES_TEXT                      True when research.decode can sample from it (optional)
   TORCH_PEER                          the PyTorch module research.bench --peer=torch times
+
+From `build` and `init_inputs`, this module derives every family's parameter tree without
+allocating it (`abstract_params(family, model_config)`, `abstract_params_on` for a mesh) and its
+exact size (`count_params(family, model_config)`).
 """
 
 import importlib
@@ -21,16 +24,32 @@ FAMILIES = {
     'decoder': 'research.models.decoder',
     'encoder': 'research.models.encoder',
     'encoder_decoder': 'research.models.encoder_decoder',
+    'rnn': 'research.models.rnn',
+    'rnn_seq2seq': 'research.models.rnn_seq2seq',
+    'ngram': 'research.models.ngram',
+    'word_vectors': 'research.models.word_vectors',
 }
 
 
-def abstract_params_of(model, init_inputs):
-  """The parameter tree of a family's `model` as ShapeDtypeStructs (nothing is allocated)."""
+def _boxed_params(family, model_config):
+  """The parameter tree of family module `family`'s network for `model_config` as
+  ShapeDtypeStructs, boxed with their logical axes (nothing is allocated)."""
   import jax  # Imported on use: the registry itself stays light.
+  model = family.build(model_config)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), **family.init_inputs(8),
+                                           method='initialize'))['params']
+
+
+def abstract_params(family, model_config):
+  """The parameter tree of family module `family`'s network for `model_config` as
+  ShapeDtypeStructs (nothing is allocated)."""
   from flax import linen as nn
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **init_inputs,
-                                             method='initialize'))
-  return nn.meta.unbox(shapes)['params']
+  return nn.meta.unbox(_boxed_params(family, model_config))
+
+
+def count_params(family, model_config):
+  """The exact parameter count of family module `family`'s network for `model_config`."""
+  return size(abstract_params(family, model_config))
 
 
 def abstract_params_on(family, model_config, mesh):
@@ -39,9 +58,7 @@ def abstract_params_on(family, model_config, mesh):
   import jax
   from flax import linen as nn
   from research import partitioning
-  model = family.build(model_config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **family.init_inputs(8),
-                                            method='initialize'))['params']
+  boxed = _boxed_params(family, model_config)
   shardings = partitioning.tree_shardings(boxed, mesh)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       nn.meta.unbox(boxed), shardings)

@@ -20,7 +20,6 @@ from typing import Callable, Optional
 import jax.numpy as jnp
 from flax import linen as nn
 
-from research import models
 from research.models import layers
 from research.partitioning import constrain
 
@@ -345,15 +344,6 @@ def init_inputs(seq_len):
   """Arguments of `Encoder.initialize` for abstract or real initialisation."""
   return dict(tokens=jnp.zeros((1, seq_len), jnp.int32))
 
-
-def abstract_params(model_config):
-  """The parameter tree as ShapeDtypeStructs (no memory is allocated)."""
-  return models.abstract_params_of(build(model_config), init_inputs(8))
-
-
-def count_params(model_config):
-  """Exact parameter count."""
-  return models.size(abstract_params(model_config))
 
 
 # Model FLOPs for MFU (training = 3x forward, a multiply-add = 2 FLOPs), split so that an

@@ -26,7 +26,6 @@ from typing import Callable, Optional
 import jax.numpy as jnp
 from flax import linen as nn
 
-from research import models
 from research.models import layers
 from research.partitioning import constrain
 
@@ -315,13 +314,6 @@ def init_inputs(seq_len):
   return dict(encoder_tokens=jnp.zeros((1, seq_len), jnp.int32),
               decoder_tokens=jnp.zeros((1, seq_len), jnp.int32))
 
-
-def abstract_params(model_config):
-  return models.abstract_params_of(build(model_config), init_inputs(8))
-
-
-def count_params(model_config):
-  return models.size(abstract_params(model_config))
 
 
 # Model FLOPs for MFU (training = 3x forward, a multiply-add = 2 FLOPs) of one row: `inputs`

@@ -21,6 +21,9 @@ it cannot train) and a class `Objective(config)` with
   metric_names()                        the names metrics() returns
   flops_per_token(family, spec)         model FLOPs per token position, for MFU
   synthetic_batch(rng)                  a batch of random tokens, for benchmarks
+Optional (distill.py): frozen(mesh) -> (arrays, shardings) it reads but never trains, which the
+steps pass to sums(..., frozen); init_model(model) -> what initialises the parameters, when the
+objective adds parameters of its own.
 
 The train step divides each term's sum by its global count before adding the terms, so
 micro-batching, packing and the host count leave every term unchanged.
@@ -42,6 +45,10 @@ OBJECTIVES = {
     'prefix_lm': 'research.objectives.prefix_lm',
     'ul2': 'research.objectives.ul2',
     'seq2seq': 'research.objectives.seq2seq',
+    'skipgram': 'research.objectives.word2vec',
+    'cbow': 'research.objectives.word2vec',
+    'glove': 'research.objectives.glove',
+    'distill': 'research.objectives.distill',
 }
 
 
@@ -50,6 +57,23 @@ def get(name):
   if name not in OBJECTIVES:
     raise ValueError(f'config.objective.name={name!r} is not one of {sorted(OBJECTIVES)}.')
   return importlib.import_module(OBJECTIVES[name])
+
+
+# objective.* settings that shape no row, only the loss (distillation's teacher and weights): the
+# data position of a checkpoint records the others, so that a resume may change these.
+LOSS_SETTINGS = ('teacher', 'alpha', 'temperature', 'hidden_weight', 'teacher_dtype')
+
+
+def data_settings(config):
+  """The objective.* settings the rows of `config`'s run depend on."""
+  return {k: v for k, v in config.objective.to_dict().items() if k not in LOSS_SETTINGS}
+
+
+def data_module(config):
+  """The objective module whose data `config`'s run reads (DATA, TARGETS): the configured
+  objective's, or that of the objective it wraps (objective.wraps(config): distillation's base)."""
+  module = get(config.objective.name)
+  return module.wraps(config) if hasattr(module, 'wraps') else module
 
 
 def build(config):
@@ -65,6 +89,18 @@ class Field:
   dtype: type
   axes: Tuple[str, ...]
   pad: int = 0
+
+
+def init_model(objective, model):
+  """What initialises the parameters: the model, or the model with parameters of the
+  objective's own beside its own (objective.init_model: distillation's projection)."""
+  return objective.init_model(model) if hasattr(objective, 'init_model') else model
+
+
+def frozen(objective, mesh, abstract=False):
+  """(arrays, shardings) the objective reads but never trains (objective.frozen: a teacher's
+  parameters, read again at every start; ShapeDtypeStructs when `abstract`), or (None, None)."""
+  return objective.frozen(mesh, abstract) if hasattr(objective, 'frozen') else (None, None)
 
 
 def token_fields(seq_len, names, pad_id=0):

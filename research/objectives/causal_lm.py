@@ -3,7 +3,9 @@
 Data side: documents are cut into examples of at most seq_len + 1 tokens that overlap by one
 token, so every token but a document's first is a target exactly once; packing puts several
 examples in a row with segment ids. Loss: cross entropy summed over real targets, divided by
-the number of real targets of the whole global batch.
+the number of real targets of the whole global batch. Bits per byte divide the same sum (in bits)
+by the UTF-8 bytes the targets spell, a measure that does not depend on the tokenizer (so models
+over bytes, subwords and words, neural or counted, compare on one scale).
 """
 
 import math
@@ -26,7 +28,7 @@ SOURCES = sources.KINDS + ('markov',)
 
 
 def check_config(config, family):
-  if not getattr(family, 'GENERATES_TEXT', False):
+  if not (getattr(family, 'GENERATES_TEXT', False) or getattr(family, 'COUNTED', False)):
     raise ValueError(f'objective.name=causal_lm needs a family that predicts the next token; '
                      f'model.family={config.model.family!r} does not (use model.family=decoder).')
   if config.data.source not in SOURCES:
@@ -71,6 +73,26 @@ class Objective:
 
   def __init__(self, config):
     self.config = config
+    self._text_bytes = None
+
+  def text_bytes(self):
+    """UTF-8 bytes each id spells, over the model's vocabulary; None for synthetic tokens (no
+    text)."""
+    c = self.config
+    if c.data.source == 'markov':
+      return None
+    if self._text_bytes is None:
+      table = tokenizer_lib.get(c.data.tokenizer, extra_ids=c.data.extra_ids).text_bytes()
+      self._text_bytes = np.zeros(max(c.model.vocab_size, len(table)), np.float32)
+      self._text_bytes[:len(table)] = table
+    return self._text_bytes
+
+  def target_bytes(self, batch):
+    """UTF-8 bytes of the weighted targets of a host batch (0 for synthetic tokens)."""
+    table = self.text_bytes()
+    if table is None:
+      return 0.0
+    return float(np.sum(table[batch['targets']] * batch['weights']))
 
   def fields(self, seq_len):
     return objectives.token_fields(seq_len, FIELDS)
@@ -88,16 +110,25 @@ class Objective:
   def sums(self, model, params, batch, rng):
     logits = objectives.apply(model, params, rng, batch['tokens'], batch['positions'],
                               batch.get('segment_ids'), method='language_model')
-    return {TERM: objectives.cross_entropy_sums(logits, batch['targets'], batch['weights'])}
+    sums = objectives.cross_entropy_sums(logits, batch['targets'], batch['weights'])
+    table = self.text_bytes()
+    if table is not None:
+      sums['bytes'] = jnp.sum(jnp.asarray(table)[batch['targets']]
+                              * batch['weights'].astype(jnp.float32))
+    return {TERM: sums}
 
   def metric_names(self):
-    return ('loss', 'accuracy', 'perplexity')
+    names = ('loss', 'accuracy', 'perplexity')
+    return names if self.config.data.source == 'markov' else names + ('bits_per_byte',)
 
   def metrics(self, totals):
     lm = totals[TERM]
     loss = objectives.ratio(lm['loss'], lm['count'])
-    return dict(loss=loss, accuracy=objectives.ratio(lm['correct'], lm['count']),
-                perplexity=math.exp(min(loss, 50.0)))
+    metrics = dict(loss=loss, accuracy=objectives.ratio(lm['correct'], lm['count']),
+                   perplexity=math.exp(min(loss, 50.0)))
+    if 'bytes' in lm:
+      metrics['bits_per_byte'] = objectives.ratio(lm['loss'] / math.log(2), lm['bytes'])
+    return metrics
 
   def flops_per_token(self, family, spec):
     """The body at every position plus the output head at every position."""

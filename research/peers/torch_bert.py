@@ -4,8 +4,8 @@ The model is transformers' own pretraining class for `config.model` (BertForPreT
 BertForMaskedLM without a pair head; RobertaForMaskedLM; AlbertForPreTraining, or
 AlbertForMaskedLM), float32, in train mode with the config's dropout, so that the ratio measures
 us against how transformers trains. It holds exactly our parameters (`parameter_count` equals
-research.models.encoder.count_params, except for a pooler without a pair head, which the
-masked-LM classes leave out); like ours it drops out hidden states but not attention
+research.models.count_params of the encoder family, except for a pooler without a pair head,
+which the masked-LM classes leave out); like ours it drops out hidden states but not attention
 probabilities, and ALBERT's sentence-order head has no dropout of its own.
 Attention is 'sdpa' (`scaled_dot_product_attention`, transformers' default): on CPU it is a few
 percent faster than 'eager' at bert_tiny's shape (32 x 128) and about a tenth at length 512, and

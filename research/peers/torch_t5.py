@@ -4,10 +4,10 @@ ratios.
 The model is transformers' T5ForConditionalGeneration of `config.model`, float32, in train mode
 with the config's dropout and transformers' default attention implementation, so that the ratio
 measures us against how transformers trains. It holds exactly our parameters (`parameter_count`
-equals research.models.encoder_decoder.count_params): transformers 5 ties lm_head to the shared
-embedding whatever the config says, so an untied model gets an lm_head of its own here, drawn as
-ours is. Like ours it drops out hidden states but not attention probabilities (T5's own attention
-would, at the same rate).
+equals research.models.count_params of the encoder_decoder family): transformers 5 ties lm_head
+to the shared embedding whatever the config says, so an untied model gets an lm_head of its own
+here, drawn as ours is. Like ours it drops out hidden states but not attention probabilities
+(T5's own attention would, at the same rate).
 A row is train.seq_len random encoder tokens and train.target_len random targets, the decoder
 reading them shifted right from id 0: the full rows every objective of ours trains on (they
 differ in how inputs and targets are made, not in the compute), so every objective is accepted.
