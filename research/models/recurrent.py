@@ -44,9 +44,13 @@ class Recurrent(nn.Module):
   """inputs [batch, length, in_dim] -> (final carry, outputs [batch, length, hidden_dim]).
 
   The cell's kernels and biases are replicated (logical axes None): with any of them sharded
-  over fsdp or tensor, on a (data=2, fsdp=2, tensor=2) mesh XLA:CPU (jax 0.10.2) computed wrong
-  gradients (same loss, gradients off by O(1)) although every one- and two-axis mesh was right;
-  tests/test_rnn.py checks that mesh. The embedding and output head are sharded as usual.
+  over fsdp or tensor, on a (data=2, fsdp=2, tensor=2) CPU mesh (jax 0.10.2) the gradients
+  differed from one device's (same loss, gradients off by O(1)) although every one- and two-axis
+  mesh was right. Plain JAX shows the same: a lax.scan Elman network whose weights' output
+  dimension is sharded over tensor while its batch spans data and fsdp gets gradients as large as
+  the right ones wrong on (2, 2, 2), and right on (1, 4, 2); an XLA partitioning problem of
+  loops, not of this layer. tests/test_rnn.py checks that mesh. The embedding and output head
+  are sharded as usual.
   """
   cell: str  # One of CELLS.
   hidden_dim: int
