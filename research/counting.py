@@ -26,7 +26,6 @@ from research import metrics as metrics_lib
 from research import models
 from research import objectives
 from research.data import pipeline as pipeline_lib
-from research.objectives import causal_lm
 
 STORE = 'counts.npz'  # In <workdir>/<model.family>/.
 CHUNK_TOKENS = 1 << 20  # Row positions reduced at once: np.unique's working set stays small.
@@ -74,7 +73,8 @@ def evaluate(model, pipeline, objective, num_batches):
     totals['bytes'] += objective.target_bytes(batch) if with_bytes else 0.0
   if not with_bytes:
     del totals['bytes']
-  return {f'eval_{k}': v for k, v in objective.metrics({causal_lm.TERM: totals}).items()}
+  term = objectives.get(objective.config.objective.name).TERM  # The causal LM's one term.
+  return {f'eval_{k}': v for k, v in objective.metrics({term: totals}).items()}
 
 
 def run(config, workdir):

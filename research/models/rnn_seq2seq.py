@@ -42,7 +42,6 @@ from research.partitioning import constrain
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 CELLS = ('gru', 'lstm')
 ATTENTION_SCORES = ('bahdanau', 'luong')
-_GATES = {'gru': 3, 'lstm': 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,17 +346,17 @@ def flops_per_row(spec, inputs, targets):
   """Model FLOPs for MFU of one row of `inputs` encoder and `targets` decoder positions:
   6 x the multiply-adds of the forward pass (training = 3x forward, a multiply-add = 2 FLOPs),
   biases and element-wise gate arithmetic left out."""
-  h, gates = spec.hidden_dim, _GATES[spec.cell]
+  h, cell = spec.hidden_dim, spec.cell
   encoder = 0
   for index in range(spec.num_layers):
     width = spec.emb_dim if index == 0 else 2 * h
-    encoder += 2 * inputs * gates * h * (width + h)  # Two directions.
+    encoder += 2 * inputs * recurrent.cell_multiply_adds(cell, width, h)  # Two directions.
   bahdanau = spec.attention_score == 'bahdanau'
   keys = inputs * 2 * h * (spec.attention_dim if bahdanau else h)
   decoder = 0
   for index in range(spec.num_decoder_layers):
     width = spec.emb_dim + h if index == 0 else h  # The first layer reads the fed-back state.
-    decoder += targets * gates * h * (width + h)
+    decoder += targets * recurrent.cell_multiply_adds(cell, width, h)
   initial = targets * spec.num_decoder_layers * h * h + targets * inputs * h
   query = h * spec.attention_dim + inputs * spec.attention_dim if bahdanau else inputs * h
   attention = targets * (query + inputs * 2 * h + 3 * h * h)  # Scores, context, combination.
