@@ -267,7 +267,7 @@ def validate(config, num_devices):
   return mesh
 
 
-def _git_revision():
+def git_revision():
   here = os.path.dirname(os.path.abspath(__file__))
   try:
     rev = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
@@ -309,7 +309,7 @@ def record_run(config, workdir, data=None):
         path = os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json')
   with open(path, 'w') as f:
     f.write(resolved)
-  environment = dict(python=sys.version, platform=platform.platform(), git=_git_revision(),
+  environment = dict(python=sys.version, platform=platform.platform(), git=git_revision(),
                      packages=_package_versions(), argv=sys.argv, data=data)
   with open(os.path.join(workdir, 'environment.json'), 'w') as f:
     json.dump(environment, f, indent=2, sort_keys=True)

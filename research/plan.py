@@ -3,6 +3,10 @@ what each device would hold.
 
   python -m research.plan --config configs/decoder.py:llama2_7b --mesh data=16,fsdp=16 \
       [--config.model.remat=full --config.train.batch_size=256 ...] [--plan_json PATH]
+  python -m research.plan --config configs/papers.py:llama_1b --topology v5p-16
+
+--topology names an accelerator slice (TOPOLOGIES below): config.mesh is resolved over its
+devices, and the plan says whether the state, activations and batch fit each device's memory.
 
 Where this machine has fewer devices than the mesh (a laptop planning a TPU pod), the step
 compiles for as many simulated CPU devices. Parameter and optimizer-state bytes per device are
@@ -14,6 +18,7 @@ Every family and objective plans the same way: nothing here names one.
 
 import json
 import math
+import re
 import sys
 import time
 
@@ -32,6 +37,25 @@ from research import train_step as step_lib
 from research.data import global_batch
 
 _JSON = flags.DEFINE_string('plan_json', '', 'Also write the plan as JSON to this file.')
+_TOPOLOGY = flags.DEFINE_string('topology', '', 'An accelerator slice (v5p-16, v4-32, v5e-8, '
+                                'h100-80gb:8, ...) whose devices config.mesh is resolved over; '
+                                'the plan then says whether each device\'s memory holds the step.')
+
+_GIB = 1 << 30
+# Accelerator slices: the pattern of a name, what its count is divided by to give JAX devices,
+# and the memory of one device. A TPU v4 or v5p chip holds two TensorCores that JAX sees as one
+# device (megacore), and those slice names count TensorCores (v5p-32 is 16 chips); v5e names count
+# chips. Memory is the capacity vendors state per chip or GPU (v5p 95 GB, H200 141 GB) taken
+# as GiB: an upper bound, since the runtime keeps a little of it for itself.
+TOPOLOGIES = (
+    (r'v4-(\d+)', 2, 32 * _GIB),
+    (r'v5p-(\d+)', 2, 95 * _GIB),
+    (r'v5(?:e|litepod)-(\d+)', 1, 16 * _GIB),
+    (r'h100-80gb:(\d+)', 1, 80 * _GIB),
+    (r'h200:(\d+)', 1, 141 * _GIB),
+)
+_FORMS = ('v4-N or v5p-N (N TensorCores, an even number: N/2 chips), v5e-N or v5litepod-N '
+          '(N chips), h100-80gb:N or h200:N (N GPUs)')
 
 
 def _bytes_per_device(abstract_tree):
@@ -50,9 +74,28 @@ def _compiler_flops(compiled):
   return float((cost or {}).get('flops', float('nan')))
 
 
-def plan(config, devices):
+def topology(name):
+  """(devices, HBM bytes per device) of the accelerator slice `name`."""
+  for pattern, per_device, hbm in TOPOLOGIES:
+    match = re.fullmatch(pattern, name)
+    count = int(match.group(1)) if match else 0
+    if count and count % per_device == 0:
+      return count // per_device, hbm
+  raise mesh_lib.MeshError(f'--topology {name} is not a known accelerator slice; use {_FORMS}.')
+
+
+def fit(report, hbm_bytes):
+  """The report with each device's whole footprint (parameters, optimizer state, activations and
+  batch) against `hbm_bytes`, the memory of one device."""
+  total = sum(report[f'{key}_bytes_per_device']
+              for key in ('params', 'optimizer', 'activations', 'batch'))
+  return dict(report, hbm_bytes_per_device=hbm_bytes, total_bytes_per_device=total,
+              fits=total <= hbm_bytes)
+
+
+def plan(config, devices, hbm_bytes=0):
   """Compiles config's train step on `devices` (a mesh of config.mesh's sizes); returns the
-  per-device figures as a dict."""
+  per-device figures as a dict, with fit()'s when `hbm_bytes` (one device's memory) is given."""
   mesh_shape = config_lib.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(mesh_shape, devices)
   t = config.train
@@ -84,7 +127,7 @@ def plan(config, devices):
   memory = compiled.memory_analysis()
   spec = family.spec_from_config(config.model)
   tokens = t.batch_size * t.seq_len
-  return dict(
+  report = dict(
       variant=config.variant, family=config.model.family, objective=config.objective.name,
       devices=len(devices), platform=devices[0].platform, mesh=mesh_shape,
       remat=config.model.remat, scan_layers=config.model.scan_layers,
@@ -98,6 +141,7 @@ def plan(config, devices):
                                         / len(devices) / 1e12),
       compiler_tflops_per_step_per_device=_compiler_flops(compiled) / 1e12,
       compile_s=compile_s)
+  return fit(report, hbm_bytes) if hbm_bytes else report
 
 
 def _devices(count):
@@ -132,6 +176,9 @@ def _print(report):
       ('compiler TFLOPs / step / device', f"{report['compiler_tflops_per_step_per_device']:.4g}"),
       ('compile time', f"{report['compile_s']:.1f} s"),
   ]
+  if 'fits' in report:
+    verdict = 'fits' if report['fits'] else 'does NOT fit'
+    rows.append(('total / device', f"{size('total')} of {size('hbm')} HBM: {verdict}"))
   width = max(len(name) for name, _ in rows)
   for name, value in rows:
     print(f'{name:<{width}}  {value}')
@@ -140,8 +187,17 @@ def _print(report):
 def main(argv):
   try:
     config = config_lib.parse_flags(argv)
-    target = mesh_lib.MESH_FLAG.value
-    if target:
+    target, hbm = mesh_lib.MESH_FLAG.value, 0
+    if target and _TOPOLOGY.value:
+      raise mesh_lib.MeshError('Pass --mesh or --topology, not both: a topology resolves '
+                               'config.mesh over its own devices.')
+    if _TOPOLOGY.value:
+      count, hbm = topology(_TOPOLOGY.value)
+      jax.config.update('jax_num_cpu_devices', count)  # Before any device is touched.
+      for axis in mesh_lib.DCN_AXES:
+        config.mesh[f'dcn_{axis}'] = 1  # One slice: a plan compiles on one process.
+      devices = _devices(count)
+    elif target:
       sizes = mesh_lib.parse_sizes(target)
       if any(size < 1 for size in sizes.values()):
         raise mesh_lib.MeshError(f'--mesh {target} needs explicit positive sizes: a plan is for '
@@ -156,7 +212,7 @@ def main(argv):
     else:
       mesh_lib.configure_cpu_devices()
       devices = jax.devices()
-    report = plan(config, devices)
+    report = plan(config, devices, hbm)
   except (config_lib.ConfigError, mesh_lib.MeshError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2

@@ -364,6 +364,11 @@ def parse_spec(spec):
   return kind, location
 
 
+def stdlib_files():
+  """The (root, path) pairs of the embedded corpus."""
+  return [f for f in resolve_files(corpus.stdlib_sources()) if corpus.is_stdlib_file(f[1])]
+
+
 def build(spec, data, setting='data.paths'):
   """The source named by `spec`, with the reading settings of config.data; `setting` names
   where the paths came from, for messages."""
@@ -372,8 +377,7 @@ def build(spec, data, setting='data.paths'):
     return TfdsSource(location, data.data_dir, data.train_split, data.validation_split,
                       data.text_field)
   if kind == 'stdlib':
-    files = [f for f in resolve_files(corpus.stdlib_sources()) if corpus.is_stdlib_file(f[1])]
-    return FileSource('stdlib', files, data.validation_percent, data.text_field)
+    return FileSource('stdlib', stdlib_files(), data.validation_percent, data.text_field)
   files = resolve_files([p for p in location.split(',') if p], setting)
   if kind == 'parquet':
     return ParquetSource(files, data.validation_percent, data.text_field)

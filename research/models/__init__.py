@@ -52,6 +52,17 @@ def count_params(family, model_config):
   return size(abstract_params(family, model_config))
 
 
+def count_embedding_params(family, model_config):
+  """The parameters indexed by the vocabulary or by position (token and position embeddings,
+  untied output layers): what scaling laws leave out of a model's size (Kaplan et al. 2020)."""
+  import jax
+  from flax import linen as nn
+  boxed = jax.tree.leaves(_boxed_params(family, model_config),
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return sum(leaf.value.size for leaf in boxed
+             if isinstance(leaf, nn.Partitioned) and {'vocab', 'positions'} & set(leaf.names))
+
+
 def abstract_params_on(family, model_config, mesh):
   """The parameter tree as ShapeDtypeStructs carrying each parameter's NamedSharding on `mesh`
   (by its logical axes; see research/partitioning.py): the target of a sharded restore."""

@@ -1,0 +1,379 @@
+"""Runs every point of a sweep as a training run and records each in the sweep's registry.
+
+  python -m launch.sweep --sweep configs/sweeps/lr.py --config configs/decoder.py:tiny \
+      --workdir runs/lr [--parallel 2] [-- --config.train.progress_bar=False ...]
+  python -m launch.sweep ... --launcher slurm [--launcher_args='--nodes=2'] [--dry_run]
+  python -m launch.sweep ... --launcher tpu_pod \
+      --launcher_args='--name sweep-{i} --zone us-east5-a --bucket BUCKET'
+
+Each point trains in <workdir>/<run> (its name: the overrides and a hash of the resolved config;
+research/sweeps.py) with its output in <workdir>/<run>/sweep.log. Locally the points run one
+after another, or --parallel N at a time, each on its share of the GPUs or CPU cores. Running the
+sweep again skips finished runs, resumes interrupted ones from their checkpoints and retries
+failed ones; a failed point is recorded with its error line and the others go on. SIGTERM or
+Ctrl-C stops the running points, which save a checkpoint first.
+
+--launcher slurm submits one `sbatch launch/slurm.sbatch` job per point; --launcher tpu_pod
+starts one `launch/tpu_pod.sh run` per point, on the slice named by --launcher_args with {i}
+replaced by the point's index (a slice trains one run at a time). Both record the points as
+submitted; the next invocation marks those whose workdir has reached its last step finished.
+--dry_run prints the commands instead. Arguments after `--` go to every run unchanged and are not
+part of a run's name: use them for how a run executes, and the sweep for what it trains.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from research import config as config_lib
+from research import models
+from research import report
+from research import sweeps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_NAME = 'sweep.log'
+LAUNCHERS = ('local', 'slurm', 'tpu_pod')
+
+
+def _parser():
+  parser = argparse.ArgumentParser(prog='python -m launch.sweep', description=__doc__.split(
+      '\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--sweep', required=True, help='The sweep file, configs/sweeps/NAME.py.')
+  parser.add_argument('--config', default=None, help='FILE:VARIANT of points that name none.')
+  parser.add_argument('--workdir', required=True, help='The sweep folder: registry and runs.')
+  parser.add_argument('--parallel', type=int, default=1, help='Points run at once (local).')
+  parser.add_argument('--launcher', default='local', choices=LAUNCHERS)
+  parser.add_argument('--launcher_args', default='', help='Arguments of sbatch / tpu_pod.sh.')
+  parser.add_argument('--dry_run', action='store_true', help='Print the commands, run nothing.')
+  return parser
+
+
+# Reading a run's workdir.
+
+
+def _read_json(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def finished(workdir):
+  """Whether the run in `workdir` has logged and saved its last step (a counted model saves no
+  checkpoints: its metrics at the last step suffice)."""
+  config = _read_json(os.path.join(workdir, 'config.json'))
+  if config is None:
+    return False
+  last = config['train']['num_steps']
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  saved = not os.path.isdir(checkpoints) or os.path.isdir(os.path.join(checkpoints, str(last)))
+  return last in report.metric_lines(workdir) and saved
+
+
+def outcome(run, workdir):
+  """What the registry records of a run's workdir: step, tokens, FLOPs, final and best metrics."""
+  config = _read_json(os.path.join(workdir, 'config.json'))
+  lines = report.metric_lines(workdir)
+  final, best = {}, {}
+  for entry in lines.values():
+    for name, value in entry.items():
+      final[name] = value
+      direction = report.direction(name) if name.startswith('eval_') else None
+      if direction is not None and (name not in best
+                                    or (value < best[name]) == (direction == 'min')):
+        best[name] = value
+  step = max(lines, default=0)
+  result = dict(step=step, final=final, best=best, tokens=None, flops=None, num_steps=None,
+                params=None, non_embedding_params=None)
+  if config is not None:
+    t = config['train']
+    # Positions per row: an encoder-decoder's rows hold both streams.
+    result.update(num_steps=t['num_steps'],
+                  tokens=step * t['batch_size'] * (t['seq_len'] + t.get('target_len', 0)))
+    result.update(sizes(run.config))
+    if result['params'] is not None:
+      result['flops'] = step * sweeps.flops_per_step(run.config)
+  environment = _read_json(os.path.join(workdir, 'environment.json')) or {}
+  result['git'] = environment.get('git') or config_lib.git_revision()
+  return result
+
+
+def sizes(config):
+  """The run's parameter count, with and without embeddings (None for a counted model)."""
+  family = models.get(config.model.family)
+  if getattr(family, 'COUNTED', False):
+    return dict(params=None, non_embedding_params=None)
+  total = models.count_params(family, config.model)
+  return dict(params=total,
+              non_embedding_params=total - models.count_embedding_params(family, config.model))
+
+
+def error_line(log_path):
+  """The line that says why a run failed: its `error:` line, else the last line it wrote."""
+  if not os.path.exists(log_path):
+    return 'no output'
+  with open(log_path, errors='replace') as f:
+    lines = [line.strip() for line in f if line.strip()]
+  errors = [line for line in lines if line.startswith('error:')]
+  return (errors or lines or ['no output'])[-1]
+
+
+# The registry.
+
+
+class Recorder:
+  """Appends a sweep's records; the wall time of a run adds up over invocations."""
+
+  def __init__(self, folder, launcher):
+    self.folder, self.launcher = folder, launcher
+    try:
+      self.records = (report.load_registry(folder)
+                      if os.path.exists(os.path.join(folder, report.REGISTRY)) else {})
+    except ValueError as error:  # A damaged line: one sentence naming it.
+      raise sweeps.SweepError(str(error)) from None
+
+  def adopt(self, runs):
+    """Gives a run the name it was recorded under when only its name changed (e.g. seeds added
+    to the sweep name runs by their seed): the config hash identifies it."""
+    by_digest = {name.rsplit('-', 1)[-1]: name for name in self.records}
+    for run in runs:
+      digest = run.name.rsplit('-', 1)[-1]
+      if run.name not in self.records and digest in by_digest:
+        run.name = by_digest[digest]
+
+  def status(self, run):
+    return self.records.get(run.name, {}).get('status')
+
+  def record(self, run, status, **fields):
+    previous = self.records.get(run.name, {})
+    record = dict(
+        run=run.name, workdir=os.path.abspath(os.path.join(self.folder, run.name)),
+        config=run.spec, overrides=run.overrides, variant=run.variant, seed=run.config.seed,
+        status=status, error=None, launcher=self.launcher, wall_s=previous.get('wall_s', 0.0),
+        updated=datetime.datetime.now().isoformat(timespec='seconds'))
+    for name in ('step', 'num_steps', 'tokens', 'flops', 'params', 'non_embedding_params',
+                 'final', 'best', 'git', 'job'):
+      record[name] = previous.get(name)
+    record.update(fields)
+    self.records[run.name] = record
+    sweeps.append_record(self.folder, record)
+    return record
+
+
+# Where each local point runs.
+
+
+def _visible_gpus():
+  listed = os.environ.get('CUDA_VISIBLE_DEVICES')
+  if listed is not None:
+    return [gpu for gpu in listed.split(',') if gpu.strip()]
+  try:
+    names = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return []
+  return [str(i) for i, line in enumerate(names.stdout.splitlines()) if line.startswith('GPU')]
+
+
+def slots(parallel):
+  """One (environment changes, CPU cores) per parallel point: the GPUs split evenly when there
+  are any, else the CPU cores."""
+  gpus = _visible_gpus()
+  if gpus:
+    if len(gpus) % parallel:
+      raise sweeps.SweepError(f'--parallel {parallel} does not divide the {len(gpus)} GPUs; '
+                              'choose a divisor.')
+    share = len(gpus) // parallel
+    return [({'CUDA_VISIBLE_DEVICES': ','.join(gpus[i * share:(i + 1) * share])}, None)
+            for i in range(parallel)]
+  cores = sorted(os.sched_getaffinity(0))
+  if parallel > len(cores):
+    raise sweeps.SweepError(f'--parallel {parallel} exceeds the {len(cores)} CPU cores; run at '
+                            'most one point per core.')
+  share = len(cores) // parallel
+  return [({}, set(cores[i * share:(i + 1) * share])) for i in range(parallel)]
+
+
+def train_command(run, workdir, passthrough):
+  return [sys.executable, '-m', 'research.train', '--config', run.spec, '--workdir', workdir,
+          *run.arguments(), *passthrough]
+
+
+class _Stop:
+  """SIGTERM / SIGINT to the sweep: the running points are asked to stop (and save)."""
+
+  def __init__(self):
+    self.signal = None
+
+  def __enter__(self):
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, number, frame):
+    self.signal = signal.Signals(number).name
+
+  def __exit__(self, *exc):
+    for number, handler in self._previous.items():
+      signal.signal(number, handler)
+
+
+def run_local(runs, recorder, folder, parallel, passthrough):
+  """Runs the points, `parallel` at a time; returns the records of this invocation."""
+  free = slots(parallel)
+  waiting = list(runs)
+  active = {}  # Popen -> (run, slot, started)
+  done = []
+  with _Stop() as stop:
+    while waiting or active:
+      while waiting and free and stop.signal is None:
+        run = waiting.pop(0)
+        slot = free.pop(0)
+        workdir = os.path.join(folder, run.name)
+        os.makedirs(workdir, exist_ok=True)
+        env_changes, cores = slot
+        log = open(os.path.join(workdir, LOG_NAME), 'a')
+        log.write(f'$ {shlex.join(train_command(run, workdir, passthrough))}\n')
+        log.flush()
+        process = subprocess.Popen(
+            train_command(run, workdir, passthrough), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env={**os.environ, **env_changes},
+            preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None)
+        log.close()
+        recorder.record(run, 'running')
+        active[process] = (run, slot, time.monotonic())
+      if stop.signal is not None:
+        for process in active:
+          if process.poll() is None and not getattr(process, 'asked', False):
+            process.send_signal(signal.SIGTERM)
+            process.asked = True
+        waiting = []
+      for process in [p for p in active if p.poll() is not None]:
+        run, slot, started = active.pop(process)
+        free.append(slot)
+        done.append(_finish(run, process.returncode, time.monotonic() - started, recorder,
+                            folder, stopped=stop.signal is not None))
+        _print_outcome(done[-1], len(done), len(runs))
+      time.sleep(0.1)
+    return done, stop.signal
+
+
+def _finish(run, returncode, seconds, recorder, folder, stopped):
+  workdir = os.path.join(folder, run.name)
+  fields = outcome(run, workdir)
+  fields['wall_s'] = recorder.records.get(run.name, {}).get('wall_s', 0.0) + seconds
+  if returncode == 0 and finished(workdir):
+    return recorder.record(run, 'finished', **fields)
+  if returncode == 0 or stopped:  # Stopped before its last step, with a checkpoint saved.
+    return recorder.record(run, 'interrupted', **fields)
+  return recorder.record(run, 'failed', error=error_line(os.path.join(workdir, LOG_NAME)),
+                         **fields)
+
+
+def _print_outcome(record, index, total):
+  shown = {k: v for k, v in record.get('final', {}).items() if k in ('loss', 'eval_loss')}
+  metrics = ' '.join(f'{k}={v:.4g}' for k, v in shown.items())
+  detail = record['error'] if record['status'] == 'failed' else metrics
+  print(f'[{index}/{total}] {record["run"]}: {record["status"]} after {record["wall_s"]:.0f} s '
+        f'{detail}'.rstrip(), flush=True)
+
+
+# Cluster launchers.
+
+
+def submit_command(run, index, launcher, launcher_args, folder, passthrough):
+  """The command that submits one point, and the workdir it will train in."""
+  extra = [arg.replace('{i}', str(index)) for arg in shlex.split(launcher_args)]
+  if launcher == 'slurm':
+    workdir = os.path.abspath(os.path.join(folder, run.name))
+    return (['sbatch', *extra, os.path.join(REPO, 'launch', 'slurm.sbatch'), run.spec, workdir,
+             *run.arguments(), *passthrough], workdir)
+  bucket = extra[extra.index('--bucket') + 1] if '--bucket' in extra[:-1] else None
+  if bucket is None:
+    raise sweeps.SweepError('--launcher tpu_pod needs --bucket BUCKET in --launcher_args.')
+  name = f'{os.path.basename(os.path.abspath(folder))}/{run.name}'
+  return ([os.path.join(REPO, 'launch', 'tpu_pod.sh'), 'run', *extra, '--config', run.spec,
+           '--run', name, '--', *run.arguments(), *passthrough], f'/mnt/{bucket}/runs/{name}')
+
+
+def submit(runs, recorder, launcher, launcher_args, folder, passthrough):
+  if launcher == 'tpu_pod' and '{i}' not in launcher_args:
+    raise sweeps.SweepError('A TPU slice trains one run at a time: put {i} in the slice name of '
+                            '--launcher_args (one slice per point), or pass --dry_run to print '
+                            'the commands and run them in turn.')
+  for index, run in enumerate(runs):
+    command, workdir = submit_command(run, index, launcher, launcher_args, folder, passthrough)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+      line = (result.stderr.strip().splitlines() or ['no output'])[-1]
+      recorder.record(run, 'failed', error=f'{command[0]} failed: {line}', workdir=workdir)
+      print(f'[{index + 1}/{len(runs)}] {run.name}: not submitted ({line})', flush=True)
+      continue
+    job = re.search(r'(\d+)\s*$', result.stdout.strip())
+    recorder.record(run, 'submitted', workdir=workdir, job=job.group(1) if job else None)
+    print(f'[{index + 1}/{len(runs)}] {run.name}: submitted', flush=True)
+
+
+def refresh(runs, recorder):
+  """Marks submitted (or running, from a sweep that was killed) points finished when their
+  workdir says so."""
+  for run in runs:
+    record = recorder.records.get(run.name)
+    if record and record['status'] in ('submitted', 'running') and finished(record['workdir']):
+      recorder.record(run, 'finished', workdir=record['workdir'], **outcome(run, record['workdir']))
+
+
+def main(argv):
+  args, passthrough = argv[1:], []
+  if '--' in argv:
+    cut = argv.index('--')
+    args, passthrough = argv[1:cut], argv[cut + 1:]
+  options = _parser().parse_args(args)
+  try:
+    if options.parallel < 1:
+      raise sweeps.SweepError(f'--parallel {options.parallel} must be at least 1.')
+    points, default = sweeps.load(options.sweep)
+    runs = sweeps.expand(points, options.config or default)
+    folder = options.workdir
+    if options.dry_run:
+      for index, run in enumerate(runs):
+        command = (train_command(run, os.path.join(folder, run.name), passthrough)
+                   if options.launcher == 'local' else
+                   submit_command(run, index, options.launcher, options.launcher_args, folder,
+                                  passthrough)[0])
+        print(shlex.join(command))
+      return 0
+    recorder = Recorder(folder, options.launcher)
+    recorder.adopt(runs)
+    refresh(runs, recorder)
+    skipped = [run for run in runs if recorder.status(run) == 'finished'
+               and finished(recorder.records[run.name]['workdir'])]
+    pending = [run for run in runs if run not in skipped
+               and (options.launcher == 'local' or recorder.status(run) != 'submitted')]
+    print(f'{len(runs)} points: {len(skipped)} finished before, {len(pending)} to '
+          f'{"run" if options.launcher == "local" else "submit"}.', flush=True)
+    if options.launcher != 'local':
+      submit(pending, recorder, options.launcher, options.launcher_args, folder, passthrough)
+      return 0
+    done, stopped = run_local(pending, recorder, folder, options.parallel, passthrough)
+  except (sweeps.SweepError, config_lib.ConfigError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 2
+  failed = [record['run'] for record in done if record['status'] == 'failed']
+  if stopped:
+    print(f'Stopped on {stopped}; run the same command to resume.', file=sys.stderr)
+    return 130 if stopped == 'SIGINT' else 143
+  if failed:
+    print(f'{len(failed)} of {len(runs)} points failed: {", ".join(failed)}; see their '
+          f'{LOG_NAME}.', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

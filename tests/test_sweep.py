@@ -1,0 +1,261 @@
+"""Sweeps: expansion of a sweep file into runs, their names, the registry, the launchers, and a
+real sweep that completes, skips, resumes and records a failure."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from launch import sweep as sweep_cli
+from research import report
+from research import sweeps
+import runs as runs_lib
+
+TINY = 'configs/decoder.py:tiny'
+
+
+def test_product_zip_seeds_and_points_expand_in_order():
+  grid = sweeps.product(lr=[1e-3, 3e-4], num_layers=[2, 4]) * sweeps.seeds(2)
+  assert list(grid)[:3] == [dict(lr=1e-3, num_layers=2, seed=0),
+                            dict(lr=1e-3, num_layers=2, seed=1),
+                            dict(lr=1e-3, num_layers=4, seed=0)]
+  assert len(grid) == 8
+  assert list(sweeps.zipped(a=[1, 2], b=['x', 'y'])) == [dict(a=1, b='x'), dict(a=2, b='y')]
+  assert list(sweeps.seeds(2, start=5)) == [dict(seed=5), dict(seed=6)]
+  both = sweeps.points(dict(a=1)) + sweeps.product(a=[2, 3])
+  assert list(both) == [dict(a=1), dict(a=2), dict(a=3)]
+  assert list(sweeps.product(sweeps.seeds(2), a=[1])) == [dict(a=1, seed=0), dict(a=1, seed=1)]
+
+
+@pytest.mark.parametrize('build, message', [
+    (lambda: sweeps.product(a=[1]) * sweeps.points(dict(a=2)), "Both factors of a product set"),
+    (lambda: sweeps.zipped(a=[1, 2], b=[1]), 'zipped needs axes of one length'),
+    (lambda: sweeps.seeds(0), 'needs at least one seed'),
+    (lambda: sweeps.product(a=3), "Axis 'a' needs a list of values"),
+])
+def test_malformed_spaces_are_one_sentence(build, message):
+  with pytest.raises(sweeps.SweepError, match=message):
+    build()
+
+
+def test_runs_are_named_by_the_overrides_that_vary_and_a_config_hash():
+  runs = sweeps.expand(list(sweeps.product(lr=[1e-3, 3e-3]) * sweeps.seeds(2)
+                            * sweeps.points({'train.num_steps': 10})), TINY)
+  names = [run.name for run in runs]
+  assert [name.rsplit('-', 1)[0] for name in names] == [
+      'lr=0.001,seed=0', 'lr=0.001,seed=1', 'lr=0.003,seed=0', 'lr=0.003,seed=1']
+  assert [run.variant for run in runs] == ['lr=0.001'] * 2 + ['lr=0.003'] * 2
+  assert runs[0].overrides == {'optim.lr': 1e-3, 'seed': 0, 'train.num_steps': 10}
+  assert runs[0].arguments() == ['--config.optim.lr=0.001', '--config.seed=0',
+                                 '--config.train.num_steps=10']
+  assert runs[0].config.optim.lr == 1e-3 and runs[3].config.seed == 1
+  # The same point resolves to the same name; another base config to another hash.
+  again = sweeps.expand([dict(lr=1e-3, seed=0, num_steps=10), dict(lr=3e-3, seed=1,
+                                                                   num_steps=10)], TINY)
+  assert again[0].name == names[0]
+  other = sweeps.expand([dict(lr=1e-3, seed=0, num_steps=10), dict(lr=3e-3, seed=1,
+                                                                   num_steps=10)],
+                        'configs/decoder.py:nanogpt_cpu')
+  assert other[0].name.rsplit('-', 1)[0] == 'lr=0.001,seed=0' and other[0].name != names[0]
+
+
+def test_points_may_name_their_own_config():
+  runs = sweeps.expand([{'config': TINY}, {'config': 'configs/encoder.py:bert_tiny',
+                                           'train.num_steps': 5}], None)
+  assert [run.name.rsplit('-', 1)[0] for run in runs] == ['decoder.tiny',
+                                                          'encoder.bert_tiny,num_steps=5']
+  assert runs[1].config.model.family == 'encoder' and runs[1].spec.endswith('bert_tiny')
+
+
+@pytest.mark.parametrize('point, message', [
+    (dict(lrr=1e-3), "Sweep key 'lrr' is not a config key; closest: optim.lr"),
+    (dict(name='lion'), r"Sweep key 'name' could name \['objective.name', 'optim.name'\]"),
+    (dict(num_layers=2.5), 'cannot set'),
+    (dict(lr=[1e-3]), 'is not a number, string or boolean'),
+])
+def test_bad_points_are_one_sentence(point, message):
+  with pytest.raises(sweeps.SweepError, match=message):
+    sweeps.expand([point], TINY)
+
+
+def test_repeated_points_and_missing_configs_are_refused():
+  with pytest.raises(sweeps.SweepError, match='resolve to the same config'):
+    sweeps.expand([dict(lr=1e-3), {'optim.lr': 1e-3}], TINY)
+  with pytest.raises(sweeps.SweepError, match='names no config'):
+    sweeps.expand([dict(lr=1e-3)], None)
+
+
+def test_a_sweep_file_takes_an_argument(tmp_path):
+  path = tmp_path / 'x.py'
+  path.write_text(textwrap.dedent('''
+      from research.sweeps import product
+      CONFIG = 'configs/decoder.py:tiny'
+      def get_sweep(layers='2'):
+        return product(num_layers=[int(n) for n in layers.split('+')])
+  '''))
+  assert sweeps.load(str(path)) == ([dict(num_layers=2)], TINY)
+  assert sweeps.load(f'{path}:3+4')[0] == [dict(num_layers=3), dict(num_layers=4)]
+  with pytest.raises(sweeps.SweepError, match='does not exist'):
+    sweeps.load(str(tmp_path / 'missing.py'))
+
+
+def test_appended_records_are_read_back_latest_first(tmp_path):
+  sweeps.append_record(str(tmp_path), dict(run='a', status='running'))
+  sweeps.append_record(str(tmp_path), dict(run='b', status='failed'))
+  sweeps.append_record(str(tmp_path), dict(run='a', status='finished'))
+  assert report.load_registry(str(tmp_path)) == {'a': dict(run='a', status='finished'),
+                                                'b': dict(run='b', status='failed')}
+
+
+def test_parallel_points_share_the_gpus_or_the_cpu_cores(monkeypatch):
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1,2,3')
+  assert sweep_cli.slots(2) == [({'CUDA_VISIBLE_DEVICES': '0,1'}, None),
+                                ({'CUDA_VISIBLE_DEVICES': '2,3'}, None)]
+  with pytest.raises(sweeps.SweepError, match='does not divide the 4 GPUs'):
+    sweep_cli.slots(3)
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3, 4, 5})
+  assert sweep_cli.slots(3) == [({}, {0, 1}), ({}, {2, 3}), ({}, {4, 5})]
+  with pytest.raises(sweeps.SweepError, match='exceeds the 6 CPU cores'):
+    sweep_cli.slots(7)
+
+
+def _sweep_file(tmp_path, body):
+  path = tmp_path / 'sweep.py'
+  path.write_text('from research.sweeps import product, points, seeds, zipped\n'
+                  f'CONFIG = {TINY!r}\n' + textwrap.dedent(body))
+  return str(path)
+
+
+def test_dry_runs_print_one_command_per_point(tmp_path):
+  path = _sweep_file(tmp_path, '''
+      def get_sweep():
+        return product(lr=[1e-3, 3e-3])
+  ''')
+  folder = str(tmp_path / 'runs' / 'lr')
+  local = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', folder, '--dry_run',
+                              '--', '--cpu_devices=1')
+  lines = local.stdout.splitlines()
+  assert local.returncode == 0 and len(lines) == 2
+  assert lines[0].split()[1:5] == ['-m', 'research.train', '--config', TINY]
+  assert lines[0].endswith('--config.optim.lr=0.001 --cpu_devices=1')
+  slurm = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', folder, '--dry_run',
+                              '--launcher', 'slurm', '--launcher_args=--nodes=2')
+  first = slurm.stdout.splitlines()[0].split()
+  assert first[:3] == ['sbatch', '--nodes=2', os.path.join(sweep_cli.REPO, 'launch',
+                                                           'slurm.sbatch')]
+  assert first[3] == TINY and first[4].startswith(os.path.abspath(folder) + '/lr=0.001-')
+  pod = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', folder, '--dry_run',
+                            '--launcher', 'tpu_pod',
+                            '--launcher_args=--name s-{i} --zone z --bucket b')
+  second = pod.stdout.splitlines()[1].split()
+  assert second[1:9] == ['run', '--name', 's-1', '--zone', 'z', '--bucket', 'b', '--config']
+  assert second[9:11] == [TINY, '--run'] and second[11].startswith('lr/lr=0.003-')
+  assert second[12:] == ['--', '--config.optim.lr=0.003']
+  assert not os.path.exists(folder)  # A dry run writes nothing.
+  one_slice = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', folder,
+                                  '--launcher', 'tpu_pod', '--launcher_args=--name s --bucket b')
+  assert one_slice.returncode == 2
+  assert one_slice.stderr.startswith('error: A TPU slice trains one run at a time')
+
+
+def _finish_fake_run(workdir, steps=10):
+  """What research.train leaves in a finished workdir, written by hand."""
+  os.makedirs(os.path.join(workdir, 'checkpoints', str(steps)))
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(dict(train=dict(num_steps=steps, batch_size=4, seq_len=8)), f)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    f.write(json.dumps(dict(step=steps, loss=2.0, eval_loss=2.5)) + '\n')
+
+
+def test_submitted_points_are_recorded_and_found_finished_later(tmp_path, monkeypatch):
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'sbatch').write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\n'
+                                  'echo "Submitted batch job 42"\n')
+  (bin_dir / 'sbatch').chmod(0o755)
+  monkeypatch.setenv('PATH', f'{bin_dir}:{os.environ["PATH"]}')
+  path = _sweep_file(tmp_path, '''
+      def get_sweep():
+        return product(lr=[1e-3, 3e-3])
+  ''')
+  folder = str(tmp_path / 'sweep')
+  args = ('launch.sweep', '--sweep', path, '--workdir', folder, '--launcher', 'slurm')
+  assert runs_lib.in_process(*args).returncode == 0
+  records = report.load_registry(folder)
+  assert [r['status'] for r in records.values()] == ['submitted'] * 2
+  assert {r['job'] for r in records.values()} == {'42'}
+  assert len((bin_dir / 'calls').read_text().splitlines()) == 2
+  # Submitted points are not submitted twice; a point whose workdir finished is recorded so.
+  first = next(iter(records.values()))
+  _finish_fake_run(first['workdir'])
+  again = runs_lib.in_process(*args)
+  assert '2 points: 1 finished before, 0 to submit.' in again.stdout
+  records = report.load_registry(folder)
+  assert records[first['run']]['status'] == 'finished'
+  assert records[first['run']]['final'] == dict(loss=2.0, eval_loss=2.5)
+  assert records[first['run']]['tokens'] == 10 * 4 * 8
+  assert len((bin_dir / 'calls').read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_a_sweep_completes_skips_finished_runs_resumes_interrupted_ones_and_records_failures(
+    tmp_path):
+  # Four 10-step points and one that stops at validation (3 heads do not divide 32 dimensions).
+  path = _sweep_file(tmp_path, '''
+      def get_sweep():
+        small = points({'data.source': 'markov', 'num_steps': 10, 'num_layers': 1, 'emb_dim': 32,
+                        'mlp_dim': 64, 'batch_size': 4, 'seq_len': 16, 'eval_every': 5,
+                        'eval_batches': 1, 'log_every': 5, 'every_steps': 5,
+                        'sample_tokens': 0, 'tensorboard': False})
+        return (product(lr=[1e-3, 3e-3]) * seeds(2) + points(dict(lr=1e-3, num_heads=3))) * small
+  ''')
+  folder = str(tmp_path / 'sweep')
+  command = [sys.executable, '-m', 'launch.sweep', '--sweep', path, '--workdir', folder,
+             '--parallel', '2', '--', '--cpu_devices=1', '--config.train.progress_bar=False']
+
+  # First invocation: every run stops at step 5 (as if preempted); the bad point fails.
+  first = subprocess.run(command + ['--config.train.stop_at_step=5'], cwd=runs_lib.REPO,
+                         capture_output=True, text=True, timeout=600)
+  assert first.returncode == 1, first.stderr
+  records = report.load_registry(folder)
+  assert sorted(r['status'] for r in records.values()) == ['failed'] + ['interrupted'] * 4
+  failed = next(r for r in records.values() if r['status'] == 'failed')
+  assert failed['error'].startswith('error: ') and 'num_heads' in failed['error']
+  assert {r['step'] for r in records.values() if r['status'] == 'interrupted'} == {5}
+
+  # Second: the interrupted runs resume from their checkpoints and finish.
+  second = subprocess.run(command, cwd=runs_lib.REPO, capture_output=True, text=True,
+                          timeout=600)
+  assert second.returncode == 1 and '5 points: 0 finished before, 5 to run.' in second.stdout
+  records = report.load_registry(folder)
+  done = [r for r in records.values() if r['status'] == 'finished']
+  assert len(done) == 4 and {r['step'] for r in done} == {10}
+  for record in done:
+    with open(os.path.join(record['workdir'], sweep_cli.LOG_NAME)) as f:
+      assert 'resumed from step 5' in f.read()
+    assert record['tokens'] == 10 * 4 * 16 and record['git']
+    assert record['best']['eval_loss'] <= record['final']['eval_loss']
+    assert record['wall_s'] > 0 and record['flops'] > 0
+
+  # Third: nothing finished runs again (their logs are untouched); the bad point is retried.
+  sizes = {r['run']: os.path.getsize(os.path.join(r['workdir'], sweep_cli.LOG_NAME))
+           for r in done}
+  third = subprocess.run(command, cwd=runs_lib.REPO, capture_output=True, text=True, timeout=600)
+  assert third.returncode == 1 and '5 points: 4 finished before, 1 to run.' in third.stdout
+  assert sizes == {r['run']: os.path.getsize(os.path.join(r['workdir'], sweep_cli.LOG_NAME))
+                   for r in done}
+
+  # The report's table holds the registry's numbers.
+  out = tmp_path / 'report'
+  written = runs_lib.command('research.report', folder, '--out', str(out))
+  assert written.returncode == 0, written.stderr
+  text = (out / 'report.md').read_text()
+  for variant in ('lr=0.001', 'lr=0.003'):
+    values = [r['final']['eval_loss'] for r in done if r['variant'] == variant]
+    cell = report.mean_std(np.mean(values), np.std(values, ddof=1))
+    assert f'| {variant} | - | {variant[3:]} | 2 | {cell} |' in text  # No num_heads: '-'.
