@@ -101,9 +101,11 @@ PAPERS = {
         topology='v5p-16',
         reported='not verified: the T5 paper reports v1.0 models, and the v1.1 notes give no '
                  'score to compare with',
-        notes='128 x 512 inputs / 114 targets for 2^19 = 524288 steps, Adafactor at 0.01 '
-              'after 10k warm-up steps then 1/sqrt(step), no dropout (v1.1), span corruption '
-              'of 15% with mean span 3: all family defaults',
+        notes='128 x 512 inputs / 114 targets for 2^19 = 524288 steps (the T5 paper\'s '
+              'baseline budget, about 34B tokens, not the roughly 1T tokens of the released '
+              'checkpoints: 1M steps at batch 2048), Adafactor at 0.01 after 10k warm-up steps '
+              'then 1/sqrt(step), no dropout (v1.1), span corruption of 15% with mean span 3: all '
+              'family defaults',
         settings={'data.tfds_name': 'c4/en:3.1.0',
                   'data.tokenizer': 'spm:tokenizers/t5/spiece.model', 'data.extra_ids': 100}),
     'llama_1b': dict(
@@ -117,10 +119,11 @@ PAPERS = {
                  'base model\'s figure is not verified here',
         notes='512 x 8192 = 4.2M tokens per step (as Llama 2 and 3) for a stated budget of 24k '
               'steps (about 100B tokens, not the 9T of Llama 3.2, which was also distilled from '
-              'larger models); AdamW lr 3e-4 (b2 0.95, weight decay 0.1, clipping 1.0), 2000 '
-              'warm-up steps, cosine to 10%; 64 micro-batches per step (one row per device) to '
-              'fit the HBM',
+              'larger models); AdamW lr 3e-4 (b2 0.95, eps 1e-5, weight decay 0.1, clipping '
+              '1.0), 2000 warm-up steps, cosine to 10%; 64 micro-batches per step (one row per '
+              'device) to fit the HBM',
         settings={'train.batch_size': 512, 'train.seq_len': 8192, 'train.num_steps': 24_000,
+                  'optim.eps': 1e-5,
                   'optim.grad_accum_steps': 64, 'data.tfds_name': 'c4/en:3.1.0',
                   'data.tokenizer': 'hf:tokenizers/llama-3.2'}),
 }

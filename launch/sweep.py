@@ -21,7 +21,6 @@ submitted; the next invocation marks those whose workdir has reached its last st
 part of a run's name: use them for how a run executes, and the sweep for what it trains.
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -32,6 +31,9 @@ import subprocess
 import sys
 import time
 
+import jax
+
+from research import cli
 from research import config as config_lib
 from research import models
 from research import report
@@ -40,11 +42,23 @@ from research import sweeps
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_NAME = 'sweep.log'
 LAUNCHERS = ('local', 'slurm', 'tpu_pod')
+# Config keys that say how a run executes, not what it trains: the only ones that may follow
+# `--` (any other would change every run without changing its name).
+RUN_CONTROL = ('train.progress_bar', 'train.tensorboard', 'train.stop_at_step',
+               'train.profile_start_step', 'train.profile_num_steps', 'watchdog.')
+
+
+def check_passthrough(arguments):
+  for argument in arguments:
+    key = argument[len('--config.'):].split('=', 1)[0]
+    if argument.startswith('--config.') and not key.startswith(RUN_CONTROL):
+      raise sweeps.SweepError(f'{argument.split("=", 1)[0]} after -- would change what every '
+                              'run trains without changing its name; set it in the sweep (e.g. '
+                              f"* points({{'{key}': ...}})) or in --config.")
 
 
 def _parser():
-  parser = argparse.ArgumentParser(prog='python -m launch.sweep', description=__doc__.split(
-      '\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.Parser(prog='python -m launch.sweep', description=__doc__.split('\n')[0])
   parser.add_argument('--sweep', required=True, help='The sweep file, configs/sweeps/NAME.py.')
   parser.add_argument('--config', default=None, help='FILE:VARIANT of points that name none.')
   parser.add_argument('--workdir', required=True, help='The sweep folder: registry and runs.')
@@ -52,6 +66,8 @@ def _parser():
   parser.add_argument('--launcher', default='local', choices=LAUNCHERS)
   parser.add_argument('--launcher_args', default='', help='Arguments of sbatch / tpu_pod.sh.')
   parser.add_argument('--dry_run', action='store_true', help='Print the commands, run nothing.')
+  parser.add_argument('--resubmit', action='store_true', help='Submit again the points that were '
+                      'submitted but have not finished (a job that failed or ran out of time).')
   return parser
 
 
@@ -63,6 +79,14 @@ def _read_json(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def saved_step(workdir):
+  """The step of the newest complete checkpoint in `workdir` (0 when none)."""
+  folder = os.path.join(workdir, 'checkpoints')
+  steps = [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(
+      folder) else []
+  return max(steps, default=0)
 
 
 def finished(workdir):
@@ -77,8 +101,9 @@ def finished(workdir):
   return last in report.metric_lines(workdir) and saved
 
 
-def outcome(run, workdir):
-  """What the registry records of a run's workdir: step, tokens, FLOPs, final and best metrics."""
+def outcome(run, workdir, step=None):
+  """What the registry records of a run's workdir: step (the last logged unless given), tokens,
+  FLOPs, final and best metrics."""
   config = _read_json(os.path.join(workdir, 'config.json'))
   lines = report.metric_lines(workdir)
   final, best = {}, {}
@@ -89,7 +114,7 @@ def outcome(run, workdir):
       if direction is not None and (name not in best
                                     or (value < best[name]) == (direction == 'min')):
         best[name] = value
-  step = max(lines, default=0)
+  step = max(lines, default=0) if step is None else step
   result = dict(step=step, final=final, best=best, tokens=None, flops=None, num_steps=None,
                 params=None, non_embedding_params=None)
   if config is not None:
@@ -121,6 +146,8 @@ def error_line(log_path):
     return 'no output'
   with open(log_path, errors='replace') as f:
     lines = [line.strip() for line in f if line.strip()]
+  starts = [i for i, line in enumerate(lines) if line.startswith('$ ')]
+  lines = lines[starts[-1] + 1 if starts else 0:]  # This attempt's output only.
   errors = [line for line in lines if line.startswith('error:')]
   return (errors or lines or ['no output'])[-1]
 
@@ -147,6 +174,20 @@ class Recorder:
       digest = run.name.rsplit('-', 1)[-1]
       if run.name not in self.records and digest in by_digest:
         run.name = by_digest[digest]
+      record = self.records.get(run.name)
+      if record is not None and (record['variant'], record.get('group')) != (run.variant,
+                                                                             run.group):
+        # Grouped as the sweep is now.
+        self.record(run, record['status'], error=record.get('error'),
+                    workdir=record['workdir'], launcher=record.get('launcher'))
+
+  def workdir(self, run):
+    """Where the run trains: its folder in the sweep, or for a point submitted to a TPU pod the
+    bucket's folder it was recorded with (a sweep folder copied elsewhere keeps its runs)."""
+    record = self.records.get(run.name, {})
+    if record.get('launcher') == 'tpu_pod':
+      return record['workdir']
+    return os.path.join(self.folder, run.name)
 
   def status(self, run):
     return self.records.get(run.name, {}).get('status')
@@ -155,7 +196,8 @@ class Recorder:
     previous = self.records.get(run.name, {})
     record = dict(
         run=run.name, workdir=os.path.abspath(os.path.join(self.folder, run.name)),
-        config=run.spec, overrides=run.overrides, variant=run.variant, seed=run.config.seed,
+        config=run.spec, overrides=run.overrides, variant=run.variant, group=run.group,
+        seed=run.config.seed,
         status=status, error=None, launcher=self.launcher, wall_s=previous.get('wall_s', 0.0),
         updated=datetime.datetime.now().isoformat(timespec='seconds'))
     for name in ('step', 'num_steps', 'tokens', 'flops', 'params', 'non_embedding_params',
@@ -243,6 +285,9 @@ def run_local(runs, recorder, folder, parallel, passthrough):
         process = subprocess.Popen(
             train_command(run, workdir, passthrough), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env={**os.environ, **env_changes},
+            # Its own session: a terminal's Ctrl-C reaches the sweep only, which then asks each
+            # run once to stop (a second signal would stop a run in the middle of its save).
+            start_new_session=True,
             preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None)
         log.close()
         recorder.record(run, 'running')
@@ -265,14 +310,14 @@ def run_local(runs, recorder, folder, parallel, passthrough):
 
 def _finish(run, returncode, seconds, recorder, folder, stopped):
   workdir = os.path.join(folder, run.name)
-  fields = outcome(run, workdir)
-  fields['wall_s'] = recorder.records.get(run.name, {}).get('wall_s', 0.0) + seconds
+  wall_s = recorder.records.get(run.name, {}).get('wall_s', 0.0) + seconds
   if returncode == 0 and finished(workdir):
-    return recorder.record(run, 'finished', **fields)
-  if returncode == 0 or stopped:  # Stopped before its last step, with a checkpoint saved.
-    return recorder.record(run, 'interrupted', **fields)
+    return recorder.record(run, 'finished', wall_s=wall_s, **outcome(run, workdir))
+  if returncode == 0 or stopped:  # Stopped before its last step: it resumes from its checkpoint.
+    return recorder.record(run, 'interrupted', wall_s=wall_s,
+                           **outcome(run, workdir, step=saved_step(workdir)))
   return recorder.record(run, 'failed', error=error_line(os.path.join(workdir, LOG_NAME)),
-                         **fields)
+                         wall_s=wall_s, **outcome(run, workdir))
 
 
 def _print_outcome(record, index, total):
@@ -286,9 +331,9 @@ def _print_outcome(record, index, total):
 # Cluster launchers.
 
 
-def submit_command(run, index, launcher, launcher_args, folder, passthrough):
+def submit_command(run, launcher, launcher_args, folder, passthrough):
   """The command that submits one point, and the workdir it will train in."""
-  extra = [arg.replace('{i}', str(index)) for arg in shlex.split(launcher_args)]
+  extra = [arg.replace('{i}', str(run.index)) for arg in shlex.split(launcher_args)]
   if launcher == 'slurm':
     workdir = os.path.abspath(os.path.join(folder, run.name))
     return (['sbatch', *extra, os.path.join(REPO, 'launch', 'slurm.sbatch'), run.spec, workdir,
@@ -306,17 +351,17 @@ def submit(runs, recorder, launcher, launcher_args, folder, passthrough):
     raise sweeps.SweepError('A TPU slice trains one run at a time: put {i} in the slice name of '
                             '--launcher_args (one slice per point), or pass --dry_run to print '
                             'the commands and run them in turn.')
-  for index, run in enumerate(runs):
-    command, workdir = submit_command(run, index, launcher, launcher_args, folder, passthrough)
+  for count, run in enumerate(runs, 1):
+    command, workdir = submit_command(run, launcher, launcher_args, folder, passthrough)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
       line = (result.stderr.strip().splitlines() or ['no output'])[-1]
       recorder.record(run, 'failed', error=f'{command[0]} failed: {line}', workdir=workdir)
-      print(f'[{index + 1}/{len(runs)}] {run.name}: not submitted ({line})', flush=True)
+      print(f'[{count}/{len(runs)}] {run.name}: not submitted ({line})', flush=True)
       continue
     job = re.search(r'(\d+)\s*$', result.stdout.strip())
     recorder.record(run, 'submitted', workdir=workdir, job=job.group(1) if job else None)
-    print(f'[{index + 1}/{len(runs)}] {run.name}: submitted', flush=True)
+    print(f'[{count}/{len(runs)}] {run.name}: submitted', flush=True)
 
 
 def refresh(runs, recorder):
@@ -324,27 +369,32 @@ def refresh(runs, recorder):
   workdir says so."""
   for run in runs:
     record = recorder.records.get(run.name)
-    if record and record['status'] in ('submitted', 'running') and finished(record['workdir']):
-      recorder.record(run, 'finished', workdir=record['workdir'], **outcome(run, record['workdir']))
+    if record and record['status'] in ('submitted', 'running') and finished(
+        recorder.workdir(run)):
+      recorder.record(run, 'finished', workdir=recorder.workdir(run),
+                      **outcome(run, recorder.workdir(run)))
 
 
 def main(argv):
+  # The sweep itself only counts parameters: it leaves every accelerator to its runs.
+  jax.config.update('jax_platforms', 'cpu')
   args, passthrough = argv[1:], []
   if '--' in argv:
     cut = argv.index('--')
     args, passthrough = argv[1:cut], argv[cut + 1:]
-  options = _parser().parse_args(args)
   try:
+    options = _parser().parse_args(args)
+    check_passthrough(passthrough)
     if options.parallel < 1:
       raise sweeps.SweepError(f'--parallel {options.parallel} must be at least 1.')
     points, default = sweeps.load(options.sweep)
     runs = sweeps.expand(points, options.config or default)
     folder = options.workdir
     if options.dry_run:
-      for index, run in enumerate(runs):
+      for run in runs:
         command = (train_command(run, os.path.join(folder, run.name), passthrough)
                    if options.launcher == 'local' else
-                   submit_command(run, index, options.launcher, options.launcher_args, folder,
+                   submit_command(run, options.launcher, options.launcher_args, folder,
                                   passthrough)[0])
         print(shlex.join(command))
       return 0
@@ -352,16 +402,17 @@ def main(argv):
     recorder.adopt(runs)
     refresh(runs, recorder)
     skipped = [run for run in runs if recorder.status(run) == 'finished'
-               and finished(recorder.records[run.name]['workdir'])]
+               and finished(recorder.workdir(run))]
     pending = [run for run in runs if run not in skipped
-               and (options.launcher == 'local' or recorder.status(run) != 'submitted')]
+               and (options.launcher == 'local' or options.resubmit
+                    or recorder.status(run) != 'submitted')]
     print(f'{len(runs)} points: {len(skipped)} finished before, {len(pending)} to '
           f'{"run" if options.launcher == "local" else "submit"}.', flush=True)
     if options.launcher != 'local':
       submit(pending, recorder, options.launcher, options.launcher_args, folder, passthrough)
       return 0
     done, stopped = run_local(pending, recorder, folder, options.parallel, passthrough)
-  except (sweeps.SweepError, config_lib.ConfigError) as error:
+  except ValueError as error:  # SweepError, ConfigError and the command line's errors.
     print(f'error: {error}', file=sys.stderr)
     return 2
   failed = [record['run'] for record in done if record['status'] == 'failed']

@@ -20,7 +20,6 @@ a second table. matplotlib is imported only when plotting, so that importing thi
 light.
 """
 
-import argparse
 import json
 import math
 import os
@@ -28,6 +27,8 @@ import re
 import sys
 
 import numpy as np
+
+from research import cli
 
 REGISTRY = 'registry.jsonl'
 METRICS = 'metrics.jsonl'
@@ -174,9 +175,14 @@ def summarize(records, metric, mode=None):
   for record in records.values():
     value = pick(record.get('final') or {}, metric)
     if record.get('status') == 'finished' and _finite(value):
-      groups.setdefault(_variant(record), []).append(record)
+      # Seeds of one config: the same variant label and the same hash of the config but for
+      # its seed (runs from before a config default changed form another row).
+      groups.setdefault((_variant(record), record.get('group')), []).append(record)
+  labels = [variant for variant, _ in groups]
   rows = []
-  for variant, group in groups.items():
+  for (variant, config_hash), group in groups.items():
+    if labels.count(variant) > 1:
+      variant = f'{variant} [config {config_hash}]'
     group.sort(key=lambda r: (r.get('seed') is None, r.get('seed') or 0, r['run']))
     values = [float(pick(r['final'], metric)) for r in group]
     field = lambda name: [float(r[name]) for r in group if _finite(r.get(name))]
@@ -240,7 +246,7 @@ def _results_table(rows, axes, metric):
   extra = [('loss', 'loss')] if metric != 'loss' else []
   extra += [('tokens', 'tokens'), ('wall_s', 'wall_s')]
   extra += [(name, name) for name in ('flops', 'params', 'non_embedding_params')
-            if any(row[name] is not None for row in rows)]
+            if name not in axes and any(row[name] is not None for row in rows)]
   header = ['variant'] + axes + ['n', f'{metric} (mean ± std)'] + [name for name, _ in extra]
   body = []
   for row in rows:
@@ -265,7 +271,8 @@ def _others_table(records, rows, metric):
     note = record.get('error') or ''
     if status == 'finished':
       note = note or f'no {metric} in its final metrics'
-    body.append([run, status, f'{record.get("step", "?")}/{record.get("num_steps", "?")}', note])
+    step, last = (_value(record.get(key)) for key in ('step', 'num_steps'))
+    body.append([run, status, f'{step}/{last}', note])
   return _table(['run', 'status', 'step', 'error'], body) if body else []
 
 
@@ -340,10 +347,10 @@ def _file_name(axis):
   return 'vs_' + re.sub(r'[^A-Za-z0-9._-]', '_', axis) + '.png'
 
 
-def _tied(rows, axis, other):
-  """Whether the values of `axis` and `other` determine each other across `rows`."""
+def _determines(rows, axis, other):
+  """Whether the value of `axis` fixes that of `other` across `rows`."""
   pairs = {(_key(row['overrides'].get(axis)), _key(row['overrides'].get(other))) for row in rows}
-  return len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+  return len(pairs) == len({a for a, _ in pairs})
 
 
 def plot_axis(path, axis, sweeps, metric, fit=False):
@@ -352,8 +359,8 @@ def plot_axis(path, axis, sweeps, metric, fit=False):
   file name (None when no row sets the axis) and [(line label, a, b)] of the fits."""
   lines = []
   for name, rows, axes in sweeps:
-    # Axes zipped with this one (their values map one to one) draw no lines of their own.
-    others = [a for a in axes if a != axis and not _tied(rows, axis, a)]
+    # Axes this one determines (zipped with it, or a recorded size) draw no lines of their own.
+    others = [a for a in axes if a != axis and not _determines(rows, axis, a)]
     groups = {}
     for row in rows:
       if axis in row['overrides'] and row['overrides'][axis] is not None:
@@ -379,7 +386,10 @@ def plot_axis(path, axis, sweeps, metric, fit=False):
     err = np.asarray([row['std'] or 0.0 for row in group])
     ax.errorbar(x, y, yerr=err, color=colors[label], label=label, marker='o', capsize=3,
                 linewidth=1.2)
-    if fit and np.unique(x).size >= 2:
+    if fit:
+      if np.unique(x).size < 2:
+        raise ValueError(f'The line {label!r} has one {axis} value, so no power law fits it; '
+                         'fit an axis that varies within each line.')
       a, b = power_law_fit(x, y)
       grid = np.geomspace(x.min(), x.max(), 50)
       ax.plot(grid, a * grid ** b, '--', color=colors[label], linewidth=1,
@@ -488,7 +498,12 @@ def sweep_report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
     lines += [f'![curves]({curves})', '']
   else:
     lines += ['No finished run of the table has a metrics.jsonl.', '']
-  for axis in axes:
+  rows = [row for sweep in sweeps for row in sweep.rows]
+  plotted = []
+  for axis in axes:  # An axis that an earlier plotted one determines (zipped) adds no plot.
+    if axis == fit_axis or not any(_determines(rows, a, axis) for a in plotted):
+      plotted.append(axis)
+  for axis in plotted:
     fit = axis == fit_axis
     name, fits = plot_axis(os.path.join(out, _file_name(axis)), axis,
                            [(s.name, s.rows, s.axes) for s in sweeps], metric, fit)
@@ -566,15 +581,8 @@ def report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
   return sweep_report(paths, metric, mode, out, fit_axis)
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # One sentence instead of usage text and exit.
-    raise ValueError(f'{message[:1].upper()}{message[1:]}; usage: python -m research.report PATH '
-                     '[PATH2] [--metric NAME] [--mode min|max] [--out DIR] '
-                     '[--fit_power_law AXIS].')
-
-
 def _parser():
-  parser = _Parser(prog='python -m research.report', description=__doc__.split('\n\n')[0])
+  parser = cli.Parser(prog='python -m research.report', description=__doc__.split('\n\n')[0])
   parser.add_argument('path', help='A sweep directory (registry.jsonl) or a run workdir.')
   parser.add_argument('path2', nargs='?', help='A second sweep directory, reported beside it.')
   parser.add_argument('--metric', default='eval_loss', help='The final metric the table ranks '

@@ -8,8 +8,9 @@ A sweep file (configs/sweeps/*.py) defines `get_sweep()` returning a `Space`, bu
   seeds(3)                                       seed = 0, 1, 2
 
 combined with `*` (every pair of points, merged) and `+` (one list, then the other), e.g.
-`product(lr=[1e-3, 3e-4]) * seeds(3)`; `--sweep FILE:ARG` calls `get_sweep(ARG)`. Keys are dotted config keys (`optim.lr`) or the last part of
-one (`lr`) where that names a single key of the config; the key `config` gives a point its own
+`product(lr=[1e-3, 3e-4]) * seeds(3)`; `--sweep FILE:ARG` calls `get_sweep(ARG)`. Keys are
+dotted config keys (`optim.lr`) or the last part of one (`lr`) where that names a single key of
+the config; the key `config` gives a point its own
 config file and variant (a sweep across families). A sweep file may set `CONFIG` (the config of
 points that name none, when --config is not given).
 
@@ -161,9 +162,11 @@ def full_key(key, config):
 class Run:
   """One point of a sweep: its config spec, overrides (full keys), resolved config and name."""
 
-  def __init__(self, spec, overrides, config, name, variant):
+  def __init__(self, spec, overrides, config, name, variant, group, index):
     self.spec, self.overrides, self.config = spec, overrides, config
     self.name, self.variant = name, variant
+    self.group = group  # The hash of its config but for the seed: runs that differ by seed only.
+    self.index = index  # Its place in the sweep ({i} of the cluster launchers).
 
   def arguments(self):
     """The overrides as research.train flags."""
@@ -177,7 +180,7 @@ def _flag_value(value):
 def _short(value):
   if isinstance(value, str) and os.sep in value:  # A path: its last part names it.
     value = os.path.basename(value.rstrip(os.sep))
-  text = f'{value:g}' if isinstance(value, float) else str(value)
+  text = f'{value:g}' if isinstance(value, float) else str(value) or 'none'  # '': unset.
   return re.sub(r'[^A-Za-z0-9.+-]', '_', text)
 
 
@@ -200,14 +203,27 @@ def resolve(point, default_spec):
   return spec, overrides, config
 
 
+def _values(rows, key):
+  return [repr(row.get(key)) for row in rows]
+
+
 def expand(points, default_spec):
   """The Runs of a sweep's points. A run is named by the overrides that vary across the sweep
-  (a key's last part, unless two varying keys share it) and a hash of its resolved config; two
-  points with one resolved config are an error."""
+  (a key's last part, unless two varying keys share it; a key whose value follows from an
+  earlier one's is left out) and a hash of its resolved config; two points with one resolved
+  config are an error."""
   resolved = [resolve(point, default_spec) for point in points]
   rows = [{CONFIG_KEY: spec, **overrides} for spec, overrides, _ in resolved]
   keys = list(dict.fromkeys(key for row in rows for key in row))
-  varying = [key for key in keys if len({repr(row.get(key)) for row in rows}) > 1]
+  varying = []
+  for key in keys:
+    values = [repr(row.get(key)) for row in rows]
+    # A key that an earlier named one determines (a data path per config, a zipped width per
+    # depth) would only lengthen the name.
+    determined = any(len(set(zip(_values(rows, earlier), values))) == len(set(
+        _values(rows, earlier))) for earlier in varying if earlier != SEED_KEY)
+    if len(set(values)) > 1 and not determined:
+      varying.append(key)
   last = [key.rsplit('.', 1)[-1] for key in varying]
   runs = []
   for (spec, overrides, config), row in zip(resolved, rows):
@@ -220,14 +236,19 @@ def expand(points, default_spec):
       elif key in row:
         parts.append(f'{label}={_short(row[key])}')
     variant = ','.join(p for p in parts if not p.startswith(f'{SEED_KEY}=')) or 'base'
-    digest = hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:6]
-    name = f"{','.join(parts)[:80] or 'base'}-{digest}"
-    runs.append(Run(spec, overrides, config, name, variant))
-  names = [run.name for run in runs]
-  twice = sorted({name for name in names if names.count(name) > 1})
+    unseeded = config.copy_and_resolve_references()
+    unseeded.seed = 0
+    name = f"{','.join(parts)[:80] or 'base'}-{_digest(config)}"
+    runs.append(Run(spec, overrides, config, name, variant, _digest(unseeded), len(runs)))
+  digests = [run.name.rsplit('-', 1)[1] for run in runs]
+  twice = sorted({run.name for run, d in zip(runs, digests) if digests.count(d) > 1})
   if twice:
     raise SweepError(f'Points {twice} resolve to the same config; drop the repeats.')
   return runs
+
+
+def _digest(config):
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:6]
 
 
 def flops_per_step(spec_or_config, **overrides):
@@ -254,9 +275,14 @@ def flops_per_step(spec_or_config, **overrides):
 def append_record(folder, record):
   """Appends one record under an exclusive lock (several drivers may share a sweep folder)."""
   os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, report.REGISTRY), 'a') as f:
+  with open(os.path.join(folder, report.REGISTRY), 'a+') as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
+      f.seek(0)
+      text = f.read()
+      if text and not text.endswith('\n'):  # A writer killed mid-line: that line never was.
+        f.truncate(text.rfind('\n') + 1)
+      f.seek(0, os.SEEK_END)
       f.write(json.dumps(record, sort_keys=True, allow_nan=False) + '\n')
       f.flush()
     finally:

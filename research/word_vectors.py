@@ -15,11 +15,12 @@
       `word v1 v2 ...`): word2vec's input vectors, GloVe's input plus output vectors.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
+
+from research import cli
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]')
 
@@ -192,15 +193,9 @@ def report(vectors, analogies=None, neighbours=()):
   return lines
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # One sentence instead of usage text and exit.
-    raise ValueError(f'{message[:1].upper()}{message[1:]}; usage: python -m research.word_vectors '
-                     '{vocab,evaluate,export} ...')
-
-
 def _parser():
-  parser = _Parser(prog='python -m research.word_vectors')
-  commands = parser.add_subparsers(dest='command', parser_class=_Parser)
+  parser = cli.Parser(prog='python -m research.word_vectors')
+  commands = parser.add_subparsers(dest='command', parser_class=cli.Parser)
   vocab = commands.add_parser('vocab', help='Train a word-level vocabulary.')
   vocab.add_argument('--source', action='append', required=True,
                      help='A data source as data.source or a data.mixture entry (repeatable).')

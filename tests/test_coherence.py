@@ -13,7 +13,7 @@ def _rows(path):
 def test_the_probe_holds_intact_and_spliced_snippets_of_validation_files_only(tmp_path):
   assert coherence.write(str(tmp_path), 40, 60, seed=0) == {
       'train.jsonl': 40, 'train.pairs.jsonl': 40, 'dev.jsonl': 20, 'dev.pairs.jsonl': 20}
-  validation = coherence.validation_texts()  # The files pretraining holds out.
+  validation = coherence.validation_texts(5)  # The files pretraining holds out.
   train, dev = _rows(tmp_path / 'train.jsonl'), _rows(tmp_path / 'dev.jsonl')
   for rows in (train, dev):
     assert [row['label'] for row in rows] == [0, 1] * (len(rows) // 2)

@@ -52,6 +52,20 @@ def test_parameter_counts(decoder_config, variant):
     assert count == HF_PARAM_COUNTS[variant]
 
 
+@pytest.mark.parametrize('variant, expected', [
+    # Kaplan et al. (2020) count GPT-2 small as 85M non-embedding parameters.
+    ('gpt2_small', 85_056_000),
+    ('tiny', 4 * (2 * 128 + 128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 352) + 128),
+    ('llama2_7b', 6_738_415_616 - 2 * 32000 * 4096),  # Untied: embedding and output layer.
+])
+def test_non_embedding_parameters_leave_out_vocabulary_and_position_tables(decoder_config,
+                                                                           variant, expected):
+  config = decoder_config(variant)
+  non_embedding = (models.count_params(decoder, config.model)
+                   - models.count_embedding_params(decoder, config.model))
+  assert non_embedding == expected
+
+
 def _assert_one_sentence(error, *fragments):
   message = str(error)
   assert '\n' not in message and message.endswith('.'), message

@@ -252,3 +252,40 @@ def test_bad_inputs_are_one_sentence(tmp_path):
   # With --mode, a metric of unknown direction ranks as told.
   runs.ok(runs.in_process('research.report', str(sweep), '--metric', 'tokens_per_s', '--mode',
                           'max'))
+
+
+def test_a_recorded_size_is_fitted_across_zipped_axes_as_one_line(tmp_path):
+  # Four zipped sizes with repeated depths (as configs/sweeps/scaling.py): the fit on the
+  # recorded non-embedding parameter count is one line through all four.
+  sweep = tmp_path / 'scaling'
+  sweep.mkdir()
+  lines = []
+  for layers, width, params in ((2, 48, 5e4), (4, 64, 2e5), (4, 128, 8e5), (8, 192, 3.2e6)):
+    variant = f'num_layers={layers},emb_dim={width}'
+    record = _record(sweep, variant, variant, {'model.num_layers': layers,
+                                               'model.emb_dim': width}, 0, 'finished',
+                     dict(loss=1.0, eval_loss=9 * params ** -0.1))
+    lines.append(dict(record, params=params + 3e4, non_embedding_params=params, group=variant))
+  (sweep / 'registry.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+  text = open(report.report([str(sweep)], fit_axis='non_embedding_params')).read()
+  (fit,) = tables(text)[-1]
+  assert _close(fit['b (exponent)'], -0.1) and _close(fit['a'], 9)
+  # emb_dim tells the sizes apart and determines the depth: one plot of it, one of the size
+  # (and no curves: these runs have no metrics.jsonl).
+  assert sorted(p.name for p in (sweep / 'report').glob('*.png')) == [
+      'vs_model.emb_dim.png', 'vs_non_embedding_params.png']
+  header = text.split('\n| variant')[1].split('\n')[0]
+  assert header.count('non_embedding_params') == 1
+
+
+def test_seeds_of_different_configs_are_not_averaged_together(tmp_path):
+  # Two runs with one variant label but different configs (a default changed in between).
+  sweep = tmp_path / 'sweep'
+  sweep.mkdir()
+  lines = [dict(_record(sweep, f'lr=0.001-{group}', 'lr=0.001', {'optim.lr': 1e-3}, 0,
+                        'finished', dict(loss=1.0, eval_loss=loss)), group=group)
+           for group, loss in (('aaaaaa', 2.0), ('bbbbbb', 3.0))]
+  (sweep / 'registry.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+  rows = report.summarize(report.load_registry(str(sweep)), 'eval_loss')
+  assert [(row['variant'], row['n'], row['mean']) for row in rows] == [
+      ('lr=0.001 [config aaaaaa]', 1, 2.0), ('lr=0.001 [config bbbbbb]', 1, 3.0)]

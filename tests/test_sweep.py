@@ -3,9 +3,11 @@ real sweep that completes, skips, resumes and records a failure."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -53,21 +55,22 @@ def test_runs_are_named_by_the_overrides_that_vary_and_a_config_hash():
   assert runs[0].arguments() == ['--config.optim.lr=0.001', '--config.seed=0',
                                  '--config.train.num_steps=10']
   assert runs[0].config.optim.lr == 1e-3 and runs[3].config.seed == 1
-  # The same point resolves to the same name; another base config to another hash.
+  # The same point has the same hash in another sweep (here seed follows from lr, so the name
+  # leaves it out); another base config gives another hash.
   again = sweeps.expand([dict(lr=1e-3, seed=0, num_steps=10), dict(lr=3e-3, seed=1,
                                                                    num_steps=10)], TINY)
-  assert again[0].name == names[0]
+  assert again[0].name == 'lr=0.001-' + names[0].rsplit('-', 1)[1]
   other = sweeps.expand([dict(lr=1e-3, seed=0, num_steps=10), dict(lr=3e-3, seed=1,
                                                                    num_steps=10)],
                         'configs/decoder.py:nanogpt_cpu')
-  assert other[0].name.rsplit('-', 1)[0] == 'lr=0.001,seed=0' and other[0].name != names[0]
+  assert other[0].name.rsplit('-', 1)[1] != names[0].rsplit('-', 1)[1]
 
 
 def test_points_may_name_their_own_config():
   runs = sweeps.expand([{'config': TINY}, {'config': 'configs/encoder.py:bert_tiny',
                                            'train.num_steps': 5}], None)
-  assert [run.name.rsplit('-', 1)[0] for run in runs] == ['decoder.tiny',
-                                                          'encoder.bert_tiny,num_steps=5']
+  # num_steps follows from the config here, so the config alone names the runs.
+  assert [run.name.rsplit('-', 1)[0] for run in runs] == ['decoder.tiny', 'encoder.bert_tiny']
   assert runs[1].config.model.family == 'encoder' and runs[1].spec.endswith('bert_tiny')
 
 
@@ -200,6 +203,10 @@ def test_submitted_points_are_recorded_and_found_finished_later(tmp_path, monkey
   assert records[first['run']]['final'] == dict(loss=2.0, eval_loss=2.5)
   assert records[first['run']]['tokens'] == 10 * 4 * 8
   assert len((bin_dir / 'calls').read_text().splitlines()) == 2
+  # --resubmit submits the unfinished point again, with its index in the whole sweep.
+  runs_lib.in_process(*args, '--resubmit', '--launcher_args=--job-name=p{i}')
+  calls = (bin_dir / 'calls').read_text().splitlines()
+  assert len(calls) == 3 and calls[-1].startswith('--job-name=p1 ')
 
 
 @pytest.mark.slow
@@ -259,3 +266,107 @@ def test_a_sweep_completes_skips_finished_runs_resumes_interrupted_ones_and_reco
     values = [r['final']['eval_loss'] for r in done if r['variant'] == variant]
     cell = report.mean_std(np.mean(values), np.std(values, ddof=1))
     assert f'| {variant} | - | {variant[3:]} | 2 | {cell} |' in text  # No num_heads: '-'.
+
+
+_DRIVER = '''
+import os, sys
+from launch import sweep
+# Each point: a process that waits for SIGTERM, then says so in its workdir and exits 0, as a
+# trainer that saved a checkpoint does.
+CHILD = (
+    'import os, signal, sys, time\\n'
+    'def stop(*_):\\n'
+    '  open(os.path.join(sys.argv[1], "stopped"), "w").close()\\n'
+    '  sys.exit(0)\\n'
+    'signal.signal(signal.SIGTERM, stop)\\n'
+    'open(os.path.join(sys.argv[1], "started"), "w").close()\\n'
+    'time.sleep(60)\\n')
+sweep.train_command = lambda run, workdir, passthrough: [sys.executable, '-c', CHILD, workdir]
+sys.exit(sweep.main(sys.argv))
+'''
+
+
+def test_sigterm_to_a_sweep_stops_its_running_points_which_are_recorded_interrupted(tmp_path):
+  path = _sweep_file(tmp_path, '''
+      def get_sweep():
+        return product(lr=[1e-3, 2e-3, 3e-3])
+  ''')
+  folder = tmp_path / 'sweep'
+  driver = subprocess.Popen([sys.executable, '-c', _DRIVER, '--sweep', path, '--workdir',
+                             str(folder), '--parallel', '2'], cwd=runs_lib.REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 60
+  while len(list(folder.glob('*/started'))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.1)
+  driver.send_signal(signal.SIGTERM)
+  _, err = driver.communicate(timeout=60)
+  assert driver.returncode == 143 and 'Stopped on SIGTERM; run the same command to resume.' in err
+  # The two running points were asked to stop; the third never started.
+  assert len(list(folder.glob('*/stopped'))) == 2 and len(list(folder.glob('*/started'))) == 2
+  statuses = sorted(r['status'] for r in report.load_registry(str(folder)).values())
+  assert statuses == ['interrupted', 'interrupted']
+
+
+def test_keys_that_follow_from_an_earlier_one_are_left_out_of_names():
+  sizes = sweeps.zipped(num_layers=[2, 4, 4], emb_dim=[32, 64, 128], mlp_dim=[88, 176, 352])
+  runs = sweeps.expand(list(sizes * sweeps.seeds(2)), TINY)
+  # emb_dim tells the points apart (num_layers alone does not); mlp_dim follows from emb_dim.
+  assert [run.variant for run in runs[::2]] == ['num_layers=2,emb_dim=32',
+                                                'num_layers=4,emb_dim=64',
+                                                'num_layers=4,emb_dim=128']
+  assert runs[1].name.startswith('num_layers=2,emb_dim=32,seed=1-')
+  assert runs[1].overrides['model.mlp_dim'] == 88
+
+
+def test_a_run_keeps_its_folder_when_seeds_are_added_and_is_regrouped(tmp_path):
+  one = sweeps.expand(list(sweeps.product(lr=[1e-3, 3e-3])), TINY)
+  recorder = sweep_cli.Recorder(str(tmp_path), 'local')
+  recorder.record(one[0], 'finished', final=dict(eval_loss=2.0))
+  two = sweeps.expand(list(sweeps.product(lr=[1e-3, 3e-3], num_layers=[4])
+                           * sweeps.seeds(2)), TINY)
+  assert two[0].name != one[0].name  # Now named by its seed too...
+  again = sweep_cli.Recorder(str(tmp_path), 'local')
+  again.adopt(two)
+  assert two[0].name == one[0].name  # ...but the hash finds its folder,
+  record = report.load_registry(str(tmp_path))[one[0].name]
+  assert record['status'] == 'finished' and record['final'] == dict(eval_loss=2.0)
+  assert record['variant'] == two[0].variant == 'lr=0.001'  # and it is grouped as now.
+
+
+def test_points_with_one_config_are_refused_whatever_their_names():
+  with pytest.raises(sweeps.SweepError, match='resolve to the same config'):
+    sweeps.expand(list(sweeps.points({'seed': 0}, {})), TINY)  # seed 0 is the default.
+
+
+def test_config_changes_after_the_separator_are_refused_run_control_is_not(tmp_path):
+  path = _sweep_file(tmp_path, '''
+      def get_sweep():
+        return product(lr=[1e-3, 3e-3])
+  ''')
+  bad = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', str(tmp_path / 's'),
+                            '--dry_run', '--', '--config.train.num_steps=5')
+  assert bad.returncode == 2 and bad.stderr.startswith(
+      'error: --config.train.num_steps after -- would change what every run trains')
+  ok = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', str(tmp_path / 's'),
+                           '--dry_run', '--', '--config.train.stop_at_step=5', '--cpu_devices=1')
+  assert ok.returncode == 0
+  usage = runs_lib.in_process('launch.sweep', '--sweep', path, '--parallel', 'two')
+  assert usage.returncode == 2 and usage.stderr.count('\n') == 1
+  assert usage.stderr.startswith("error: Argument --parallel: invalid int value: 'two'; usage:")
+
+
+def test_the_error_line_is_the_last_attempts(tmp_path):
+  log = tmp_path / 'sweep.log'
+  log.write_text('$ python -m research.train ...\nerror: an old problem.\n'
+                 '$ python -m research.train ...\nTraceback (most recent call last):\n'
+                 '  File "x.py", line 1\nMemoryError\n')
+  assert sweep_cli.error_line(str(log)) == 'MemoryError'
+
+
+def test_a_torn_registry_line_is_dropped_by_the_next_append(tmp_path):
+  sweeps.append_record(str(tmp_path), dict(run='a', status='finished'))
+  with open(tmp_path / 'registry.jsonl', 'a') as f:
+    f.write('{"run": "b", "sta')  # A writer killed mid-line.
+  sweeps.append_record(str(tmp_path), dict(run='c', status='running'))
+  assert report.load_registry(str(tmp_path)) == {'a': dict(run='a', status='finished'),
+                                                 'c': dict(run='c', status='running')}

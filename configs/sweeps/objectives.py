@@ -7,7 +7,7 @@ for the number of steps that spends the same model FLOPs as BUDGET_STEPS steps o
   python -m research.data.coherence --out runs/objectives/probe
   python -m launch.sweep --sweep configs/sweeps/objectives_probe.py:runs/objectives \
       --workdir runs/objectives_probe -- --config.train.progress_bar=False
-  python -m research.report runs/objectives_probe --metric eval_accuracy
+  python -m research.report runs/objectives_probe --metric eval_sequence_accuracy,eval_accuracy
 
 Step 2 (configs/sweeps/objectives_probe.py) fine-tunes every pretrained model, and the same
 architectures from scratch, on one held-out task (research/data/coherence.py) that each family

@@ -5,8 +5,9 @@ with the probe written to PRETRAINING_SWEEP/probe (commands in configs/sweeps/ob
 
 Every run sees the same examples for the same steps at its family's fine-tuning settings
 (configs/finetune.py); the decoder and the encoder classify (eval_accuracy), the encoder-decoders
-write `intact` or `spliced` (eval_sequence_accuracy, the same exact-match accuracy), which the
-report puts in one column, `eval_accuracy`.
+write `intact` or `spliced` (eval_sequence_accuracy: the whole answer right, the same measure;
+their eval_accuracy counts tokens), which the report puts in one column with
+`--metric eval_sequence_accuracy,eval_accuracy`.
 """
 
 import os

@@ -11,20 +11,21 @@ classification, DIR/{train,dev}.pairs.jsonl {"input", "target"} rows (target "in
 "spliced") for sequence to sequence. Probe-train and probe-dev snippets come from disjoint files.
 """
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
+from research import cli
 from research.data import sources
 
 LABELS = {1: 'intact', 0: 'spliced'}
 
 
-def validation_texts(validation_percent=5):
-  """The texts of the embedded corpus's validation files (the pipeline's split), by path."""
+def validation_texts(validation_percent):
+  """The texts of the embedded corpus's validation files under the pretraining runs'
+  data.validation_percent (the pipeline's split)."""
   _, validation = sources.split_files(sources.stdlib_files(), validation_percent)
   texts = []
   for _, path in validation:
@@ -53,10 +54,10 @@ def examples(texts, count, length, rng):
   return rows
 
 
-def write(out, count, length, seed):
+def write(out, count, length, seed, validation_percent=5):
   """Writes the four files; returns {file: rows}."""
   rng = np.random.default_rng(seed)
-  texts = [text for text in validation_texts() if len(text) > 2 * length]
+  texts = [text for text in validation_texts(validation_percent) if len(text) > 2 * length]
   order = rng.permutation(len(texts))
   halves = {'train': [texts[i] for i in order[::2]], 'dev': [texts[i] for i in order[1::2]]}
   os.makedirs(out, exist_ok=True)
@@ -76,19 +77,20 @@ def write(out, count, length, seed):
 
 
 def main(argv):
-  parser = argparse.ArgumentParser(prog='python -m research.data.coherence',
-                                   description=__doc__.split('\n')[0])
+  parser = cli.Parser(prog='python -m research.data.coherence', description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True)
   parser.add_argument('--examples', type=int, default=2000, help='Training rows (dev: half).')
   parser.add_argument('--length', type=int, default=96, help='Characters per snippet.')
   parser.add_argument('--seed', type=int, default=0)
-  options = parser.parse_args(argv)
-  if options.examples < 2 or options.length < 3:
-    print('error: --examples needs at least 2 and --length at least 3.', file=sys.stderr)
-    return 2
+  parser.add_argument('--validation_percent', type=int, default=5,
+                      help="The pretraining runs' data.validation_percent (their default, 5).")
   try:
-    written = write(options.out, options.examples, options.length, options.seed)
-  except (ValueError, sources.DataError) as error:
+    options = parser.parse_args(argv[1:])
+    if options.examples < 2 or options.length < 3:
+      raise ValueError('--examples needs at least 2 and --length at least 3.')
+    written = write(options.out, options.examples, options.length, options.seed,
+                    options.validation_percent)
+  except ValueError as error:  # DataError included.
     print(f'error: {error}', file=sys.stderr)
     return 2
   print(', '.join(f'{name}: {rows} rows' for name, rows in written.items()))
@@ -96,4 +98,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(main(sys.argv))

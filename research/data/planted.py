@@ -13,12 +13,13 @@ finds the answer once in |vocabulary| questions. Words are letters only, so any 
 tokenizer keeps them whole.
 """
 
-import argparse
 import itertools
 import os
 import sys
 
 import numpy as np
+
+from research import cli
 
 _CONSONANTS, _VOWELS = 'bdfgklmnprstvz', 'aeiou'
 _FEATURE_ENDINGS = ('ar', 'on')
@@ -97,14 +98,14 @@ def generate(out, entities=12, count=3000, files=20, seed=0):
 
 
 def main(argv):
-  parser = argparse.ArgumentParser(prog='python -m research.data.planted')
+  parser = cli.Parser(prog='python -m research.data.planted')
   parser.add_argument('--out', required=True, help='Folder to write corpus/ and analogies.txt.')
   parser.add_argument('--entities', type=int, default=12)
   parser.add_argument('--sentences', type=int, default=3000)
   parser.add_argument('--files', type=int, default=20)
   parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv[1:])
   try:
+    args = parser.parse_args(argv[1:])
     corpus, analogies = generate(args.out, args.entities, args.sentences, args.files, args.seed)
   except ValueError as error:
     print(f'error: {error}', file=sys.stderr)

@@ -24,7 +24,6 @@ writes tokenizers/code.model and prints the --config settings that use it. model
 be `padded_vocab_size(tokenizer.vocab_size)`: the sharded embedding wants a multiple of 128.
 """
 
-import argparse
 import hashlib
 import io
 import json
@@ -34,6 +33,8 @@ import sys
 from typing import Protocol
 
 import numpy as np
+
+from research import cli
 
 BYTES = 'bytes'
 HF_PREFIX = 'hf:'  # data.tokenizer='hf:DIR': the tokenizer.json in DIR.
@@ -547,15 +548,9 @@ def source_texts(specs, data_dir, text_field, validation_percent, train_split='t
     yield from (text for text in turn if text is not None)
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # One sentence instead of usage text and exit.
-    raise ValueError(f'{message[:1].upper()}{message[1:]}; usage: python -m '
-                     'research.data.tokenizer train --source SOURCE --vocab_size N --out PREFIX.')
-
-
 def main(argv):
-  parser = _Parser(prog='python -m research.data.tokenizer')
-  commands = parser.add_subparsers(dest='command', parser_class=_Parser)
+  parser = cli.Parser(prog='python -m research.data.tokenizer')
+  commands = parser.add_subparsers(dest='command', parser_class=cli.Parser)
   command = commands.add_parser('train', help='Train a SentencePiece model on text.')
   command.add_argument('--source', action='append', required=True,
                        help='A data source, as data.source or a data.mixture entry: stdlib, '
