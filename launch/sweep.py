@@ -177,9 +177,10 @@ class Recorder:
       record = self.records.get(run.name)
       if record is not None and (record['variant'], record.get('group')) != (run.variant,
                                                                              run.group):
-        # Grouped as the sweep is now.
+        # Grouped as the sweep is now, with what its workdir says read again.
+        fields = outcome(run, self.workdir(run)) if record['status'] == 'finished' else {}
         self.record(run, record['status'], error=record.get('error'),
-                    workdir=record['workdir'], launcher=record.get('launcher'))
+                    workdir=record['workdir'], launcher=record.get('launcher'), **fields)
 
   def workdir(self, run):
     """Where the run trains: its folder in the sweep, or for a point submitted to a TPU pod the

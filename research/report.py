@@ -10,14 +10,16 @@ record) and one workdir per run, each with metrics.jsonl (a step logged twice, a
 keeps its last line). The report goes to DIR/report.md (DIR defaults to PATH/report) with PNGs
 beside it: curves.png (train loss and the chosen metric against step, mean over seeds with a
 min..max band) and, for each swept axis (an override key, seed excepted, whose value differs
-between variants), vs_<axis>.png (the metric's mean with std error bars against that value, one
-line per combination of the other axes).
+between variants; one that an earlier axis determines, as zipped axes do, is not plotted again),
+vs_<axis>.png (the metric's mean with std error bars against that value, one line per
+combination of the other axes that it does not determine). --fit_power_law takes a swept axis or
+a number the registry records of every run (RECORD_AXES: parameters, tokens, FLOPs).
 
-The table has one row per variant, best first; its numbers are the registry's `final` values
-(mean and std over the finished seeds, std with ddof=1; a single seed shows `± -`, since its
-spread is unknown, not zero). Runs that failed, have not finished, or lack the metric are listed in
-a second table. matplotlib is imported only when plotting, so that importing this module stays
-light.
+The table has one row per variant (the runs of one config but for the seed), best first; its
+numbers are the registry's `final` values (mean and std over the finished seeds, std with
+ddof=1; a single seed shows `± -`, since its spread is unknown, not zero). Runs that failed, have
+not finished, or lack the metric are listed in a second table. matplotlib is imported only when
+plotting, so that importing this module stays light.
 """
 
 import json
@@ -250,7 +252,8 @@ def _results_table(rows, axes, metric):
   header = ['variant'] + axes + ['n', f'{metric} (mean ± std)'] + [name for name, _ in extra]
   body = []
   for row in rows:
-    cells = [row['variant']] + [_value(row['overrides'].get(axis)) for axis in axes]
+    cells = [row['variant']] + [f'{row[axis]:,.0f}' if axis in RECORD_AXES and row[axis]
+                                else _value(row['overrides'].get(axis)) for axis in axes]
     cells += [row['n'], mean_std(row['mean'], row['std'])]
     for _, key in extra:
       value = row[key]
@@ -482,7 +485,7 @@ def sweep_report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
   for sweep in sweeps:
     finished = sum(r.get('status') == 'finished' for r in sweep.records.values())
     heading = f'## {sweep.name}' if sweep.name else '## Results'
-    lines += [heading, '', f'`{os.path.abspath(sweep.path)}`: {len(sweep.records)} runs, '
+    lines += [heading, '', f'`{sweep.path}`: {len(sweep.records)} runs, '
               f'{finished} finished; swept axes: {", ".join(sweep.axes) or "none"}.', '']
     lines += _results_table(sweep.rows, sweep.axes, metric) + ['']
     others = _others_table(sweep.records, sweep.rows, metric)
@@ -536,7 +539,7 @@ def run_report(workdir, metric='eval_loss', mode=None, out=None):
   pick = np.argmin if mode == 'min' else np.argmax
   best = int(pick(values))
   last_step = max(int(s[-1]) for s, _ in curves.values())
-  lines = [f'# Run report: {name}', '', f'`{os.path.abspath(workdir)}`, last logged step '
+  lines = [f'# Run report: {name}', '', f'`{workdir}`, last logged step '
            f'{last_step}. `{metric}`: last {_number(float(values[-1]))} (step {int(steps[-1])}), '
            f'best {_number(float(values[best]))} (step {int(steps[best])}).', '']
   body = []
