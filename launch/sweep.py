@@ -248,6 +248,16 @@ def train_command(run, workdir, passthrough):
           *run.arguments(), *passthrough]
 
 
+def pinned(command, cores):
+  """`command` run on `cores` only (None: anywhere). The new process pins itself and then
+  becomes the command, so nothing runs between fork and exec in this multithreaded process."""
+  if not cores:
+    return command
+  return [sys.executable, '-c', 'import os, sys; os.sched_setaffinity(0, {int(c) for c in '
+          'sys.argv[1].split(",")}); os.execvp(sys.argv[2], sys.argv[2:])',
+          ','.join(map(str, sorted(cores))), *command]
+
+
 class _Stop:
   """SIGTERM / SIGINT to the sweep: the running points are asked to stop (and save)."""
 
@@ -281,15 +291,15 @@ def run_local(runs, recorder, folder, parallel, passthrough):
         os.makedirs(workdir, exist_ok=True)
         env_changes, cores = slot
         log = open(os.path.join(workdir, LOG_NAME), 'a')
-        log.write(f'$ {shlex.join(train_command(run, workdir, passthrough))}\n')
+        command = train_command(run, workdir, passthrough)
+        log.write(f'$ {shlex.join(command)}\n')
         log.flush()
         process = subprocess.Popen(
-            train_command(run, workdir, passthrough), stdout=log, stderr=subprocess.STDOUT,
+            pinned(command, cores), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env={**os.environ, **env_changes},
             # Its own session: a terminal's Ctrl-C reaches the sweep only, which then asks each
             # run once to stop (a second signal would stop a run in the middle of its save).
-            start_new_session=True,
-            preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None)
+            start_new_session=True)
         log.close()
         recorder.record(run, 'running')
         active[process] = (run, slot, time.monotonic())

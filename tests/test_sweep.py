@@ -370,3 +370,11 @@ def test_a_torn_registry_line_is_dropped_by_the_next_append(tmp_path):
   sweeps.append_record(str(tmp_path), dict(run='c', status='running'))
   assert report.load_registry(str(tmp_path)) == {'a': dict(run='a', status='finished'),
                                                  'c': dict(run='c', status='running')}
+
+
+def test_a_pinned_command_runs_on_its_cores_only():
+  cores = sorted(os.sched_getaffinity(0))[:1]
+  command = sweep_cli.pinned([sys.executable, '-c', 'import os; print(sorted('
+                              'os.sched_getaffinity(0)))'], set(cores))
+  assert subprocess.run(command, capture_output=True, text=True).stdout.strip() == str(cores)
+  assert sweep_cli.pinned(['x'], None) == ['x']

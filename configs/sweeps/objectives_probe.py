@@ -13,9 +13,10 @@ their eval_accuracy counts tokens), which the report puts in one column with
 import os
 
 from research.report import load_registry
-from research.sweeps import SweepError, points
+from research.sweeps import SweepError, points, seeds
 
 STEPS = 300
+SEEDS = 2  # Fine-tuning seeds (the order of the examples and the new head's initialisation).
 # The fine-tuning config of each pretraining config, and the probe file it reads.
 FINETUNING = {
     'configs/decoder.py:tiny': ('configs/finetune.py:jsonl,decoder.tiny', ''),
@@ -43,4 +44,4 @@ def get_sweep(pretraining='runs/objectives'):
                    'data.validation_path': os.path.abspath(os.path.join(probe,
                                                                         f'dev{suffix}.jsonl')),
                    'train.num_steps': STEPS, 'train.eval_every': 100})
-  return points(*result)
+  return points(*result) * seeds(SEEDS)
