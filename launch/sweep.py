@@ -15,10 +15,12 @@ Ctrl-C stops the running points, which save a checkpoint first.
 
 --launcher slurm submits one `sbatch launch/slurm.sbatch` job per point; --launcher tpu_pod
 starts one `launch/tpu_pod.sh run` per point, on the slice named by --launcher_args with {i}
-replaced by the point's index (a slice trains one run at a time). Both record the points as
-submitted; the next invocation marks those whose workdir has reached its last step finished.
---dry_run prints the commands instead. Arguments after `--` go to every run unchanged and are not
-part of a run's name: use them for how a run executes, and the sweep for what it trains.
+replaced by the point's index in the sweep (a slice trains one run at a time). Both record the
+points as submitted; the next invocation marks those whose workdir has reached its last step
+finished, and --resubmit submits the others again (a job that failed or ran out of time resumes
+from its checkpoint). --dry_run prints the commands instead. Arguments after `--` go to every run
+unchanged and are not part of a run's name: they say how a run executes (--cpu_devices, the
+RUN_CONTROL config keys below), while what it trains belongs in the sweep.
 """
 
 import datetime

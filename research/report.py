@@ -231,7 +231,11 @@ def _value(value):
     return '-'
   if isinstance(value, float):
     return f'{value:g}'
-  return value if isinstance(value, str) else json.dumps(value)
+  if value == '':
+    return "''"
+  if isinstance(value, str):  # A path is named by its last part, as run names do.
+    return os.path.basename(value.rstrip(os.sep)) if os.sep in value else value
+  return json.dumps(value)
 
 
 def _cell(text):
@@ -245,6 +249,7 @@ def _table(header, rows):
 
 
 def _results_table(rows, axes, metric):
+  axes = _independent(rows, axes)
   extra = [('loss', 'loss')] if metric != 'loss' else []
   extra += [('tokens', 'tokens'), ('wall_s', 'wall_s')]
   extra += [(name, name) for name in ('flops', 'params', 'non_embedding_params')
@@ -356,6 +361,15 @@ def _determines(rows, axis, other):
   return len(pairs) == len({a for a, _ in pairs})
 
 
+def _independent(rows, axes, keep=None):
+  """The axes that no earlier one of them determines (zipped axes show once), and `keep`."""
+  chosen = []
+  for axis in axes:
+    if axis == keep or not any(_determines(rows, a, axis) for a in chosen):
+      chosen.append(axis)
+  return chosen
+
+
 def plot_axis(path, axis, sweeps, metric, fit=False):
   """vs_<axis>.png: `metric` against `axis`, one line per combination of the other axes of each
   (name, rows, axes) sweep; with `fit`, log-log axes and a power-law fit per line. Returns the
@@ -387,8 +401,9 @@ def plot_axis(path, axis, sweeps, metric, fit=False):
     x = np.asarray([position(row['overrides'][axis]) for row in group])
     y = np.asarray([row['mean'] for row in group])
     err = np.asarray([row['std'] or 0.0 for row in group])
+    # Categories have no order between them: points without joining lines.
     ax.errorbar(x, y, yerr=err, color=colors[label], label=label, marker='o', capsize=3,
-                linewidth=1.2)
+                linewidth=1.2, linestyle='-' if numeric else 'none')
     if fit:
       if np.unique(x).size < 2:
         raise ValueError(f'The line {label!r} has one {axis} value, so no power law fits it; '
@@ -408,7 +423,8 @@ def plot_axis(path, axis, sweeps, metric, fit=False):
   elif numeric and min(values) > 0 and max(values) >= 10 * min(values):
     ax.set_xscale('log')
   if not numeric:
-    ax.set_xticks(range(len(order)), [_value(json.loads(k)) for k in order])
+    ax.set_xticks(range(len(order)), [_value(json.loads(k)) for k in order], rotation=20,
+                  ha='right', fontsize=7)
   ax.set_xlabel(axis)
   ax.set_ylabel(f'{metric} (mean ± std over seeds)')
   ax.grid(alpha=0.3, which='both')
@@ -501,11 +517,7 @@ def sweep_report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
     lines += [f'![curves]({curves})', '']
   else:
     lines += ['No finished run of the table has a metrics.jsonl.', '']
-  rows = [row for sweep in sweeps for row in sweep.rows]
-  plotted = []
-  for axis in axes:  # An axis that an earlier plotted one determines (zipped) adds no plot.
-    if axis == fit_axis or not any(_determines(rows, a, axis) for a in plotted):
-      plotted.append(axis)
+  plotted = _independent([row for sweep in sweeps for row in sweep.rows], axes, fit_axis)
   for axis in plotted:
     fit = axis == fit_axis
     name, fits = plot_axis(os.path.join(out, _file_name(axis)), axis,

@@ -10,12 +10,13 @@ A sweep file (configs/sweeps/*.py) defines `get_sweep()` returning a `Space`, bu
 combined with `*` (every pair of points, merged) and `+` (one list, then the other), e.g.
 `product(lr=[1e-3, 3e-4]) * seeds(3)`; `--sweep FILE:ARG` calls `get_sweep(ARG)`. Keys are
 dotted config keys (`optim.lr`) or the last part of one (`lr`) where that names a single key of
-the config; the key `config` gives a point its own
-config file and variant (a sweep across families). A sweep file may set `CONFIG` (the config of
-points that name none, when --config is not given).
+the config; the key `config` gives a point its own config file and variant (a sweep across
+families). A sweep file may set `CONFIG` (the config of points that name none, when --config is
+not given).
 
-A run is named by its overrides (short keys) and a short hash of its resolved config, so that
-re-running a sweep finds its runs again and an edited config starts new ones. The registry,
+A run is named by the overrides that vary across the sweep (short keys) and a short hash of its
+resolved config, so that re-running a sweep finds its runs again and an edited config starts new
+ones. The registry,
 `<sweep>/registry.jsonl`, holds one JSON record per line, appended; a run's latest line is its
 current record (launch/sweep.py writes it, research/report.py `load_registry` reads it).
 """
@@ -34,7 +35,6 @@ from research import report
 
 CONFIG_KEY = 'config'  # A point's own config file and variant.
 SEED_KEY = 'seed'
-STATUSES = ('pending', 'running', 'finished', 'interrupted', 'failed', 'submitted')
 
 
 class SweepError(ValueError):

@@ -16,7 +16,8 @@ from research.report import load_registry
 from research.sweeps import SweepError, points, seeds
 
 STEPS = 300
-SEEDS = 2  # Fine-tuning seeds (the order of the examples and the new head's initialisation).
+SEEDS = 1  # Fine-tuning seeds (the order of the examples and the new head's initialisation).
+
 # The fine-tuning config of each pretraining config, and the probe file it reads.
 FINETUNING = {
     'configs/decoder.py:tiny': ('configs/finetune.py:jsonl,decoder.tiny', ''),
