@@ -59,14 +59,20 @@ def _closest_keys(bad_key, valid_keys):
   return matches
 
 
+def python_file(path, name):
+  """The module of the Python file at `path` (a config or sweep file), imported as `name`."""
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config_file(spec):
   """Loads `path.py:variant` without absl, for programmatic use and tests."""
   path, _, arg = spec.partition(':')
   if not os.path.exists(path):
     raise ConfigError(f'Config file {path!r} does not exist; pass --config configs/<family>.py:VARIANT.')
-  module_spec = importlib.util.spec_from_file_location('_research_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = python_file(path, '_research_config')
   try:
     return module.get_config(arg) if arg else module.get_config()
   except ValueError as error:  # e.g. an unknown variant: the config file says which exist.

@@ -24,7 +24,6 @@ current record (launch/sweep.py writes it, research/report.py `load_registry` re
 import difflib
 import fcntl
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -121,9 +120,7 @@ def load(spec):
   path, _, argument = spec.partition(':')
   if not os.path.isfile(path):
     raise SweepError(f'Sweep file {path!r} does not exist; pass --sweep configs/sweeps/NAME.py.')
-  spec = importlib.util.spec_from_file_location('_research_sweep', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.python_file(path, '_research_sweep')
   if not hasattr(module, 'get_sweep'):
     raise SweepError(f'{path} defines no get_sweep(); return the points from one.')
   space = _space(module.get_sweep(argument) if argument else module.get_sweep())
