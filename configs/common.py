@@ -41,6 +41,7 @@ def base_config(variant, shape, source='stdlib'):
       decay_norms_and_biases=False,
       clip_norm=1.0,  # 0 disables clipping.
       grad_accum_steps=1,
+      mu_dtype='float32',  # float32 | bfloat16: adamw's and lion's first moment (research/optim).
   ))
 
   config.data = ml_collections.ConfigDict(dict(
@@ -95,6 +96,9 @@ def base_config(variant, shape, source='stdlib'):
       seq_len=shape['seq_len'],
       num_steps=shape['num_steps'],
       num_tokens=0,  # > 0: train on this many tokens instead (sets num_steps).
+      # Vocabulary losses: 0 computes the float32 logits of every position at once, N > 0 N
+      # positions at a time, -1 chunks for a vocabulary of 32768 or more (objectives/chunked_loss).
+      loss_chunk=-1,
       log_every=10,
       eval_every=100,
       eval_batches=4,

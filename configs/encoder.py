@@ -72,7 +72,7 @@ def _model_defaults():
       param_dtype='float32',
       scan_layers=True,
       remat='dots',  # none | full | dots | minimal | offload (research/models/layers.py)
-      attention='auto',  # auto | explicit | xla | cudnn (research/models/attention.py).
+      attention='auto',  # auto | explicit | xla | cudnn | pallas_gpu | pallas_tpu (attention.py).
       share_layers=False,  # ALBERT: one block's parameters applied num_layers times.
       pooler=True,  # tanh(dense(first token)) for sentence-level heads.
       pair_head='nsp',  # none | nsp | sop: the sentence-pair head on the pooled output.

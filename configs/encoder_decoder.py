@@ -73,7 +73,7 @@ def _model_defaults():
       param_dtype='float32',
       scan_layers=True,
       remat='dots',  # none | full | dots | minimal | offload (research/models/layers.py)
-      attention='auto',  # auto | explicit | xla | cudnn (research/models/attention.py).
+      attention='auto',  # auto | explicit | xla | cudnn | pallas_gpu | pallas_tpu (attention.py).
   ))
 
 

@@ -1,6 +1,9 @@
 """Benchmarks.
 
   python -m research.bench train --config configs/decoder.py:nanogpt_cpu [--peer=torch]
+  python -m research.bench train --config configs/bench.py:llama_1b_2048 --steps 60 \
+      [--results bench/results.jsonl]
+  python -m research.bench table [--results bench/results.jsonl] [--markdown table.md]
   python -m research.bench decode --config configs/decoder.py:tiny [--decode_batch=8 ...]
   python -m research.bench checkpoint --config configs/decoder.py:gpt2_small [--checkpoint_dir=DIR]
   python -m research.bench data --config configs/decoder.py:tiny [--corpus_mb=100,1000]
@@ -9,12 +12,31 @@
 the train step it feeds, and the peak memory of training starts on generated corpora of several
 sizes (research/data/benchmark.py).
 
-`train` times full training steps (host batch creation and transfer, forward, backward, optimizer)
-on synthetic full-length token batches after warm-up, and reports the median over several timed
-windows of tokens/s, step time and MFU, plus the compile time. With --peer=torch it also trains
-the same model in PyTorch (the family's TORCH_PEER: research/peers/torch_gpt.py, nanoGPT-
-equivalent; research/peers/torch_bert.py, transformers' BERT, RoBERTa and ALBERT), alternating timed
-windows between the two so that both see the same machine, and reports the ratio.
+`train` times full training steps (host-to-device transfer, forward, backward, optimizer) on
+synthetic full-length token batches (a few, made before timing and used in turn) after warm-up,
+and reports the median over several timed windows of tokens/s, step time and MFU, plus the
+compile time. With --peer=torch it also trains the same model in PyTorch (the family's
+TORCH_PEER: research/peers/torch_gpt.py, nanoGPT-equivalent; research/peers/torch_bert.py,
+transformers' BERT, RoBERTa and ALBERT; research/peers/torch_t5.py, transformers' T5) in a
+process of its own (research/peers/serve.py: the two runtimes' spinning threads would otherwise
+steal each other's cores), alternating timed windows between the two so that both see the same
+machine, and reports the ratio.
+--steps N times N steps in all, split as evenly as they go over --windows windows (N windows of
+one step when N is smaller); without it each of the --windows windows runs --window_steps steps.
+Every figure is per device: tokens/s, model TFLOP/s and
+
+  MFU = tokens/s per device x model FLOPs per token / peak FLOP/s of one device
+
+where model FLOPs per token are the objective's flops_per_token (research/objectives: training =
+3 x forward, a multiply-add = 2 FLOPs, every matrix product where the model applies it, and no
+recompute of remat) and the peak is the published dense peak of the device in the compute dtype
+(H100 and H200 SXM: 989 TFLOP/s in bfloat16) or, on CPU, a measured one
+(research/metrics.py device_peak). Peak memory is the compiled step's (arguments + outputs +
+temporaries - donated aliases, from XLA's memory_analysis) and, where the device keeps memory
+statistics (GPU, TPU), the peak bytes it held. Each run appends one JSON line to --results (default
+bench/results.jsonl under the working directory) with the config, the device, the shapes, the
+versions and the figures; `table` turns that file into the markdown table of the README's
+Performance section: the latest run of each device, model, length and per-device batch.
 
 `checkpoint` times the per-array content checksums (research/checkpoint.py) against the save and
 the restore they protect, on a freshly initialised train state of the config's model.
@@ -23,8 +45,9 @@ the restore they protect, on a freshly initialised train state of the config's m
 prefill of the prompts and the per-token decode step separately (fastest of the repeats).
 """
 
-import importlib
+import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -48,12 +71,20 @@ from research import train
 from research import train_state
 from research.data import benchmark as data_benchmark
 from research.data import global_batch
+from research.models import attention as attention_lib
+from research.peers import serve
 
 _WARMUP = flags.DEFINE_integer('warmup_steps', 5, 'Untimed steps after compilation.')
 _WINDOWS = flags.DEFINE_integer('windows', 7, 'Number of timed windows.')
 _WINDOW_STEPS = flags.DEFINE_integer('window_steps', 20, 'Training steps per timed window.')
 _PEER = flags.DEFINE_enum('peer', None, ['torch'], 'Also time this peer implementation.')
+_STEPS = flags.DEFINE_integer('steps', 0, 'train: timed steps in all, split over --windows '
+                              'windows; 0 runs --windows x --window_steps.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
+_RESULTS = flags.DEFINE_string('results', 'bench/results.jsonl', 'train: the JSON-lines file each '
+                               'run appends its line to (table: the file read); empty: none.')
+_MARKDOWN = flags.DEFINE_string('markdown', '', 'table: write the markdown table to this file '
+                                'instead of printing it.')
 _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 8, 'decode: prompts per batch.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 64, 'decode: prompt length in tokens.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'decode: generated tokens per prompt.')
@@ -69,23 +100,43 @@ _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'checkpoint: where
 _NO_DATA = object()
 
 
+# Host batches made before timing and used in turn: training makes its rows ahead of the steps
+# (research/data/prefetch.py), and some objectives' synthetic batches (masking, span corruption)
+# take as long in Python as a GPU's step, which would then time the host instead.
+_BATCH_POOL = 4
+
+
 class _JaxTrainer:
   """Our train step on synthetic batches; run_steps(n) returns the tokens it trained on."""
 
   def __init__(self, config):
-    mesh = mesh_lib.make_mesh(config_lib.validate(config, jax.device_count()))
-    self.trainer = train.setup(config, mesh, pipeline=_NO_DATA)  # Batches are synthetic.
+    self.mesh_shape = config_lib.validate(config, jax.device_count())
+    self.trainer = train.setup(config, mesh_lib.make_mesh(self.mesh_shape),
+                               pipeline=_NO_DATA)  # Batches are synthetic.
     self.state = self.trainer.state
     self.rng = np.random.default_rng(0)
+    self.batches = [self.trainer.objective.synthetic_batch(self.rng) for _ in range(_BATCH_POOL)]
+    self.taken = 0
     self.config = config
+    self.compiled_bytes = None
+    step = self.trainer.train_step
     start = time.perf_counter()
+    if hasattr(step, 'lower'):  # The jitted step itself (no frozen arrays bound to it).
+      # Compiled ahead of the first step, which then finds it in jit's cache: the compile time
+      # excludes the step, and XLA's memory analysis of the very program that runs is at hand.
+      batch = global_batch.to_global(self.batches[0], self.trainer.batch_shardings)
+      compiled = step.lower(self.state, batch, self.trainer.dropout_rng).compile()
+      self.compiled_bytes = _compiled_peak_bytes(compiled.memory_analysis())
+      self.compile_s = time.perf_counter() - start
     self.run_steps(1)
-    self.compile_s = time.perf_counter() - start
+    if self.compiled_bytes is None:  # The first step's time stands for the compile time.
+      self.compile_s = time.perf_counter() - start
 
   def run_steps(self, count):
     tokens = 0.0
     for _ in range(count):
-      batch = self.trainer.objective.synthetic_batch(self.rng)
+      batch = self.batches[self.taken % len(self.batches)]
+      self.taken += 1
       self.state, self.metrics = self.trainer.train_step(
           self.state, global_batch.to_global(batch, self.trainer.batch_shardings),
           self.trainer.dropout_rng)
@@ -95,9 +146,34 @@ class _JaxTrainer:
     return tokens
 
 
-def _timed_rate(run_steps):
+def _compiled_peak_bytes(memory):
+  """Bytes the compiled step holds at its peak: its arguments, outputs and temporaries, less the
+  outputs written over donated arguments (counted twice otherwise)."""
+  if memory is None:
+    return None
+  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+
+
+def _device_peak_bytes():
+  """The largest number of bytes the first device has held, where it keeps such statistics (GPU,
+  TPU; a CPU does not)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
+
+
+def window_sizes(steps, windows, window_steps):
+  """Timed steps per window: `steps` split as evenly as they go over at most `windows` windows
+  (the first ones one step longer), or `windows` x `window_steps` when `steps` is 0."""
+  if not steps:
+    return [window_steps] * windows
+  count = min(windows, steps)
+  return [steps // count + (i < steps % count) for i in range(count)]
+
+
+def _timed_rate(run_steps, steps=None):
   start = time.perf_counter()
-  tokens = run_steps(_WINDOW_STEPS.value)
+  tokens = run_steps(steps or _WINDOW_STEPS.value)
   return tokens / (time.perf_counter() - start)
 
 
@@ -105,38 +181,145 @@ def bench_train(config):
   t = config.train
   ours = _JaxTrainer(config)
   runners = {'ours': ours.run_steps}
-  if _PEER.value == 'torch':
-    peer = importlib.import_module(models.get(config.model.family).TORCH_PEER)
+  peer = None
+  if _PEER.value == 'torch':  # In a process of its own: research/peers/serve.py says why.
     try:
-      runners['torch'] = peer.make_trainer(config, t.batch_size, t.seq_len)
+      peer = serve.PeerProcess(models.get(config.model.family).TORCH_PEER, config, t.batch_size,
+                               t.seq_len)
     except ValueError as error:
       raise config_lib.ConfigError(str(error)) from None
-  for run_steps in runners.values():
-    run_steps(_WARMUP.value)
-  rates = {name: [] for name in runners}
-  for _ in range(_WINDOWS.value):  # Alternate windows so that all runners see the same machine.
-    for name, run_steps in runners.items():
-      rates[name].append(_timed_rate(run_steps))
+    runners['torch'] = peer
+  try:
+    for run_steps in runners.values():
+      if _WARMUP.value:
+        run_steps(_WARMUP.value)
+    rates = {name: [] for name in runners}
+    windows = window_sizes(_STEPS.value, _WINDOWS.value, _WINDOW_STEPS.value)
+    for steps in windows:  # Alternate windows so that all runners see the same machine.
+      for name, run_steps in runners.items():
+        rates[name].append(_timed_rate(run_steps, steps))
+  finally:
+    if peer is not None:
+      peer.close()
 
   family = models.get(config.model.family)
+  devices = jax.device_count()
   tokens_per_s = statistics.median(rates['ours'])
   flops_per_token = ours.trainer.objective.flops_per_token(
       family, family.spec_from_config(config.model))
   peak, peak_label = metrics_lib.device_peak(config.model.dtype)
   results = dict(
-      variant=config.variant, devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
+      variant=config.variant, devices=devices, device_kind=jax.devices()[0].device_kind,
       tokens_per_s=tokens_per_s, tokens_per_s_windows=rates['ours'],
+      tokens_per_s_per_device=tokens_per_s / devices, timed_steps=sum(windows),
       step_time_ms=1000 * ours.tokens_per_step / tokens_per_s,
       compile_s=ours.compile_s, model_tflops_per_s=tokens_per_s * flops_per_token / 1e12,
-      flops_per_token=flops_per_token, final_loss=float(ours.metrics['loss']))
+      model_tflops_per_s_per_device=tokens_per_s * flops_per_token / devices / 1e12,
+      flops_per_token=flops_per_token, final_loss=float(ours.metrics['loss']),
+      compiled_peak_bytes=ours.compiled_bytes, device_peak_bytes=_device_peak_bytes(),
+      mesh=ours.mesh_shape, per_device_batch=t.batch_size // math.prod(
+          ours.mesh_shape[axis] for axis in mesh_lib.BATCH_AXES))
   if peak:
-    results.update(mfu=tokens_per_s * flops_per_token / (peak * jax.device_count()),
-                   peak_tflops_per_s=peak * jax.device_count() / 1e12, peak_source=peak_label)
+    results.update(mfu=tokens_per_s * flops_per_token / (peak * devices),
+                   peak_tflops_per_s=peak * devices / 1e12, peak_source=peak_label)
   if 'torch' in rates:
     peer = statistics.median(rates['torch'])
     results.update(torch_tokens_per_s=peer, torch_tokens_per_s_windows=rates['torch'],
                    ratio_to_torch=tokens_per_s / peer)
   return results
+
+
+def run_record(config, argv, results):
+  """One line of the results file: what ran (config file and overrides, model, shapes, dtypes,
+  remat, the attention implementation it resolved to, device, versions, date) and `results`."""
+  m, t = config.model, config.train
+  attention = None
+  if 'attention' in m:
+    # Synthetic rows carry segment ids (packed); a Pallas kernel is ruled out where the sequence
+    # is split over devices (research/models/attention.py resolve_implementation).
+    attention = attention_lib.resolve_implementation(
+        m.attention, m.dtype, packed=True, kernel_fits=results['mesh'][mesh_lib.SEQUENCE] == 1)
+  record = dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      config=config_lib.config_spec(argv), overrides=[a for a in argv if a.startswith('--config.')],
+      family=m.family, objective=config.objective.name, seq_len=t.seq_len,
+      target_len=t.get('target_len'), batch_size=t.batch_size, dtype=m.dtype,
+      param_dtype=m.get('param_dtype'), remat=m.get('remat'), attention=attention,
+      platform=jax.devices()[0].platform, jax=jax.__version__, git=config_lib.git_revision())
+  return dict(record, **results)
+
+
+def _append_record(path, record):
+  folder = os.path.dirname(path)
+  if folder:
+    os.makedirs(folder, exist_ok=True)
+  with open(path, 'a') as f:
+    f.write(json.dumps(record, sort_keys=True) + '\n')
+
+
+# Under the table: how its MFU column is computed.
+MFU_FORMULA = ('MFU = tokens/s per device x model FLOPs per token / peak FLOP/s of one device; '
+               'model FLOPs per token count training as 3 x forward (2 FLOPs a multiply-add, '
+               'every matrix product including attention and the output head) and no remat '
+               'recompute; the peak is the published dense peak in the compute dtype (H100 and '
+               'H200 SXM, bfloat16: 989 TFLOP/s) or, on CPU, the measured matmul peak.')
+
+
+def _length(record):
+  if record.get('target_len'):
+    return f"{record['seq_len']} / {record['target_len']}"
+  return str(record['seq_len'])
+
+
+def _bytes(count):
+  if count is None:
+    return 'n/a'
+  if count < 1 << 30:
+    return f'{count / (1 << 20):.1f} MiB'
+  return f'{count / (1 << 30):.1f} GiB'
+
+
+def results_table(records):
+  """Markdown table of the latest record (the file's order is the runs' order) of each device,
+  model, length and per-device batch, in that order, then the MFU formula."""
+  latest = {}
+  for record in records:
+    key = (record['device_kind'], record['variant'], _length(record), record['per_device_batch'])
+    latest[key] = record
+  lines = ['| device | model | length | batch / device | MFU | tokens/s / device | '
+           'TFLOP/s / device | peak memory | date |',
+           '|---|---|---|---:|---:|---:|---:|---:|---|']
+  for (device, variant, length, batch), r in sorted(latest.items()):
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get('mfu') is not None else 'no peak known'
+    memory = r.get('device_peak_bytes') or r.get('compiled_peak_bytes')
+    lines.append(f"| {device} | {variant} | {length} | {batch} | {mfu} | "
+                 f"{r['tokens_per_s_per_device']:,.0f} | "
+                 f"{r['model_tflops_per_s_per_device']:.4g} | {_bytes(memory)} | "
+                 f"{r['date'][:10]} |")
+  return '\n'.join(lines + ['', MFU_FORMULA]) + '\n'
+
+
+def read_records(path):
+  """The records of the results file `path`, in the order they were appended."""
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f'--results {path} does not exist; run `python -m research.bench '
+                                 'train` first or pass the file it wrote.')
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def table(argv):
+  """`table`: reads --results, prints the table or writes it to --markdown."""
+  try:
+    flags.FLAGS([argv[0]] + argv[2:])
+  except flags.Error as error:
+    raise config_lib.ConfigError(f'{error}.') from None
+  text = results_table(read_records(_RESULTS.value))
+  if _MARKDOWN.value:
+    with open(_MARKDOWN.value, 'w') as f:
+      f.write(text)
+  else:
+    print(text, end='')
 
 
 def bench_decode(config):
@@ -235,6 +418,8 @@ def bench_data(config, argv):
 
 def _check_flags():
   """One sentence for a flag value the benchmarks cannot use."""
+  if _STEPS.value < 0:
+    raise config_lib.ConfigError(f'--steps={_STEPS.value} must not be negative.')
   counts = dict(windows=_WINDOWS, window_steps=_WINDOW_STEPS, decode_batch=_DECODE_BATCH,
                 prompt_len=_PROMPT_LEN, new_tokens=_NEW_TOKENS, repeats=_REPEATS,
                 data_steps=_DATA_STEPS)
@@ -251,11 +436,15 @@ def _check_flags():
 def main(argv):
   modes = {'train': bench_train, 'decode': bench_decode, 'checkpoint': bench_checkpoint,
            'data': lambda config: bench_data(config, argv)}
-  if len(argv) < 2 or argv[1] not in modes:
+  if len(argv) < 2 or argv[1] not in list(modes) + ['table']:
     print('usage: python -m research.bench train|decode|checkpoint|data --config '
-          'configs/<family>.py:VARIANT', file=sys.stderr)
+          'configs/<family>.py:VARIANT, or python -m research.bench table [--results FILE] '
+          '[--markdown FILE]', file=sys.stderr)
     return 2
   try:
+    if argv[1] == 'table':
+      table(argv)
+      return 0
     config = config_lib.parse_flags([argv[0]] + argv[2:])
     _check_flags()
     mesh_lib.configure_cpu_devices()
@@ -263,7 +452,11 @@ def main(argv):
   except (config_lib.ConfigError, data_benchmark.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
+  if argv[1] == 'train' and _RESULTS.value:
+    _append_record(_RESULTS.value, run_record(config, argv, results))
   for key, value in results.items():
+    if value is None:
+      continue
     if isinstance(value, list):
       value = '[' + ', '.join(f'{v:,.0f}' for v in value) + ']'
     shown = f'{value:,.4g}' if isinstance(value, float) else value

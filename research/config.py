@@ -28,6 +28,7 @@ from research import objectives
 from research.data import labeled
 from research.data import sources
 from research.data import tokenizer as tokenizer_lib
+from research.models import attention as attention_lib
 from research.models import layers
 
 _CONFIG_FLAG = config_flags.DEFINE_config_file(
@@ -181,7 +182,7 @@ def validate(config, num_devices):
   # Model keys are checked where a family has them (a recurrent or counted model has no heads).
   model_choices = {'dtype': ('float32', 'bfloat16'), 'param_dtype': ('float32', 'bfloat16'),
                    'remat': tuple(layers.REMAT_POLICIES),
-                   'attention': ('auto', 'explicit', 'xla', 'cudnn')}
+                   'attention': attention_lib.IMPLEMENTATIONS}
   choices = {
       **{f'model.{key}': (m[key], allowed) for key, allowed in model_choices.items() if key in m},
       'optim.name': (o.name, ('adamw', 'adafactor', 'lion')),
@@ -191,6 +192,8 @@ def validate(config, num_devices):
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f'config.{key}={value!r} is not one of {list(allowed)}.')
+  from research import optim  # Imported here: research.optim imports this module.
+  optim.mu_dtype(o)
   try:
     tokenizer_lib.check_name(config.data.tokenizer)
   except ValueError as error:

@@ -2,6 +2,11 @@
 
 Gradient accumulation lives in train_step.py, where the loss is normalised by the token count of
 the whole global batch; the optimiser only ever sees the final, already normalised gradient.
+
+`mu_dtype` stores the first moment (momentum) of adamw and lion in bfloat16, saving a quarter of
+adamw's state; the second moment always stays float32, where its small values keep their
+precision. The dtype is part of the state's structure, so a checkpoint records it and a resume
+with another mu_dtype is refused in one sentence (research/checkpoint.py).
 """
 
 import jax
@@ -12,6 +17,8 @@ from research.config import ConfigError
 
 _NO_DECAY_LEAVES = ('scale', 'bias')  # Norm scales and biases.
 _EMBEDDING_LEAVES = ('embedding',)
+MU_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_HAVE_MU = ('adamw', 'lion')  # The optimizers with a first moment whose dtype optax sets.
 
 
 def learning_rate_schedule(optim, num_steps):
@@ -57,15 +64,27 @@ def weight_decay_mask(params, decay_embeddings=False, decay_norms_and_biases=Fal
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
+def mu_dtype(optim):
+  """The dtype of the first moment named by optim.mu_dtype; ConfigError for an unknown name, or
+  for a non-default one with an optimizer that keeps no first moment."""
+  name = optim.get('mu_dtype', 'float32')  # The config of a run recorded before the key existed.
+  dtype = _choose('optim.mu_dtype', name, MU_DTYPES)
+  if name != 'float32' and optim.name not in _HAVE_MU:
+    raise ConfigError(f'config.optim.mu_dtype={name!r} applies only to optim.name in '
+                      f'{list(_HAVE_MU)} ({optim.name} keeps no first moment); leave it float32.')
+  return dtype
+
+
 def make_optimizer(optim, num_steps):
   """Returns (optax transformation, schedule)."""
   schedule = learning_rate_schedule(optim, num_steps)
   mask = lambda params: weight_decay_mask(params, optim.decay_embeddings,
                                           optim.decay_norms_and_biases)
+  mu = mu_dtype(optim)
   optimizers = {
       'adamw': lambda: optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                                   weight_decay=optim.weight_decay, mask=mask),
-      'lion': lambda: optax.lion(schedule, b1=optim.b1, b2=optim.b2,
+                                   mu_dtype=mu, weight_decay=optim.weight_decay, mask=mask),
+      'lion': lambda: optax.lion(schedule, b1=optim.b1, b2=optim.b2, mu_dtype=mu,
                                  weight_decay=optim.weight_decay, mask=mask),
       'adafactor': lambda: optax.adafactor(schedule, weight_decay_rate=optim.weight_decay or None,
                                            weight_decay_mask=mask),

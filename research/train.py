@@ -124,13 +124,24 @@ def _evaluate(trainer, params, num_batches):
   return {f'eval_{k}': v for k, v in trainer.objective.metrics(totals).items()}
 
 
+def _released(state):
+  """The shapes, dtypes and shardings of `state`, whose arrays are freed: a resumed run's fresh
+  state only shows the restore what to read, and kept (the trainer holds it for the whole run)
+  it would double the memory the state takes."""
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  for x in jax.tree.leaves(state):
+    x.delete()
+  return template
+
+
 def _start_up(config, trainer, checkpointer):
   """Applies the start-up precedence; returns (state, dropout_rng, description).
 
   A resumed run continues the data from the row its checkpoint recorded.
   """
   if checkpointer.latest_step() is not None:
-    state, record = checkpointer.restore(trainer.state, trainer.state_shardings,
+    state, record = checkpointer.restore(_released(trainer.state), trainer.state_shardings,
                                          checkpoint_lib.settings(config))
     trainer.pipeline.check_position(record['data'])
     trainer.pipeline.resume_at(record['data']['next_step'], record['data']['rows_consumed'])

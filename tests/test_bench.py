@@ -1,13 +1,23 @@
-"""The benchmark command runs end to end, with one JAX device per core and the torch peer."""
+"""The benchmark command runs end to end, with one JAX device per core and the torch peer; its
+results file and table, the CPU peak behind MFU, the benchmark configs and the GPU script."""
 
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
+import runs
+from configs import bench as bench_configs
+from research import bench
+from research import config as config_lib
+from research import metrics
+from research import plan
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 1 << 30
 
 
 @pytest.mark.slow
@@ -16,7 +26,8 @@ def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'research.bench', 'train', '--config', 'configs/decoder.py:nanogpt_cpu',
        '--cpu_devices=2', '--peer=torch', '--windows=2', '--window_steps=3', '--warmup_steps=1',
-       f'--json={out}'], cwd=REPO, capture_output=True, text=True, timeout=600)
+       f'--json={out}', f'--results={tmp_path / "results.jsonl"}'], cwd=REPO,
+      capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.load(open(out))
   assert results['devices'] == 2
@@ -67,7 +78,8 @@ def test_bench_train_of_an_encoder_against_transformers(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'research.bench', 'train', '--config', 'configs/encoder.py:bert_tiny',
        '--cpu_devices=2', '--peer=torch', '--windows=2', '--window_steps=2', '--warmup_steps=1',
-       f'--json={out}'], cwd=REPO, capture_output=True, text=True, timeout=600)
+       f'--json={out}', f'--results={tmp_path / "results.jsonl"}'], cwd=REPO,
+      capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.load(open(out))
   assert results['tokens_per_s'] > 0 and results['torch_tokens_per_s'] > 0
@@ -124,3 +136,178 @@ def test_bench_checkpoint_reports_the_checksum_cost_next_to_save_and_restore(tmp
   assert 0 < results['checksum_share_of_save'] < 1
   assert 0 < results['checksum_share_of_restore'] < 1
   assert os.listdir(tmp_path) == ['checkpoint.json']  # The temporary checkpoints are gone.
+
+
+def test_the_cpu_peak_is_the_fastest_product_over_sizes_and_repeats():
+  """Each size runs once untimed, then `repeats` times; its fastest run gives its rate and the
+  best rate over the sizes is the peak (fake products and clock: exact numbers)."""
+  ran = []
+  durations = {4: [5.0, 2.0, 3.0], 8: [9.0, 8.0, 16.0]}  # Seconds of the timed runs of each size.
+  ticks = []
+
+  def product(size):
+    def run():
+      ran.append(size)
+      if ran.count(size) > 1:  # Timed: the clock moves by this run's duration.
+        ticks.append(ticks[-1] + durations[size][ran.count(size) - 2])
+    return run
+
+  def clock():
+    ticks.append(ticks[-1] if ticks else 0.0)
+    return ticks[-1]
+
+  rate = metrics.best_matmul_rate(product, (4, 8), 3, clock)
+  assert ran == [4] * 4 + [8] * 4  # One untimed run each, then three timed.
+  assert rate == max(2 * 4 ** 3 / 2.0, 2 * 8 ** 3 / 8.0) == 128.0
+
+
+def test_a_cpu_device_gets_its_share_of_the_peak_in_the_compute_dtype(monkeypatch):
+  monkeypatch.setitem(metrics._measured_peaks, 'bfloat16', 16e9)
+  monkeypatch.setitem(metrics._measured_peaks, 'float32', 8e9)
+  assert jax.local_device_count() == 8
+  assert metrics.device_peak('bfloat16') == (2e9, 'measured bfloat16 matmul peak')
+  assert metrics.device_peak('float32') == (1e9, 'measured float32 matmul peak')
+
+
+def test_steps_are_split_over_the_windows():
+  assert bench.window_sizes(10, 4, 20) == [3, 3, 2, 2]
+  assert bench.window_sizes(3, 7, 20) == [1, 1, 1]  # Fewer steps than windows: one step each.
+  assert bench.window_sizes(0, 2, 5) == [5, 5]  # No --steps: windows x window_steps.
+
+
+def _record(variant, date, tokens_per_s, mfu=0.5, batch=8, device='NVIDIA H100 80GB HBM3',
+            **more):
+  return dict(dict(variant=variant, device_kind=device, seq_len=1024, target_len=None,
+                   per_device_batch=batch, mfu=mfu, tokens_per_s_per_device=tokens_per_s,
+                   model_tflops_per_s_per_device=tokens_per_s * 1e9 / 1e12,
+                   compiled_peak_bytes=3 * GIB, device_peak_bytes=None, date=date), **more)
+
+
+def test_the_table_shows_the_latest_run_of_each_device_model_length_and_batch(tmp_path):
+  results = tmp_path / 'results.jsonl'
+  lines = [_record('gpt2_small_1024', '2026-01-01T10:00:00+00:00', 100_000, mfu=0.4),
+           _record('t5_1_1_base_512', '2026-01-02T10:00:00+00:00', 50_000, seq_len=512,
+                   target_len=114, device_peak_bytes=int(1.5 * GIB), mfu=None),
+           _record('gpt2_small_1024', '2026-01-03T10:00:00+00:00', 123_456, mfu=0.4567),
+           _record('gpt2_small_1024', '2026-01-04T10:00:00+00:00', 90_000, batch=4,
+                   device='cpu', compiled_peak_bytes=5 << 20)]
+  results.write_text(''.join(json.dumps(line) + '\n' for line in lines))
+  out = tmp_path / 'table.md'
+  runs.ok(runs.in_process('research.bench', 'table', f'--results={results}',
+                          f'--markdown={out}'))
+  table = out.read_text().splitlines()
+  assert table[0].startswith('| device | model | length | batch / device | MFU |')
+  assert table[2:5] == [
+      '| NVIDIA H100 80GB HBM3 | gpt2_small_1024 | 1024 | 8 | 45.7% | 123,456 | 123.5 | '
+      '3.0 GiB | 2026-01-03 |',
+      '| NVIDIA H100 80GB HBM3 | t5_1_1_base_512 | 512 / 114 | 8 | no peak known | 50,000 | '
+      '50 | 1.5 GiB | 2026-01-02 |',  # The device's own peak wins over the compiled estimate.
+      '| cpu | gpt2_small_1024 | 1024 | 4 | 50.0% | 90,000 | 90 | 5.0 MiB | 2026-01-04 |']
+  assert table[5:] == ['', bench.MFU_FORMULA]
+  printed = runs.ok(runs.in_process('research.bench', 'table', f'--results={results}'))
+  assert printed.stdout == out.read_text()
+
+
+def test_the_table_of_a_missing_results_file_is_one_sentence(tmp_path):
+  result = runs.in_process('research.bench', 'table', f'--results={tmp_path / "none.jsonl"}')
+  runs.assert_error(result, f'--results {tmp_path / "none.jsonl"} does not exist')
+
+
+@pytest.mark.parametrize('name', sorted(bench_configs.BENCHMARKS))
+def test_each_benchmark_config_validates_on_one_device_in_bfloat16_over_float32(name):
+  config = config_lib.load_config_file(os.path.join(REPO, 'configs', f'bench.py:{name}'))
+  assert config_lib.validate(config, 1) == dict(data=1, fsdp=1, sequence=1, tensor=1)
+  assert (config.model.dtype, config.model.param_dtype) == ('bfloat16', 'float32')
+  record = bench_configs.BENCHMARKS[name]
+  assert config.train.seq_len == record['settings']['train.seq_len'] == int(name.split('_')[-1])
+  assert config.model.remat == record['settings']['model.remat']
+  assert 0.4 < record['target_mfu'] < 0.6 and record['planned'].endswith('GiB')
+  if config.model.family == 'encoder_decoder':
+    assert config.train.target_len == 114
+
+
+def test_an_unknown_benchmark_names_the_benchmarks():
+  with pytest.raises(config_lib.ConfigError, match=r"benchmark 'gpt3'; choose one of \['bert_"):
+    config_lib.load_config_file(os.path.join(REPO, 'configs', 'bench.py:gpt3'))
+
+
+def test_the_gpu_script_parses_and_refuses_bad_usage():
+  script = os.path.join(REPO, 'launch', 'bench_gpu.sh')
+  assert subprocess.run(['bash', '-n', script]).returncode == 0
+  for args in ([], ['serve'], ['run']):
+    result = subprocess.run(['bash', script, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'bench_gpu.sh wheels' in result.stderr, result.stderr
+
+
+# The planner's verdict on one H100 80 GB (whose bytes also decide an H200's), in this process:
+# one of the 8 simulated devices compiles each step, with jax's persistent compilation cache.
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(bench_configs.BENCHMARKS))
+def test_each_benchmark_config_fits_one_h100_and_one_h200(name):
+  config = config_lib.load_config_file(os.path.join(REPO, 'configs', f'bench.py:{name}'))
+  devices, hbm = plan.topology('h100-80gb:1')
+  report = plan.plan(config, jax.devices()[:devices], hbm_bytes=hbm)
+  assert report['fits'] and report['total_bytes_per_device'] < 0.85 * hbm, report
+  assert plan.fit(report, plan.topology('h200:1')[1])['fits']
+  assert (report['batch_size'], report['seq_len']) == (config.train.batch_size,
+                                                       config.train.seq_len)
+  # The figure the config records, within 10%: the models' memory moves as their code does.
+  planned = float(bench_configs.BENCHMARKS[name]['planned'].split()[-2])
+  assert abs(report['total_bytes_per_device'] / GIB - planned) < 0.1 * planned, report
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_a_tiny_config_on_cpu_into_results_and_a_table(tmp_path):
+  """`run` mode end to end with the project's packages already there (nothing to install): the
+  results line of `research.bench train --steps` and the table row made from it."""
+  out = tmp_path / 'out'
+  env = dict(os.environ, PYTHON=sys.executable, BENCH_TESTS='0', BENCH_STEPS='3',
+             BENCH_WARMUP='1', BENCH_CONFIGS='configs/decoder.py:tiny',
+             BENCH_OVERRIDES=' '.join([
+                 '--cpu_devices=1', '--config.model.num_layers=1', '--config.model.emb_dim=32',
+                 '--config.model.mlp_dim=64', '--config.train.batch_size=2',
+                 '--config.train.seq_len=16', '--config.train.progress_bar=False']))
+  result = subprocess.run(['bash', 'launch/bench_gpu.sh', 'run', str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ['environment.txt', 'results.jsonl', 'table.md', 'tiny.log']
+  [line] = [json.loads(text) for text in (out / 'results.jsonl').read_text().splitlines()]
+  assert line['config'] == 'configs/decoder.py:tiny' and line['variant'] == 'tiny'
+  assert '--config.model.emb_dim=32' in line['overrides']
+  assert '--cpu_devices=1' not in line['overrides']  # Only config overrides are recorded.
+  assert (line['devices'], line['device_kind'], line['platform']) == (1, 'cpu', 'cpu')
+  assert (line['seq_len'], line['target_len'], line['batch_size'], line['per_device_batch']) == (
+      16, None, 2, 2)
+  assert (line['dtype'], line['param_dtype'], line['remat'], line['attention']) == (
+      'float32', 'float32', 'dots', 'explicit')
+  assert line['jax'] == jax.__version__ and line['git'] and line['date'].endswith('+00:00')
+  assert line['timed_steps'] == 3 and len(line['tokens_per_s_windows']) == 3
+  assert line['tokens_per_s_per_device'] == line['tokens_per_s'] > 0
+  assert line['model_tflops_per_s_per_device'] == pytest.approx(
+      line['tokens_per_s'] * line['flops_per_token'] / 1e12)
+  assert line['mfu'] == pytest.approx(line['model_tflops_per_s_per_device']
+                                      / line['peak_tflops_per_s'])
+  assert line['compile_s'] > 0 and line['compiled_peak_bytes'] > 0
+  assert line['device_peak_bytes'] is None  # A CPU keeps no memory statistics.
+  table = (out / 'table.md').read_text().splitlines()
+  assert table[2].startswith(f"| cpu | tiny | 16 | 2 | {100 * line['mfu']:.1f}% | ")
+  assert table[2].endswith(f" | {line['date'][:10]} |")
+
+
+def test_the_peer_trains_in_a_process_of_its_own_and_its_refusal_is_one_sentence():
+  """The torch peer runs in a child process (its threads never share ours): it answers the
+  tokens of the steps asked for, and a config it cannot train comes back as its own sentence."""
+  from research import config as config_lib
+  from research.peers import serve
+  config = config_lib.load_config_file(os.path.join(REPO, 'configs', 'decoder.py:nanogpt_cpu'))
+  peer = serve.PeerProcess('research.peers.torch_gpt', config, 2, 8)
+  try:
+    assert peer.process.pid != os.getpid()
+    assert peer(3) == 3 * 2 * 8
+  finally:
+    peer.close()
+  assert peer.process.returncode == 0
+  config = config_lib.load_config_file(os.path.join(REPO, 'configs', 'decoder.py:tiny'))
+  with pytest.raises(ValueError, match=r'^The torch peer of the decoder implements the GPT-2 '
+                     r'style only; use a gpt2 variant such as nanogpt_cpu\.$'):
+    serve.PeerProcess('research.peers.torch_gpt', config, 2, 8)

@@ -5,7 +5,11 @@ A family module provides
   check_config(model_config)          ValueError in one sentence for what it cannot build
   sharded_heads(model_config)         head counts that mesh.tensor must divide
   build(model_config, sharding)       the linen module: __call__ returns hidden states, heads are
-                                      methods, `initialize` creates every parameter
+                                      methods, `initialize` creates every parameter; a
+                                      vocabulary head also has `head_inputs(hidden)` ->
+                                      {features, kernel, bias, vocab_axis}, its logits being
+                                      features @ kernel (+ bias), so that a loss can compute
+                                      them in chunks (objectives/chunked_loss.py)
   init_inputs(seq_len)                arguments of `initialize` for abstract initialisation
   FLOPs of its body and heads, for MFU (what its objectives call)
   HF_MODEL_TYPES                      Hugging Face model types its converter reads (optional)

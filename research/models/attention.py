@@ -1,9 +1,12 @@
 """Scaled dot-product attention kernels: causal (decoders), bidirectional (encoders) or cross
 (encoder-decoders), with an optional additive bias (T5's relative positions).
 
-`jax.nn.dot_product_attention` is the path on accelerators (its cuDNN fused kernel on GPU).
-`explicit_attention` is for CPUs: the same mathematics with a hand-written backward pass. On
-XLA:CPU the automatic backward of softmax spends most of its time in a slow row reduction over
+Packed rows never attend across their segments on any kernel. On accelerators the kernels with
+native segment ids run: Pallas FlashAttention on GPU (flash_attention.py), splash attention or
+the TPU flash kernel on TPU (tpu_attention.py); cuDNN (`jax.nn.dot_product_attention`) where
+there are no segment ids, and XLA's kernel under a dense mask wherever a per-shard kernel does
+not fit the mesh. `explicit_attention` is for CPUs: the same mathematics with a hand-written
+backward pass. On XLA:CPU the automatic backward of softmax spends most of its time in a slow row reduction over
 keys; the explicit backward uses the identity
   sum_k p_k * dp_k = sum_d out_d * d_out_d
 (as FlashAttention does) and computes that reduction as a matrix-vector product.
@@ -11,8 +14,14 @@ keys; the explicit backward uses the identity
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ('auto', 'explicit', 'xla', 'cudnn')
+from research import partitioning
+from research.models import flash_attention
+from research.models import tpu_attention
+
+IMPLEMENTATIONS = ('auto', 'explicit', 'xla', 'cudnn', 'pallas_gpu', 'pallas_tpu')
+PALLAS = ('pallas_gpu', 'pallas_tpu')  # flash_attention.py, tpu_attention.py.
 
 
 def segment_mask(segment_ids, length, causal=True, kv_segment_ids=None, kv_length=None):
@@ -87,8 +96,10 @@ def _explicit_bwd(residuals, d_out):
   d_bias = None
   if bias is not None:  # The logits' gradient, summed over the batch where bias broadcasts.
     d_bias = d_logits32.reshape((d_logits32.shape[0], -1) + d_logits32.shape[3:])
-    if bias.shape[0] == 1:
-      d_bias = jnp.sum(d_bias, axis=0, keepdims=True)
+    if bias.shape[0] == 1:  # A vector-matrix product: XLA:CPU reduces over a leading axis slowly.
+      batch = d_bias.shape[0]
+      d_bias = (jnp.ones((1, batch), jnp.float32) @ d_bias.reshape(batch, -1)).reshape(
+          (1,) + d_bias.shape[1:])
     d_bias = d_bias.astype(bias.dtype)
   return d_q, d_k, d_v, None, d_bias
 
@@ -114,27 +125,38 @@ def explicit_attention(q, k, v, segment_ids=None, causal=True, bias=None, scale=
   return _explicit(_scaled(q, scale), k, v, mask, bias)
 
 
-def resolve_implementation(implementation, dtype):
-  """'auto' -> 'explicit' on CPU, 'cudnn' on GPU for 16-bit inputs, 'xla' otherwise.
-
-  (`jax.nn.dot_product_attention` itself defaults to its XLA implementation, so cuDNN must be
-  asked for by name.)
+def resolve_implementation(implementation, dtype, packed=True, kernel_fits=True):
+  """The kernel 'auto' stands for, by backend:
+    CPU: 'explicit';
+    GPU: 'cudnn' for 16-bit inputs without segment ids (`packed` False), where cuDNN needs no
+         dense mask; otherwise 'pallas_gpu';
+    TPU: 'pallas_tpu' (splash attention, or the TPU flash kernel when there is a bias).
+  A Pallas kernel runs once per shard, so it is chosen only where `kernel_fits`: the queries'
+  length is not split across devices and key/value heads are split like query heads (see
+  _kernel_specs); 'xla' otherwise. An implementation named in the config is used as is.
   """
   if implementation != 'auto':
     return implementation
   backend = jax.default_backend()
   if backend == 'cpu':
     return 'explicit'
-  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return 'cudnn'
+  if backend == 'gpu':
+    if not packed and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+      return 'cudnn'
+    return 'pallas_gpu' if kernel_fits else 'xla'
+  if backend == 'tpu':
+    return 'pallas_tpu' if kernel_fits else 'xla'
   return 'xla'
 
 
 def masked_attention(q, k, v, mask, implementation='auto', bias=None, scale=None):
-  """Attention under an explicit [batch, 1, q, k] boolean mask (decoding with a cache)."""
+  """Attention under an explicit [batch, 1, q, k] boolean mask (decoding with a cache). The
+  Pallas kernels take segment ids, not masks: there XLA's kernel runs (one query per step)."""
   implementation = resolve_implementation(implementation, q.dtype)
   if implementation == 'explicit':
     return _forward(_scaled(q, scale), k, v, mask, bias)[0]
+  if implementation in PALLAS:
+    implementation = 'xla'
   return jax.nn.dot_product_attention(q, k, v, bias=_cast(bias, q), mask=mask, scale=scale,
                                       implementation=implementation)
 
@@ -143,21 +165,76 @@ def _cast(bias, q):
   return None if bias is None else bias.astype(q.dtype)
 
 
+def _kernel_specs(q, k, bias, mesh):
+  """PartitionSpecs of (q, k/v, query segment ids, key segment ids, bias) under the logical
+  rules, or None where a per-shard kernel would compute something else: queries split along
+  their length (each shard would see positions from 0), or key/value heads not split like the
+  query heads (a shard's query heads would read other key/value heads than their own)."""
+  def spec(axes, x):
+    return partitioning.logical_to_spec(axes, x.shape, mesh)
+  def split(entry):  # The mesh axes of a spec entry that really split (size > 1).
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return tuple(axis for axis in axes if mesh.shape[axis] > 1)
+  q_spec = spec(('batch', 'length', 'act_heads', 'head_dim'), q)
+  kv_spec = spec(('batch', 'kv_length', 'act_kv_heads', 'head_dim'), k)
+  if split(q_spec[1]) or split(q_spec[2]) != split(kv_spec[2]) or q_spec[0] != kv_spec[0]:
+    return None
+  bias_spec = None
+  if bias is not None:
+    bias_spec = P(q_spec[0] if bias.shape[0] > 1 else None, q_spec[2], None, None)
+  q_spec = P(q_spec[0], None, q_spec[2], None)  # A length axis of size one: whole rows.
+  return q_spec, kv_spec, P(q_spec[0], None), P(q_spec[0], None), bias_spec
+
+
+def _pallas(implementation, q, k, v, segment_ids, kv_segment_ids, bias, causal, sharding):
+  """A Pallas kernel, run once per shard of the mesh `sharding` carries (shard_map), since
+  XLA cannot partition a custom kernel itself."""
+  kernel = (flash_attention.flash_attention if implementation == 'pallas_gpu'
+            else tpu_attention.tpu_attention)
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, t), jnp.int32)
+  if kv_segment_ids is None:
+    kv_segment_ids = segment_ids if s == t else jnp.ones((b, s), jnp.int32)
+
+  def run(q, k, v, q_seg, kv_seg, bias):
+    return kernel(q, k, v, q_seg, kv_seg, bias, causal)
+
+  if sharding is None:
+    return run(q, k, v, segment_ids, kv_segment_ids, bias)
+  specs = _kernel_specs(q, k, bias, sharding.mesh)
+  if specs is None:
+    raise ValueError(f'model.attention={implementation!r} cannot run per shard on this mesh '
+                     '(the sequence is split, or key/value heads are not split like query '
+                     "heads); use model.attention='auto' or 'xla'.")
+  q_spec, kv_spec, q_seg_spec, kv_seg_spec, bias_spec = specs
+  return jax.shard_map(run, mesh=sharding.mesh, in_specs=(
+      q_spec, kv_spec, kv_spec, q_seg_spec, kv_seg_spec, bias_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v, segment_ids, kv_segment_ids, bias)
+
+
 def dot_product_attention(q, k, v, segment_ids, causal, implementation='auto', bias=None,
-                          scale=None, kv_segment_ids=None):
-  """Attention with the kernel `implementation` (see IMPLEMENTATIONS).
+                          scale=None, kv_segment_ids=None, sharding=None):
+  """Attention with the kernel `implementation` (see IMPLEMENTATIONS and
+  resolve_implementation).
 
   q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; segment_ids: [b, t] or None (no packing and
   no padding: with causal=False every query sees every key); kv_segment_ids: the keys' segment
   ids when they are not the queries' (cross-attention, s may differ from t); bias: [b or 1,
-  heads, t, s] added to the logits; scale: of the logits (None: head_dim ** -0.5).
+  heads, t, s] added to the logits; scale: of the logits (None: head_dim ** -0.5); sharding:
+  the model's partitioning.ActivationSharding (its mesh), which the Pallas kernels need.
   """
-  implementation = resolve_implementation(implementation, q.dtype)
+  packed = segment_ids is not None or kv_segment_ids is not None
+  fits = sharding is None or _kernel_specs(q, k, bias, sharding.mesh) is not None
+  implementation = resolve_implementation(implementation, q.dtype, packed, fits)
   if implementation == 'explicit':
     return explicit_attention(q, k, v, segment_ids, causal, bias, scale, kv_segment_ids)
+  if implementation in PALLAS:
+    return _pallas(implementation, _scaled(q, scale), k, v, segment_ids, kv_segment_ids,
+                   _cast(bias, q), causal, sharding)
   # The causal part is left to is_causal: cuDNN then skips the masked blocks.
   mask = None
-  if segment_ids is not None or kv_segment_ids is not None:
+  if packed:
     mask = segment_mask(segment_ids, q.shape[1], False, kv_segment_ids, k.shape[1])
   return jax.nn.dot_product_attention(q, k, v, bias=_cast(bias, q), mask=mask, scale=scale,
                                       is_causal=causal, implementation=implementation)

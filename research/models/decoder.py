@@ -113,11 +113,11 @@ class Decoder(nn.Module):
   def setup(self):
     spec = self.spec
     self.token_embed = layers.Embed(spec.vocab_size, spec.emb_dim, dtype=spec.dtype,
-                                    param_dtype=spec.param_dtype)
+                                    param_dtype=spec.param_dtype, sharding=self.sharding)
     if spec.is_gpt2:
       self.position_embed = layers.Embed(spec.max_len, spec.emb_dim, axes=('positions', 'embed'),
                                          init_std=0.02, dtype=spec.dtype,
-                                         param_dtype=spec.param_dtype)
+                                         param_dtype=spec.param_dtype, sharding=self.sharding)
     self.dropout = nn.Dropout(spec.dropout_rate, deterministic=self.deterministic)
     block = DecoderBlock
     if spec.remat != 'none' and not self.decode:  # Remat only matters for gradients.
@@ -164,6 +164,18 @@ class Decoder(nn.Module):
     if logits.ndim == 3:
       logits = constrain(logits, self.sharding, ('batch', 'length', 'act_vocab'))
     return logits.astype(jnp.float32)
+
+  def head_inputs(self, hidden):
+    """The output head as a product, for a loss that computes logits in chunks
+    (research/objectives/chunked_loss.py): logits(hidden) == features @ kernel, the kernel's
+    vocab_axis being its vocabulary axis (0: the tied table [vocab, emb_dim])."""
+    spec = self.spec
+    if spec.tie_embeddings:
+      kernel, vocab_axis = self.token_embed.embedding, 0
+    else:
+      kernel, vocab_axis = nn.meta.unbox(self.lm_head.variables['params']['kernel']), 1
+    return dict(features=hidden.astype(spec.dtype), kernel=kernel.astype(spec.dtype), bias=None,
+                vocab_axis=vocab_axis)
 
   def language_model(self, tokens, positions=None, segment_ids=None):
     """Next-token logits at every position."""

@@ -171,7 +171,8 @@ class Encoder(nn.Module):
   def setup(self):
     spec = self.spec
     embed = functools.partial(layers.Embed, features=spec.embedding_dim, init_std=0.02,
-                              dtype=spec.dtype, param_dtype=spec.param_dtype)
+                              dtype=spec.dtype, param_dtype=spec.param_dtype,
+                              sharding=self.sharding)
     self.token_embed = embed(spec.vocab_size)
     self.position_embed = embed(spec.position_rows, axes=('positions', 'embed'))
     self.type_embed = embed(spec.type_vocab_size, axes=(None, 'embed'))
@@ -239,6 +240,16 @@ class Encoder(nn.Module):
     logits = self.mlm_bias(self.token_embed.attend(h).astype(jnp.float32))
     leading = (('batch', 'length') + (None,) * logits.ndim)[:logits.ndim - 1]
     return constrain(logits, self.sharding, leading + ('act_vocab',))
+
+  def head_inputs(self, hidden):
+    """The masked-LM head as a product, for a loss that computes logits in chunks
+    (research/objectives/chunked_loss.py): mlm_logits(hidden) == features @ kernel + bias, the
+    kernel being the tied word embeddings [vocab, embedding_dim] (vocab_axis 0)."""
+    spec = self.spec
+    h = self.mlm_transform(hidden)
+    h = self.mlm_norm(nn.gelu(h, approximate=layers.GELU_APPROXIMATE[spec.activation]))
+    return dict(features=h.astype(spec.dtype), kernel=self.token_embed.embedding.astype(spec.dtype),
+                bias=nn.meta.unbox(self.mlm_bias.variables['params']['bias']), vocab_axis=0)
 
   def pooled(self, hidden):
     """tanh(dense(hidden of the first token)) [batch, emb_dim]: the sequence summary that the

@@ -220,7 +220,7 @@ class EncoderDecoder(nn.Module):
   def setup(self):
     spec = self.spec
     self.token_embed = layers.Embed(spec.vocab_size, spec.emb_dim, init_std=1.0, dtype=spec.dtype,
-                                    param_dtype=spec.param_dtype)
+                                    param_dtype=spec.param_dtype, sharding=self.sharding)
     stack = functools.partial(Stack, spec, deterministic=self.deterministic,
                               sharding=self.sharding)
     self.encoder = stack(is_decoder=False)
@@ -258,6 +258,18 @@ class EncoderDecoder(nn.Module):
     if logits.ndim == 3:
       logits = constrain(logits, self.sharding, ('batch', 'length', 'act_vocab'))
     return logits.astype(jnp.float32)
+
+  def head_inputs(self, hidden):
+    """The output layer as a product, for a loss that computes logits in chunks
+    (research/objectives/chunked_loss.py): logits(hidden) == features @ kernel, the kernel's
+    vocab_axis being its vocabulary axis (0: the tied table, read by the scaled states)."""
+    spec = self.spec
+    if spec.tie_embeddings:
+      hidden, kernel, vocab_axis = hidden * (spec.emb_dim ** -0.5), self.token_embed.embedding, 0
+    else:
+      kernel, vocab_axis = nn.meta.unbox(self.lm_head.variables['params']['kernel']), 1
+    return dict(features=hidden.astype(spec.dtype), kernel=kernel.astype(spec.dtype), bias=None,
+                vocab_axis=vocab_axis)
 
   def initialize(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None,
                  decoder_segment_ids=None):

@@ -66,13 +66,22 @@ class DenseGeneral(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token (or position) embedding table; `attend` gives tied output logits."""
+  """Token (or position) embedding table; `attend` gives tied output logits.
+
+  `sharding` (partitioning.ActivationSharding): the look-up reads the table gathered along its
+  embedding dimension (as FSDP gathers any weight before use), so that the rows it picks come
+  out sharded like the ids, over the batch. Left sharded over `embed`, the gathered rows would
+  be sharded over the feature dimension instead, and no collective turns that into the batch
+  sharding the next layer wants: XLA then replicates them (an involuntary full
+  rematerialization), both forward and backward.
+  """
   num_embeddings: int
   features: int
   axes: Sequence[str] = ('vocab', 'embed')
   init_std: float = 0.02
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  sharding: Optional[Callable] = None
 
   def setup(self):
     self.embedding = self.param(
@@ -80,7 +89,8 @@ class Embed(nn.Module):
         (self.num_embeddings, self.features), self.param_dtype)
 
   def __call__(self, ids):
-    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+    table = constrain(self.embedding, self.sharding, (self.axes[0], None))
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
 
   def attend(self, x):
     return jnp.einsum('...d,vd->...v', x.astype(self.dtype), self.embedding.astype(self.dtype))
@@ -190,7 +200,8 @@ class Attention(nn.Module):
       out = self._cached_attention(q, k, v, segment_ids, bias)
     else:
       out = attention.dot_product_attention(q, k, v, segment_ids, self.causal,
-                                            self.implementation, bias=bias, scale=self.scale)
+                                            self.implementation, bias=bias, scale=self.scale,
+                                            sharding=self.sharding)
       out = checkpoint_name(out, 'attention_out')  # Kept by remat='minimal'.
     return DenseGeneral((x.shape[-1],), ('heads', 'head_dim', 'embed'), contract_dims=2,
                         use_bias=self.use_bias, init_std=self.out_init_std, dtype=self.dtype,
@@ -267,7 +278,8 @@ class CrossAttention(nn.Module):
     k = constrain(k, self.sharding, ('batch', 'kv_length', 'act_heads', 'head_dim'))
     v = constrain(v, self.sharding, ('batch', 'kv_length', 'act_heads', 'head_dim'))
     out = attention.dot_product_attention(q, k, v, segment_ids, False, self.implementation,
-                                          scale=self.scale, kv_segment_ids=encoded_segment_ids)
+                                          scale=self.scale, kv_segment_ids=encoded_segment_ids,
+                                          sharding=self.sharding)
     out = checkpoint_name(out, 'attention_out')
     return DenseGeneral((x.shape[-1],), ('heads', 'head_dim', 'embed'), contract_dims=2,
                         init_std=self.out_init_std, dtype=self.dtype,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import objectives
+from research.objectives import chunked_loss
 from research.data import packing
 from research.data import sources
 from research.data import tokenizer as tokenizer_lib
@@ -34,6 +35,7 @@ def check_config(config, family):
   if config.data.source not in SOURCES:
     raise ValueError(f'objective.name=causal_lm reads documents; set data.source to one of '
                      f'{list(SOURCES)} (it is {config.data.source!r}).')
+  chunked_loss.check_config(config, config.train.seq_len, 'train.seq_len')
 
 
 class Transform:
@@ -74,6 +76,7 @@ class Objective:
   def __init__(self, config):
     self.config = config
     self._text_bytes = None
+    self.loss_chunk = chunked_loss.chunk_size(config, config.train.seq_len)
 
   def text_bytes(self):
     """UTF-8 bytes each id spells, over the model's vocabulary; None for synthetic tokens (no
@@ -108,9 +111,16 @@ class Objective:
     return batch['weights'].astype(np.float32).sum()
 
   def sums(self, model, params, batch, rng):
-    logits = objectives.apply(model, params, rng, batch['tokens'], batch['positions'],
-                              batch.get('segment_ids'), method='language_model')
-    sums = objectives.cross_entropy_sums(logits, batch['targets'], batch['weights'])
+    if chunked_loss.uses_chunks(model, self.loss_chunk):
+      def forward(module):
+        hidden = module(batch['tokens'], batch['positions'], batch.get('segment_ids'))
+        return chunked_loss.head_sums(module, hidden, batch['targets'], batch['weights'],
+                                      self.loss_chunk)
+      sums = objectives.apply(model, params, rng, method=forward)
+    else:
+      logits = objectives.apply(model, params, rng, batch['tokens'], batch['positions'],
+                                batch.get('segment_ids'), method='language_model')
+      sums = objectives.cross_entropy_sums(logits, batch['targets'], batch['weights'])
     table = self.text_bytes()
     if table is not None:
       sums['bytes'] = jnp.sum(jnp.asarray(table)[batch['targets']]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import objectives
+from research.objectives import chunked_loss
 from research.data import packing
 from research.data import sources
 from research.data import tokenizer as tokenizer_lib
@@ -66,6 +67,7 @@ def check_config(config, family):
   if t.seq_len < 5:
     raise ValueError(f'train.seq_len={t.seq_len} leaves no room for [CLS] A [SEP] B [SEP]; '
                      'use at least 5.')
+  chunked_loss.check_config(config, o.max_predictions, 'objective.max_predictions')
 
 
 class Transform:
@@ -189,6 +191,7 @@ class Objective:
   def __init__(self, config):
     self.config = config
     self.pair = config.objective.pair
+    self.loss_chunk = chunked_loss.chunk_size(config, config.objective.max_predictions)
 
   def fields(self, seq_len):
     fields = objectives.token_fields(seq_len, ('tokens', 'positions', 'segment_ids',
@@ -213,20 +216,25 @@ class Objective:
 
   def sums(self, model, params, batch, rng):
     pair = self.pair
+    chunked = chunked_loss.uses_chunks(model, self.loss_chunk)
 
     def forward(module):
       hidden = module(batch['tokens'], batch['positions'], batch['segment_ids'],
                       batch['token_types'])
       # Only the gathered positions go through the vocabulary projection.
       gathered = jnp.take_along_axis(hidden, batch['mlm_positions'][..., None], axis=1)
-      logits = {'mlm': module.mlm_logits(gathered)}
+      if chunked:
+        logits = {'mlm': chunked_loss.head_sums(module, gathered, batch['mlm_targets'],
+                                                batch['mlm_weights'], self.loss_chunk)}
+      else:
+        logits = {'mlm': module.mlm_logits(gathered)}
       if pair != 'none':
         logits[pair] = module.pair_logits(module.pooled(hidden))
       return logits
 
     logits = objectives.apply(model, params, rng, method=forward)
-    sums = {'mlm': objectives.cross_entropy_sums(logits['mlm'], batch['mlm_targets'],
-                                                 batch['mlm_weights'])}
+    sums = {'mlm': logits['mlm'] if chunked else objectives.cross_entropy_sums(
+        logits['mlm'], batch['mlm_targets'], batch['mlm_weights'])}
     if pair != 'none':
       sums[pair] = objectives.cross_entropy_sums(logits[pair], batch['pair_label'],
                                                  jnp.ones(batch['pair_label'].shape))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import objectives
+from research.objectives import chunked_loss
 from research.data import packing
 from research.data import sources
 from research.data import tokenizer as tokenizer_lib
@@ -51,6 +52,7 @@ def check_config(config, family, name, reads=sources.KINDS):
     raise ValueError(f'objective.label_smoothing={o.label_smoothing} must lie in [0, 1).')
   if o.z_loss < 0:
     raise ValueError(f'objective.z_loss={o.z_loss} must not be negative (T5X uses 1e-4).')
+  chunked_loss.check_config(config, t.target_len, 'train.target_len')
 
 
 def fields(seq_len, target_len, pad_id=0):
@@ -101,14 +103,20 @@ class Transform:
 def token_terms(logits, targets, z_loss=0.0, label_smoothing=0.0):
   """(training loss, cross entropy) per position, float32."""
   logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_log_p = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
+  return stats_terms(jax.nn.logsumexp(logits, axis=-1),
+                     jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0],
+                     jnp.sum(logits, axis=-1), logits.shape[-1], z_loss, label_smoothing)
+
+
+def stats_terms(log_z, target_logit, logit_sum, vocab, z_loss=0.0, label_smoothing=0.0):
+  """token_terms from per-position log Z, target logit and sum of the logits (what a chunked
+  loss keeps of the logits, research/objectives/chunked_loss.py)."""
+  target_log_p = target_logit - log_z
   cross_entropy = -target_log_p
   loss = cross_entropy
   if label_smoothing:
-    vocab = logits.shape[-1]
     confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
-    others = jnp.sum(logits, axis=-1) - vocab * log_z - target_log_p  # Sum of the other log p.
+    others = logit_sum - vocab * log_z - target_log_p  # Sum of the other log p.
     # The smoothed distribution's own entropy: a perfect prediction then costs 0.
     floor = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
     loss = -(confidence * target_log_p + low * others) - floor
@@ -138,6 +146,7 @@ class Objective:
     self.target_len = config.train.target_len
     self.z_loss = config.objective.get('z_loss', 0.0)
     self.label_smoothing = config.objective.get('label_smoothing', 0.0)
+    self.loss_chunk = chunked_loss.chunk_size(config, self.target_len)
 
   def fields(self, seq_len):
     return fields(seq_len, self.target_len)
@@ -151,15 +160,25 @@ class Objective:
             + batch['decoder_weights'].astype(np.float32).sum())
 
   def sums(self, model, params, batch, rng):
+    targets, weights = batch['decoder_targets'], batch['decoder_weights'].astype(jnp.float32)
+    chunked = chunked_loss.uses_chunks(model, self.loss_chunk)
+
     def forward(module):
       hidden = module(batch['encoder_tokens'], batch['decoder_tokens'],
                       batch['encoder_segment_ids'], batch['decoder_segment_ids'])
+      if chunked:
+        return chunked_loss.head_stats(module, hidden, targets, self.loss_chunk)
       return module.logits(hidden)
 
-    logits = objectives.apply(model, params, rng, method=forward)
-    targets, weights = batch['decoder_targets'], batch['decoder_weights'].astype(jnp.float32)
-    loss, cross_entropy = token_terms(logits, targets, self.z_loss, self.label_smoothing)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    out = objectives.apply(model, params, rng, method=forward)
+    if chunked:
+      loss, cross_entropy = stats_terms(out['log_z'], out['target_logit'], out['logit_sum'],
+                                        self.config.model.vocab_size, self.z_loss,
+                                        self.label_smoothing)
+      correct = out['correct']
+    else:
+      loss, cross_entropy = token_terms(out, targets, self.z_loss, self.label_smoothing)
+      correct = (jnp.argmax(out, axis=-1) == targets).astype(jnp.float32)
     examples, examples_correct = sequence_counts(correct, weights, batch['decoder_segment_ids'])
     return {TERM: dict(loss=jnp.sum(loss * weights), cross_entropy=jnp.sum(cross_entropy * weights),
                        correct=jnp.sum(correct * weights), examples=examples,
