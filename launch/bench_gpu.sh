@@ -17,7 +17,8 @@
 # tests want 8 devices and run on CPU in CI), <config>.log per benchmark, results.jsonl (one line per benchmark, research.bench
 # train) and table.md (research.bench table). PYTHON names the Python to use (default python3).
 #
-# Time budget of `run` (about 7.5 minutes at most): installing and listing devices take under a
+# Time budget of `run` (about 7.5 minutes; the limits below bound the tests and benchmarks, and a
+# process that ignores SIGTERM is killed 10 s later): installing and listing devices take under a
 # minute; the tests stop after BENCH_TEST_TIMEOUT (120 s); llama_1b_2048 after 100 s and each
 # other benchmark after BENCH_TIMEOUT (70 s): start-up, initialisation and compilation take most
 # of that, and BENCH_STEPS (40) timed steps after 3 warm-up steps take 5-15 s at the expected
@@ -96,13 +97,15 @@ for wheel in sys.argv[2:]:
     fi
     {
       date -u; nvidia-smi || echo 'nvidia-smi: not available'
-      "$python" -c 'import jax; print("jax", jax.__version__, jax.devices())'
+      "$python" -c 'import jax; print("jax", jax.__version__, jax.devices())' \
+        || echo "jax: does not start (exit $?)"
     } > "$out/environment.txt" 2>&1
     cat "$out/environment.txt"
     if [[ ${BENCH_TESTS:-1} != 0 ]]; then
       # The tests pick the CPU unless JAX_PLATFORMS names the backend (tests/conftest.py).
-      platform=$("$python" -c 'import jax; print(jax.default_backend())')
-      JAX_PLATFORMS=$platform timeout "${BENCH_TEST_TIMEOUT:-120}" "$python" -m pytest -q \
+      platform=$("$python" -c 'import jax; print(jax.default_backend())') \
+        || fail "jax does not start; see $out/environment.txt."
+      JAX_PLATFORMS=$platform timeout -k 10 "${BENCH_TEST_TIMEOUT:-120}" "$python" -m pytest -q \
         tests/test_attention.py -m 'not slow' -k 'not mesh' --junitxml "$out/attention.xml" \
         > "$out/attention.log" 2>&1 || echo "attention tests: failed or timed out (exit $?)"
       tail -n 3 "$out/attention.log"
@@ -115,7 +118,7 @@ for wheel in sys.argv[2:]:
       name=${config##*:}
       limit=${BENCH_TIMEOUT:-70}
       [[ $name != llama_1b_2048 ]] || limit=${BENCH_LLAMA_TIMEOUT:-100}
-      timeout "$limit" "$python" -m research.bench train --config "$config" \
+      timeout -k 10 "$limit" "$python" -m research.bench train --config "$config" \
         --steps "${BENCH_STEPS:-40}" --windows 4 --warmup_steps "${BENCH_WARMUP:-3}" \
         --results "$out/results.jsonl" "${overrides[@]}" > "$out/$name.log" 2>&1 \
         || echo "$name: failed or timed out after ${limit} s (exit $?); see $name.log"

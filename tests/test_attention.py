@@ -195,6 +195,51 @@ def test_every_kernel_keeps_packed_documents_apart(implementation):
   assert not np.allclose(np.asarray(before)[second], np.asarray(after)[second])
 
 
+
+@pytest.mark.skipif('pallas_gpu' not in available_implementations(),
+                    reason='the GPU kernel runs on GPUs, and interpreted on CPUs')
+@pytest.mark.parametrize('tiles, t, s, causal', [
+    ((16, 16), 40, 40, True),  # Several tiles each way, the last one partly padding.
+    ((32, 16), 40, 40, True),  # Query tiles longer than key tiles.
+    ((16, 32), 20, 40, False),  # Cross-attention, with a query that sees no key.
+])
+def test_gpu_kernel_over_several_tiles(tiles, t, s, causal):
+  """The online softmax across key tiles, the causal tile bounds, the skipped tiles' bias
+  gradient and padded tails, against the textbook form; a query that sees no key outputs zeros
+  and passes no gradient."""
+  h, kv_heads, d = 4, 2, 16
+  keys = jax.random.split(jax.random.key(7), 5)
+  q = jax.random.normal(keys[0], (2, t, h, d))
+  k, v = (jax.random.normal(key, (2, s, kv_heads, d)) for key in keys[1:3])
+  bias = jax.random.normal(keys[3], (1, h, t, s))
+  q_seg = np.ones((2, t), np.int32)
+  q_seg[0, t // 2:] = 2
+  kv_seg = q_seg if s == t else np.where(np.arange(s) < s // 3, 1, 2)[None].repeat(2, 0)
+  if not causal:
+    q_seg[1, -3:] = 3  # No key has segment 3.
+  sees_no_key = q_seg == 3
+  d_out = jnp.where(sees_no_key[:, :, None, None], 0.0,
+                    jax.random.normal(keys[4], (2, t, h, d)))
+  mask = attention.segment_mask(jnp.asarray(q_seg), t, causal,
+                                None if s == t else jnp.asarray(kv_seg), s)
+  blocks = flash_attention.Blocks(q=tiles[0], kv=tiles[1])
+
+  def ours(q, k, v, bias):
+    return flash_attention.flash_attention(q, k, v, q_seg, kv_seg, bias, causal, blocks)
+
+  def plain(q, k, v, bias):
+    k, v = (jnp.repeat(x, h // kv_heads, axis=2) for x in (k, v))
+    return _plain_attention(q, k, v, bias, mask, 1.0)
+
+  tolerance = _dtype_and_tolerance('pallas_gpu')[1]
+  got_out, got_vjp = jax.vjp(ours, q, k, v, bias)
+  want_out, want_vjp = jax.vjp(plain, q, k, v, bias)
+  np.testing.assert_allclose(np.asarray(got_out)[~sees_no_key],
+                             np.asarray(want_out)[~sees_no_key], atol=tolerance, rtol=0)
+  assert not np.asarray(got_out)[sees_no_key].any()
+  for got, want in zip(got_vjp(d_out), want_vjp(d_out)):
+    np.testing.assert_allclose(got, want, atol=tolerance, rtol=0)
+
 @pytest.mark.parametrize('backend, packed, dtype, fits, expected', [
     ('cpu', True, jnp.float32, True, 'explicit'),
     ('gpu', False, jnp.bfloat16, True, 'cudnn'),  # No segment ids: cuDNN needs no dense mask.

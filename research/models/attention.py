@@ -17,8 +17,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from research import partitioning
-from research.models import flash_attention
-from research.models import tpu_attention
 
 IMPLEMENTATIONS = ('auto', 'explicit', 'xla', 'cudnn', 'pallas_gpu', 'pallas_tpu')
 PALLAS = ('pallas_gpu', 'pallas_tpu')  # flash_attention.py, tpu_attention.py.
@@ -189,8 +187,12 @@ def _kernel_specs(q, k, bias, mesh):
 def _pallas(implementation, q, k, v, segment_ids, kv_segment_ids, bias, causal, sharding):
   """A Pallas kernel, run once per shard of the mesh `sharding` carries (shard_map), since
   XLA cannot partition a custom kernel itself."""
-  kernel = (flash_attention.flash_attention if implementation == 'pallas_gpu'
-            else tpu_attention.tpu_attention)
+  # Imported on use: JAX's Pallas GPU and TPU modules are experimental, and a run that never
+  # asks for them should not depend on them.
+  if implementation == 'pallas_gpu':
+    from research.models.flash_attention import flash_attention as kernel
+  else:
+    from research.models.tpu_attention import tpu_attention as kernel
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
   if segment_ids is None:
     segment_ids = jnp.ones((b, t), jnp.int32)

@@ -4,13 +4,15 @@ Packed rows must never attend across their segments. `jax.nn.dot_product_attenti
 segment ids, so on its XLA and cuDNN paths packing costs a dense [batch, 1, q, k] mask; this kernel
 compares the queries' and keys' segment ids tile by tile instead and never forms the attention
 matrix, forward or backward (FlashAttention-2: an online softmax over key blocks, the log-sum-exp
-kept for the backward pass, which recomputes the probabilities block by block).
+kept for the backward pass, which recomputes the probabilities block by block). The one exception
+is the bias gradient, which is as large as the bias it differentiates: [batch, heads, q, k] in
+float32, summed over the batch afterwards for T5's batch-shared bias.
 
 What it adds to the usual kernel: separate query and key segment ids (cross-attention, where the
 lengths differ), grouped-query attention read in place (a query head reads key/value head
 h // groups, no copies), and T5's additive bias with its gradient. Lengths are padded to whole
 blocks and head_dim to a power of two here, so any shape runs; padded keys carry a segment id no
-query has, padded queries one no real key has.
+query has, padded queries one no real key has. A query that sees no key at all outputs zeros.
 
 On CPU the same kernels run in Pallas' interpret mode, which is how the tests check them.
 """
@@ -26,8 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 _LOG2E = math.log2(math.e)  # Softmax in base 2: exp(x) == exp2(x * log2(e)), cheaper on GPUs.
-# Finite, so that a query whose keys are all masked attends uniformly instead of producing NaN
-# (a padding query of cross-attention: its output carries no loss).
+# Finite, so that masked logits never make inf - inf = NaN in the online softmax.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _QUERY_PAD, _KEY_PAD = -1, -2  # Segment ids of padded positions (real ids are >= 0).
 
@@ -60,9 +61,10 @@ def _logits(q, k, q_seg, kv_seg, bias, causal, q_start, k_start):
   return jnp.where(mask, logits * _LOG2E, _MASK_VALUE), mask
 
 
-def _causal_key_blocks(q_block, block_q, block_kv):
-  """Key blocks that queries of block `q_block` can see under a causal mask (a ceiling)."""
-  return lax.div((q_block + 1) * block_q + block_kv - 1, block_kv)
+def _causal_key_blocks(q_block, block_q, block_kv, key_blocks):
+  """Key blocks that queries of block `q_block` can see under a causal mask (a ceiling, never
+  past the last key block when query tiles are longer than key tiles)."""
+  return jnp.minimum(lax.div((q_block + 1) * block_q + block_kv - 1, block_kv), key_blocks)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, *refs, causal, has_bias,
@@ -89,12 +91,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, *refs, causal, h
 
   blocks = k_ref.shape[0] // block_kv
   if causal:
-    blocks = _causal_key_blocks(q_block, block_q, block_kv)
+    blocks = _causal_key_blocks(q_block, block_q, block_kv, blocks)
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
   acc, row_max, row_sum = lax.fori_loop(0, blocks, body, init)
-  out_ref[...] = (acc / row_sum[:, None]).astype(out_ref.dtype)
-  lse_ref[...] = row_max + jnp.log2(row_sum)
+  # A query that sees no key (a padding query of cross-attention) outputs zeros, and its
+  # log-sum-exp of +inf gives it zero probabilities in the backward pass too: MASK + log2(n)
+  # would round back to MASK there and disagree with the forward.
+  sees_a_key = row_max > _MASK_VALUE
+  out_ref[...] = jnp.where(sees_a_key[:, None], acc / row_sum[:, None], 0.0).astype(out_ref.dtype)
+  lse_ref[...] = jnp.where(sees_a_key, row_max + jnp.log2(row_sum), jnp.inf)
 
 
 def _key_values_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, d_out_ref, lse_ref, delta_ref,
@@ -161,7 +167,7 @@ def _queries_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, d_out_ref, lse_r
 
   blocks = k_ref.shape[0] // block_kv
   if causal:
-    blocks = _causal_key_blocks(q_block, block_q, block_kv)
+    blocks = _causal_key_blocks(q_block, block_q, block_kv, blocks)
   d_q = lax.fori_loop(0, blocks, body, jnp.zeros(q.shape, jnp.float32))
   d_q_ref[...] = d_q.astype(d_q_ref.dtype)
 
@@ -226,7 +232,7 @@ def _backward(q, k, v, q_seg, kv_seg, bias, out, lse, d_out, causal, blocks, int
   # dK and dV per query head (a group's heads are summed below), dBias per batch row.
   per_head_kv = pl.BlockSpec((None, blocks.kv, None, d), lambda i, n, hh: (n, i, hh, 0))
   out_specs = [per_head_kv, per_head_kv]
-  out_shape = [jax.ShapeDtypeStruct((b, s, h, d), k.dtype)] * 2
+  out_shape = [jax.ShapeDtypeStruct((b, s, h, d), jnp.float32)] * 2  # Summed, then cast.
   if has_bias:
     out_specs.append(pl.BlockSpec((None, None, t, blocks.kv), lambda i, n, hh: (n, hh, 0, i)))
     out_shape.append(jax.ShapeDtypeStruct((b, h, t, s), jnp.float32))

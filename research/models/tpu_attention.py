@@ -1,9 +1,11 @@
 """Attention on TPUs through the Pallas kernels that JAX ships: splash attention, and the TPU
 flash-attention kernel where there is an additive bias (T5), which splash does not take.
 
-Both take segment ids natively (`SegmentIds`), so packed rows never build a dense mask. Both want
-one key/value head per query head (grouped-query keys are repeated here) and lengths in whole
-128-token blocks (padded here, the padding given segment ids no real position has). On CPU they
+Both take segment ids natively (`SegmentIds`), so packed rows never build a dense mask. Grouped-
+query keys and values are repeated per query head here (the TPU flash kernel needs that; splash
+could read them in place, a memory saving left for when it is measured on a TPU), and lengths are
+padded to whole 128-token blocks, the padding given segment ids no real position has. T5's
+batch-shared bias is broadcast over the batch for the flash kernel, which wants one per row. On CPU they
 run in the TPU interpret mode, which is how the tests check them.
 """
 

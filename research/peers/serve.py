@@ -33,7 +33,11 @@ class PeerProcess:
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self._send(json.dumps(dict(module=module, config=json.loads(config.to_json_best_effort()),
                                batch_size=batch_size, seq_len=seq_len)))
-    answer = self._receive()
+    try:
+      answer = self._receive()
+    except RuntimeError:
+      self.close()
+      raise
     if answer != 'ready':
       self.close()
       raise ValueError(answer.removeprefix('error: '))
@@ -53,25 +57,35 @@ class PeerProcess:
     return float(self._receive())
 
   def close(self):
+    """Ends the child (asked first, killed if it does not end) and closes both pipes."""
     if self.process.poll() is None:
-      self.process.stdin.close()
-      self.process.wait()
+      try:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+      except (OSError, subprocess.TimeoutExpired):
+        self.process.kill()
+        self.process.wait()
+    for pipe in (self.process.stdin, self.process.stdout):
+      pipe.close()
 
 
 def main():
+  # The protocol keeps stdout to itself: anything the peer's libraries print goes to stderr.
+  protocol = os.fdopen(os.dup(sys.stdout.fileno()), 'w')
+  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
   header = json.loads(sys.stdin.readline())
   config = ml_collections.ConfigDict(header['config'])
   try:
     run_steps = importlib.import_module(header['module']).make_trainer(
         config, header['batch_size'], header['seq_len'])
   except ValueError as error:
-    print(f'error: {error}', flush=True)
+    print(f'error: {error}', file=protocol, flush=True)
     return 0
-  print('ready', flush=True)
+  print('ready', file=protocol, flush=True)
   for line in sys.stdin:
     if not line.strip():
       break
-    print(run_steps(int(line)), flush=True)
+    print(run_steps(int(line)), file=protocol, flush=True)
   return 0
 
 
