@@ -15,9 +15,9 @@ conservative.
 `launch/bench_gpu.sh` runs the four; the README's Performance section holds their figures.
 """
 
-import importlib
-
 import ml_collections
+
+from configs import common
 
 # Each record: the family variant, the settings it changes (dotted keys), the MFU target on one
 # H100 or H200, and what the planner reported for it (--topology h100-80gb:1; the H200's plan is
@@ -52,22 +52,5 @@ _COMMON = {'mesh.data': -1, 'mesh.fsdp': 1, 'train.sample_tokens': 0,
            'model.dtype': 'bfloat16', 'model.param_dtype': 'float32'}
 
 
-def _family_config(base):
-  family, _, variant = base.partition('.')
-  return importlib.import_module(f'configs.{family}').get_config(variant)
-
-
 def get_config(name: str = 'gpt2_small_1024') -> ml_collections.ConfigDict:
-  if name not in BENCHMARKS:
-    raise ValueError(f'Unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}.')
-  record = BENCHMARKS[name]
-  config = _family_config(record['base'])
-  config.unlock()
-  config.variant = name
-  for key, value in {**_COMMON, **record['settings']}.items():
-    section, _, field = key.rpartition('.')
-    if field not in config[section]:  # A setting the family does not have is a typo here.
-      raise ValueError(f'Benchmark {name!r} sets {key}, which configs of {record["base"]} lack.')
-    config[section][field] = value
-  config.lock()
-  return config
+  return common.preset_config('benchmark', name, BENCHMARKS, _COMMON)

@@ -4,6 +4,8 @@ A family file (configs/<family>.py) adds its `model` and `objective` sections an
 training shape of its variants; nothing here is copied into a family file.
 """
 
+import importlib
+
 import ml_collections
 
 
@@ -127,3 +129,24 @@ def distill_defaults(base):
       hidden_weight=0.0,  # > 0 adds the mean squared error of projected hidden states.
       teacher_dtype='float32',  # float32 | bfloat16: the teacher's parameters and computation.
   )
+
+
+def preset_config(what, name, records, common):
+  """The config of preset `name` of `records` (configs/papers.py, configs/bench.py): the family
+  config its record's `base` names ('family.variant'), with `common` and then the record's own
+  `settings` (dotted keys) set on it. `what` names the kind of preset in errors."""
+  if name not in records:
+    raise ValueError(f'Unknown {what} {name!r}; choose one of {sorted(records)}.')
+  record = records[name]
+  family, _, variant = record['base'].partition('.')
+  config = importlib.import_module(f'configs.{family}').get_config(variant)
+  config.unlock()
+  config.variant = name
+  for key, value in {**common, **record['settings']}.items():
+    section, _, field = key.rpartition('.')
+    if field not in config[section]:  # A setting the family does not have is a typo here.
+      raise ValueError(f'{what.split()[-1].capitalize()} {name!r} sets {key}, which configs of '
+                       f'{record["base"]} lack.')
+    config[section][field] = value
+  config.lock()
+  return config

@@ -11,9 +11,9 @@ the topology it is planned for and the figure to compare against (docs/reproduct
 them with the launch commands and the planned memory).
 """
 
-import importlib
-
 import ml_collections
+
+from configs import common
 
 # English Wikipedia in TFDS has a train split only: its last 1% validates.
 _WIKIPEDIA = {'data.tfds_name': 'wikipedia/20230601.en', 'data.train_split': 'train[:99%]',
@@ -133,25 +133,8 @@ PAPERS = {
 _COMMON = {'data.source': 'tfds', 'mesh.data': 1, 'mesh.fsdp': -1, 'train.sample_tokens': 0}
 
 
-def _family_config(base):
-  family, _, variant = base.partition('.')
-  return importlib.import_module(f'configs.{family}').get_config(variant)
-
-
 def get_config(name: str = 'gpt2_124m') -> ml_collections.ConfigDict:
-  if name not in PAPERS:
-    raise ValueError(f'Unknown paper preset {name!r}; choose one of {sorted(PAPERS)}.')
-  record = PAPERS[name]
-  config = _family_config(record['base'])
-  config.unlock()
-  config.variant = name
-  for key, value in {**_COMMON, **record['settings']}.items():
-    section, _, field = key.rpartition('.')
-    if field not in config[section]:  # A setting the family does not have is a typo here.
-      raise ValueError(f'Preset {name!r} sets {key}, which configs of {record["base"]} lack.')
-    config[section][field] = value
-  config.lock()
-  return config
+  return common.preset_config('paper preset', name, PAPERS, _COMMON)
 
 
 def describe(name):

@@ -194,7 +194,7 @@ def _pallas(implementation, q, k, v, segment_ids, kv_segment_ids, bias, causal, 
   else:
     from research.models.tpu_attention import tpu_attention as kernel
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
-  if segment_ids is None:
+  if segment_ids is None:  # Arrays before shard_map splits them (the kernels default alike).
     segment_ids = jnp.ones((b, t), jnp.int32)
   if kv_segment_ids is None:
     kv_segment_ids = segment_ids if s == t else jnp.ones((b, s), jnp.int32)

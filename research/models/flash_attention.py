@@ -27,10 +27,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from research.models import kernel_inputs
+from research.models.kernel_inputs import pad
+
 _LOG2E = math.log2(math.e)  # Softmax in base 2: exp(x) == exp2(x * log2(e)), cheaper on GPUs.
 # Finite, so that masked logits never make inf - inf = NaN in the online softmax.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-_QUERY_PAD, _KEY_PAD = -1, -2  # Segment ids of padded positions (real ids are >= 0).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,38 +290,22 @@ def _block(length, block):
   return min(block, max(16, pl.next_power_of_2(length)))
 
 
-def _pad(x, axis, size, value=0):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, bias=None, causal=True,
                     blocks=Blocks(), interpret=None):
   """q: [b, t, heads, d]; k, v: [b, s, kv_heads, d] (heads a multiple of kv_heads); segment
   ids: [b, t] and [b, s] (None: one segment; the keys' default to the queries' when s == t);
   bias: [b or 1, heads, t, s]. Unscaled: the caller scales q. interpret=None runs the kernels
   in interpret mode exactly when the default backend is the CPU."""
-  b, t, h, d = q.shape
-  s = k.shape[1]
-  if causal and s != t:
-    raise ValueError(f'Causal attention needs as many keys as queries, not {s} and {t}.')
-  if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
-  if q_segment_ids is None:
-    q_segment_ids = jnp.ones((b, t), jnp.int32)
-  if kv_segment_ids is None:
-    kv_segment_ids = q_segment_ids if s == t else jnp.ones((b, s), jnp.int32)
+  t, d, s = q.shape[1], q.shape[3], k.shape[1]
   blocks = dataclasses.replace(blocks, q=_block(t, blocks.q), kv=_block(s, blocks.kv))
   padded_t, padded_s = pl.cdiv(t, blocks.q) * blocks.q, pl.cdiv(s, blocks.kv) * blocks.kv
+  q_seg, kv_seg = kernel_inputs.padded_segment_ids(q, k, q_segment_ids, kv_segment_ids, causal,
+                                                   padded_t, padded_s)
   padded_d = max(16, pl.next_power_of_2(d))
-  q = _pad(_pad(q, 1, padded_t), 3, padded_d)
-  k, v = (_pad(_pad(x, 1, padded_s), 3, padded_d) for x in (k, v))
-  q_seg = _pad(q_segment_ids.astype(jnp.int32), 1, padded_t, _QUERY_PAD)
-  kv_seg = _pad(kv_segment_ids.astype(jnp.int32), 1, padded_s, _KEY_PAD)
+  q = pad(pad(q, 1, padded_t), 3, padded_d)
+  k, v = (pad(pad(x, 1, padded_s), 3, padded_d) for x in (k, v))
   if bias is not None:
-    bias = _pad(_pad(bias, 2, padded_t), 3, padded_s)
-  out = _attention(q, k, v, q_seg, kv_seg, bias, causal, blocks, interpret)
+    bias = pad(pad(bias, 2, padded_t), 3, padded_s)
+  out = _attention(q, k, v, q_seg, kv_seg, bias, causal, blocks,
+                   kernel_inputs.interpreting(interpret))
   return out[:, :t, :, :d]

@@ -18,16 +18,10 @@ from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from research.models import kernel_inputs
+from research.models.kernel_inputs import pad
+
 _BLOCK = 128  # Both kernels tile sequences in blocks of 128 by default.
-_QUERY_PAD, _KEY_PAD = -1, -2  # Segment ids of padded positions (real ids are >= 0).
-
-
-def _pad(x, axis, size, value=0):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def _round_up(length):
@@ -75,29 +69,22 @@ def tpu_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, bias=None, c
   """q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; segment ids [b, t], [b, s] (None: one
   segment; the keys' default to the queries' when s == t); bias: [b or 1, heads, t, s].
   Unscaled: the caller scales q. interpret=None interprets exactly when running on the CPU."""
-  b, t, h, d = q.shape
+  b, t, h, _ = q.shape
   s = k.shape[1]
-  if causal and s != t:
-    raise ValueError(f'Causal attention needs as many keys as queries, not {s} and {t}.')
-  if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
-  if q_segment_ids is None:
-    q_segment_ids = jnp.ones((b, t), jnp.int32)
-  if kv_segment_ids is None:
-    kv_segment_ids = q_segment_ids if s == t else jnp.ones((b, s), jnp.int32)
+  interpret = kernel_inputs.interpreting(interpret)
   padded_t, padded_s = _round_up(t), _round_up(s)
-  q_seg = _pad(q_segment_ids.astype(jnp.int32), 1, padded_t, _QUERY_PAD)
-  kv_seg = _pad(kv_segment_ids.astype(jnp.int32), 1, padded_s, _KEY_PAD)
+  q_seg, kv_seg = kernel_inputs.padded_segment_ids(q, k, q_segment_ids, kv_segment_ids, causal,
+                                                   padded_t, padded_s)
   # [b, heads, length, d], keys repeated per query head.
-  q = jnp.transpose(_pad(q, 1, padded_t), (0, 2, 1, 3))
-  k, v = (jnp.repeat(jnp.transpose(_pad(x, 1, padded_s), (0, 2, 1, 3)), h // x.shape[2], axis=1)
+  q = jnp.transpose(pad(q, 1, padded_t), (0, 2, 1, 3))
+  k, v = (jnp.repeat(jnp.transpose(pad(x, 1, padded_s), (0, 2, 1, 3)), h // x.shape[2], axis=1)
           for x in (k, v))
   if bias is None:
     kernel = _splash_kernel(h, padded_t, padded_s, causal, interpret)
     out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash.SegmentIds(qs, ks)))(
         q, k, v, q_seg, kv_seg)
   else:
-    bias = jnp.broadcast_to(_pad(_pad(bias, 2, padded_t), 3, padded_s).astype(q.dtype),
+    bias = jnp.broadcast_to(pad(pad(bias, 2, padded_t), 3, padded_s).astype(q.dtype),
                             (b, h, padded_t, padded_s))
     segment_ids = tpu_flash.SegmentIds(q_seg, kv_seg)
     if interpret:
