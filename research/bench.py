@@ -62,6 +62,7 @@ from flax import linen as nn
 from research import checkpoint as checkpoint_lib
 from research import config as config_lib
 from research import decode
+from research import host_memory
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
 from research import models
@@ -448,6 +449,7 @@ def main(argv):
     config = config_lib.parse_flags([argv[0]] + argv[2:])
     _check_flags()
     mesh_lib.configure_cpu_devices()
+    host_memory.reuse_freed_memory()
     results = modes[argv[1]](config)
   except (config_lib.ConfigError, data_benchmark.DataError) as error:
     print(f'error: {error}', file=sys.stderr)

@@ -25,6 +25,7 @@ from research import checkpoint as checkpoint_lib
 from research import config as config_lib
 from research import counting
 from research import decode
+from research import host_memory
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
 from research import models
@@ -389,6 +390,7 @@ def main(argv):
       raise config_lib.ConfigError('--mesh does not apply to research.train; set the mesh with '
                                    '--config.mesh.<axis>=SIZE.')
     mesh_lib.configure_cpu_devices()
+    host_memory.reuse_freed_memory()
     mesh_lib.initialize_distributed(config.watchdog.peer_timeout_s)
     final = run(config, config_lib.WORKDIR.value)
   except (config_lib.ConfigError, pipeline_lib.DataError, checkpoint_lib.CheckpointError,

@@ -12,9 +12,26 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(REPO, '.pytest_c
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from research import host_memory  # noqa: E402
 from research.config import load_config_file  # noqa: E402
+
+# As the command lines do: a step's temporaries are reused, not faulted in again on every call.
+host_memory.reuse_freed_memory()
+
+# The tests in this process compile far more than they run: LLVM's cheapest level halves their
+# compile time. XLA reads XLA_FLAGS once, when the backend starts, so the flag is set for that
+# moment only; the command lines under test, which train for many steps, still inherit the
+# optimising flags. The persistent cache keys on the XLA_FLAGS of the moment of compilation, so
+# this process keeps its unoptimised programs in a cache of their own.
+_FLAGS = os.environ['XLA_FLAGS']
+os.environ['XLA_FLAGS'] = _FLAGS + ' --xla_backend_optimization_level=0'
+jax.devices()
+os.environ['XLA_FLAGS'] = _FLAGS
+jax.config.update('jax_compilation_cache_dir',
+                  os.path.join(REPO, '.pytest_cache', 'jax-unoptimised'))
 
 
 def _fast(config):

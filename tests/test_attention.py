@@ -319,7 +319,7 @@ def test_kernels_lower_for_their_accelerator(implementation, platform, shape):
 def _config(family, attention_name):
   variant = {'decoder': 'decoder.py:tiny', 'encoder_decoder': 'encoder_decoder.py:t5_tiny'}[family]
   config = config_lib.load_config_file(os.path.join(REPO, 'configs', variant))
-  config.train.batch_size, config.train.seq_len = 8, 24
+  config.train.batch_size, config.train.seq_len = 4, 24  # One row per (data, fsdp) shard.
   if family == 'encoder_decoder':
     config.train.target_len = 16
   config.optim.warmup_steps, config.optim.lr = 1, 1e-2
@@ -330,7 +330,7 @@ def _config(family, attention_name):
 def _decoder_batch(rng):
   """Rows of two packed documents (positions restart at each), the second row ending in
   padding."""
-  b, t = 8, 24
+  b, t = 4, 24
   tokens = rng.integers(3, 250, (b, t + 1)).astype(np.int32)
   segments = np.where(np.arange(t) < 10, 1, 2).astype(np.int32)[None].repeat(b, 0)
   segments[1, 20:] = 0
@@ -343,7 +343,7 @@ def _t5_batch(rng):
   """Rows of two packed examples each (inputs and targets ending with EOS, 2), then padding."""
   fields = text_to_text.fields(24, 16)
   rows = []
-  for _ in range(8):
+  for _ in range(4):
     examples = [dict(inputs=np.r_[rng.integers(3, 250, int(rng.integers(3, 10))), 2],
                      targets=np.r_[rng.integers(3, 250, int(rng.integers(2, 7))), 2])
                 for _ in range(2)]

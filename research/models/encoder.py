@@ -235,20 +235,23 @@ class Encoder(nn.Module):
     """float32 masked-LM logits [..., vocab] of hidden states [..., emb_dim] (any leading
     shape: an objective gathers the predicted positions first). Dense, GELU, LayerNorm, then the
     word embeddings (tied) plus an output bias of its own."""
-    h = self.mlm_transform(hidden)
-    h = self.mlm_norm(nn.gelu(h, approximate=layers.GELU_APPROXIMATE[self.spec.activation]))
-    logits = self.mlm_bias(self.token_embed.attend(h).astype(jnp.float32))
+    logits = self.mlm_bias(self.token_embed.attend(self._mlm_features(hidden)).astype(
+        jnp.float32))
     leading = (('batch', 'length') + (None,) * logits.ndim)[:logits.ndim - 1]
     return constrain(logits, self.sharding, leading + ('act_vocab',))
+
+  def _mlm_features(self, hidden):
+    """The masked-LM head's transform of hidden states: dense, GELU, LayerNorm."""
+    h = self.mlm_transform(hidden)
+    return self.mlm_norm(nn.gelu(h, approximate=layers.GELU_APPROXIMATE[self.spec.activation]))
 
   def head_inputs(self, hidden):
     """The masked-LM head as a product, for a loss that computes logits in chunks
     (research/objectives/chunked_loss.py): mlm_logits(hidden) == features @ kernel + bias, the
     kernel being the tied word embeddings [vocab, embedding_dim] (vocab_axis 0)."""
-    spec = self.spec
-    h = self.mlm_transform(hidden)
-    h = self.mlm_norm(nn.gelu(h, approximate=layers.GELU_APPROXIMATE[spec.activation]))
-    return dict(features=h.astype(spec.dtype), kernel=self.token_embed.embedding.astype(spec.dtype),
+    dtype = self.spec.dtype
+    return dict(features=self._mlm_features(hidden).astype(dtype),
+                kernel=self.token_embed.embedding.astype(dtype),
                 bias=nn.meta.unbox(self.mlm_bias.variables['params']['bias']), vocab_axis=0)
 
   def pooled(self, hidden):

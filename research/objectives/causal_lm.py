@@ -35,7 +35,7 @@ def check_config(config, family):
   if config.data.source not in SOURCES:
     raise ValueError(f'objective.name=causal_lm reads documents; set data.source to one of '
                      f'{list(SOURCES)} (it is {config.data.source!r}).')
-  chunked_loss.check_config(config, config.train.seq_len, 'train.seq_len')
+  chunked_loss.check_config(config, family, config.train.seq_len, 'train.seq_len')
 
 
 class Transform:

@@ -35,9 +35,9 @@ AUTO_VOCAB = 32768
 AUTO_CHUNK = 512
 
 
-def check_config(config, length, what):
-  """ValueError, in one sentence, for a train.loss_chunk that cannot apply to a loss over
-  `length` positions per row (`what` names them)."""
+def check_config(config, family, length, what):
+  """ValueError, in one sentence, for a train.loss_chunk that cannot apply to family module
+  `family`'s loss over `length` positions per row (`what` names them)."""
   chunk = config.train.get('loss_chunk', -1)
   if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < -1:
     raise ValueError(f'train.loss_chunk={chunk!r} must be an integer: 0 (plain logits), N > 0 '
@@ -45,6 +45,10 @@ def check_config(config, length, what):
   if chunk > length:
     raise ValueError(f'train.loss_chunk={chunk} exceeds the {length} positions per row the loss '
                      f'covers ({what}); use at most {length}, or 0 for the plain logits.')
+  if chunk > 0 and (getattr(family, 'COUNTED', False)
+                    or not hasattr(family.build(config.model), 'head_inputs')):
+    raise ValueError(f'model.family={config.model.family} has no vocabulary head whose loss '
+                     'could be computed in chunks; set train.loss_chunk=0 or -1.')
   if chunk > 0 and config.objective.name == 'distill':
     raise ValueError('objective.name=distill compares the full logits of student and teacher; '
                      'set train.loss_chunk=0 or -1.')

@@ -67,7 +67,7 @@ def check_config(config, family):
   if t.seq_len < 5:
     raise ValueError(f'train.seq_len={t.seq_len} leaves no room for [CLS] A [SEP] B [SEP]; '
                      'use at least 5.')
-  chunked_loss.check_config(config, o.max_predictions, 'objective.max_predictions')
+  chunked_loss.check_config(config, family, o.max_predictions, 'objective.max_predictions')
 
 
 class Transform:

@@ -52,7 +52,7 @@ def check_config(config, family, name, reads=sources.KINDS):
     raise ValueError(f'objective.label_smoothing={o.label_smoothing} must lie in [0, 1).')
   if o.z_loss < 0:
     raise ValueError(f'objective.z_loss={o.z_loss} must not be negative (T5X uses 1e-4).')
-  chunked_loss.check_config(config, t.target_len, 'train.target_len')
+  chunked_loss.check_config(config, family, t.target_len, 'train.target_len')
 
 
 def fields(seq_len, target_len, pad_id=0):
