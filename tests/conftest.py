@@ -31,7 +31,7 @@ os.environ['XLA_FLAGS'] = _FLAGS + ' --xla_backend_optimization_level=0'
 jax.devices()
 os.environ['XLA_FLAGS'] = _FLAGS
 jax.config.update('jax_compilation_cache_dir',
-                  os.path.join(REPO, '.pytest_cache', 'jax-unoptimised'))
+                  os.environ['JAX_COMPILATION_CACHE_DIR'] + '-unoptimised')
 
 
 def _fast(config):

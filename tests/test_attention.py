@@ -105,6 +105,8 @@ def test_bidirectional_attention_sees_later_keys_of_its_own_segment_only():
 
 def _plain_attention(q, k, v, bias, mask, scale):
   """The textbook form, differentiated by jax: softmax(q k^T * scale + bias, masked) v."""
+  groups = q.shape[2] // k.shape[2]  # Grouped-query heads share their key and value heads.
+  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
   logits = jnp.einsum('bthd,bshd->bhts', q, k) * scale + bias
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   return jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(logits, axis=-1), v)
@@ -119,12 +121,14 @@ _SLOW_PALLAS = [pytest.param(name, marks=pytest.mark.slow) if name == 'pallas_tp
 def test_attention_bias_and_its_gradient_match_autodiff_of_the_plain_form(implementation, cross,
                                                                         batch_bias):
   """T5's relative-position bias (shared over the batch: [1, heads, q, k]) or a per-row one, in
-  self-attention with packed segments and in cross-attention over keys of another length."""
+  self-attention with packed segments and grouped-query heads, and in cross-attention over keys
+  of another length."""
   dtype, tolerance = _dtype_and_tolerance(implementation)
   b, t, s, h, d = 3, 12, 17 if cross else 12, 4, 8
+  kv_heads = h if cross else 2
   keys = jax.random.split(jax.random.key(3), 5)
   q = jax.random.normal(keys[0], (b, t, h, d), dtype)
-  k, v = (jax.random.normal(key, (b, s, h, d), dtype) for key in keys[1:3])
+  k, v = (jax.random.normal(key, (b, s, kv_heads, d), dtype) for key in keys[1:3])
   bias = jax.random.normal(keys[3], (b if batch_bias else 1, h, t, s), dtype)
   d_out = jax.random.normal(keys[4], (b, t, h, d), dtype)
   segments = np.ones((b, t), np.int32)

@@ -233,11 +233,12 @@ def test_a_bad_loss_chunk_is_a_config_error(decoder_config, value, message):
     config_lib.validate(config, 1)
 
 
-@pytest.mark.parametrize('variant', ['rnn.py:lstm_tiny', 'ngram.py'])
+@pytest.mark.parametrize('variant', ['rnn.py:lstm_tiny', 'rnn_seq2seq.py', 'ngram.py'])
 def test_a_loss_chunk_for_a_family_without_a_vocabulary_head_is_a_config_error(variant):
   config = config_lib.load_config_file(os.path.join(REPO, 'configs', variant))
   config.train.loss_chunk = 8
-  with pytest.raises(config_lib.ConfigError, match='has no vocabulary head.*loss_chunk=0 or -1'):
+  with pytest.raises(config_lib.ConfigError,
+                     match='loss_chunk=8 needs a vocabulary head.*loss_chunk=0 or -1'):
     config_lib.validate(config, 1)
   config.train.loss_chunk = -1  # Automatic: the plain loss where there is no head.
   config_lib.validate(config, 1)

@@ -6,8 +6,9 @@ native segment ids run: Pallas FlashAttention on GPU (flash_attention.py), splas
 the TPU flash kernel on TPU (tpu_attention.py); cuDNN (`jax.nn.dot_product_attention`) where
 there are no segment ids, and XLA's kernel under a dense mask wherever a per-shard kernel does
 not fit the mesh. `explicit_attention` is for CPUs: the same mathematics with a hand-written
-backward pass. On XLA:CPU the automatic backward of softmax spends most of its time in a slow row reduction over
-keys; the explicit backward uses the identity
+backward pass, over head-major [batch, heads, length, head_dim] matrices. On XLA:CPU the
+automatic backward of softmax spends most of its time in a slow row reduction over keys; the
+explicit backward uses the identity
   sum_k p_k * dp_k = sum_d out_d * d_out_d
 (as FlashAttention does) and computes that reduction as a matrix-vector product.
 """

@@ -235,8 +235,8 @@ class Encoder(nn.Module):
     """float32 masked-LM logits [..., vocab] of hidden states [..., emb_dim] (any leading
     shape: an objective gathers the predicted positions first). Dense, GELU, LayerNorm, then the
     word embeddings (tied) plus an output bias of its own."""
-    logits = self.mlm_bias(self.token_embed.attend(self._mlm_features(hidden)).astype(
-        jnp.float32))
+    features = self._mlm_features(hidden)
+    logits = self.mlm_bias(self.token_embed.attend(features).astype(jnp.float32))
     leading = (('batch', 'length') + (None,) * logits.ndim)[:logits.ndim - 1]
     return constrain(logits, self.sharding, leading + ('act_vocab',))
 

@@ -47,8 +47,9 @@ def check_config(config, family, length, what):
                      f'covers ({what}); use at most {length}, or 0 for the plain logits.')
   if chunk > 0 and (getattr(family, 'COUNTED', False)
                     or not hasattr(family.build(config.model), 'head_inputs')):
-    raise ValueError(f'model.family={config.model.family} has no vocabulary head whose loss '
-                     'could be computed in chunks; set train.loss_chunk=0 or -1.')
+    raise ValueError(f'train.loss_chunk={chunk} needs a vocabulary head, which '
+                     f'model.family={config.model.family} does not have; set train.loss_chunk=0 '
+                     'or -1.')
   if chunk > 0 and config.objective.name == 'distill':
     raise ValueError('objective.name=distill compares the full logits of student and teacher; '
                      'set train.loss_chunk=0 or -1.')
