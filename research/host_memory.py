@@ -13,9 +13,9 @@ the largest block before it levels off (bert_tiny's peak resident memory goes fr
 0.98 GB over 150 steps). Threads that allocated before the call keep their own arenas and new
 threads may still be handed those, so `reuse_freed_memory()` must run before the first use of a
 device (XLA starts its threads then): research.train and research.bench (train, decode) call it
-right after parsing their flags, when the process has one arena. Accelerator hosts are left alone: there
-the steps' memory is the device's, and many host threads (compilation, transfers) would contend
-for one arena.
+right after parsing their flags, when the process has one arena. Accelerator hosts are left
+alone: there the steps' memory is the device's, and many host threads (compilation, transfers)
+would contend for one arena.
 """
 
 import ctypes
