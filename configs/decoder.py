@@ -19,8 +19,9 @@ from configs import common
 VARIANTS = {
     'tiny': dict(style='llama', num_layers=4, num_heads=4, num_kv_heads=2, emb_dim=128,
                  mlp_dim=352, vocab_size=264, max_len=256, dtype='float32'),
+    # Unscanned and without remat (common.CPU_LAYOUT).
     'nanogpt_cpu': dict(style='gpt2', num_layers=4, num_heads=4, emb_dim=128, mlp_dim=512,
-                        vocab_size=65, max_len=64, dtype='float32'),
+                        vocab_size=65, max_len=64, dtype='float32', **common.CPU_LAYOUT),
     'gpt2_small': dict(style='gpt2', num_layers=12, num_heads=12, emb_dim=768, mlp_dim=3072),
     'gpt2_medium': dict(style='gpt2', num_layers=24, num_heads=16, emb_dim=1024, mlp_dim=4096),
     'gpt2_large': dict(style='gpt2', num_layers=36, num_heads=20, emb_dim=1280, mlp_dim=5120),

@@ -25,9 +25,10 @@ _V1_1 = dict(gated=True, activation='gelu_tanh', tie_embeddings=False, vocab_siz
 
 VARIANTS = {
     # Two small stacks over bytes with 122 sentinels above them (ByT5's ids, vocabulary 384):
-    # trains in minutes on a CPU.
+    # trains in minutes on a CPU. Unscanned and without remat (common.CPU_LAYOUT).
     't5_tiny': dict(_V1_1, num_layers=2, num_decoder_layers=2, num_heads=4, head_dim=16,
-                    emb_dim=64, mlp_dim=256, vocab_size=384, dtype='float32'),
+                    emb_dim=64, mlp_dim=256, vocab_size=384, dtype='float32',
+                    **common.CPU_LAYOUT),
     't5_small': dict(_V1_0, num_layers=6, num_heads=8, head_dim=64, emb_dim=512, mlp_dim=2048),
     't5_base': dict(_V1_0, num_layers=12, num_heads=12, head_dim=64, emb_dim=768, mlp_dim=3072),
     't5_large': dict(_V1_0, num_layers=24, num_heads=16, head_dim=64, emb_dim=1024,

@@ -21,17 +21,22 @@ from research.config import load_config_file  # noqa: E402
 # As the command lines do: a step's temporaries are reused, not faulted in again on every call.
 host_memory.reuse_freed_memory()
 
-# The tests in this process compile far more than they run: LLVM's cheapest level halves their
-# compile time. XLA reads XLA_FLAGS once, when the backend starts, so the flag is set for that
-# moment only; the command lines under test, which train for many steps, still inherit the
-# optimising flags. The persistent cache keys on the XLA_FLAGS of the moment of compilation, so
-# this process keeps its unoptimised programs in a cache of their own.
-_FLAGS = os.environ['XLA_FLAGS']
-os.environ['XLA_FLAGS'] = _FLAGS + ' --xla_backend_optimization_level=0'
-jax.devices()
-os.environ['XLA_FLAGS'] = _FLAGS
-jax.config.update('jax_compilation_cache_dir',
-                  os.environ['JAX_COMPILATION_CACHE_DIR'] + '-unoptimised')
+
+def pytest_configure(config):
+  """The fast tier's tests (-m "not slow") compile far more than they run: LLVM's cheapest level
+  halves their compile time. XLA reads XLA_FLAGS once, when the backend starts, so the flag is set
+  for that moment only; the command lines under test, which train for many steps, still inherit
+  the optimising flags. The persistent cache keys on the XLA_FLAGS of the moment of compilation,
+  so this process keeps its unoptimised programs in a cache of their own. The slow tier's
+  in-process tests train for longer, and compile optimised programs."""
+  if config.option.markexpr.replace(' ', '') != 'notslow':
+    return
+  flags = os.environ['XLA_FLAGS']
+  os.environ['XLA_FLAGS'] = flags + ' --xla_backend_optimization_level=0'
+  jax.devices()
+  os.environ['XLA_FLAGS'] = flags
+  jax.config.update('jax_compilation_cache_dir',
+                    os.environ['JAX_COMPILATION_CACHE_DIR'] + '-unoptimised')
 
 
 def _fast(config):

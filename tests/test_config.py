@@ -202,6 +202,7 @@ def test_schedules_match_closed_forms(decay, closed_form):
 
 def test_weight_decay_mask_leaves_norms_biases_and_embeddings_alone(decoder_config):
   config = decoder_config('nanogpt_cpu')
+  config.model.scan_layers = True  # Stacked blocks: one path per kind of parameter.
   model = decoder.build(config.model)
   params = nn.meta.unbox(jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32), method='initialize'))['params'])

@@ -200,7 +200,7 @@ def test_to_hf_keeps_dtype_dropout_and_special_token_ids(bf16_run, tmp_path):
   np.testing.assert_array_equal(bits(tensors['transformer.wte.weight']),
                                 bits(params['token_embed']['embedding']))
   np.testing.assert_array_equal(bits(tensors['transformer.h.1.mlp.c_fc.weight']),
-                                bits(params['layers']['mlp']['fc']['kernel'][1]))
+                                bits(params['layers_1']['mlp']['fc']['kernel']))  # Unscanned.
   hf_config = json.load(open(out / 'config.json'))
   assert hf_config['dtype'] == hf_config['torch_dtype'] == 'bfloat16'
   mode = lambda name: (out / name).stat().st_mode & 0o777

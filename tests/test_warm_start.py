@@ -76,7 +76,7 @@ def test_warm_start_from_another_width_is_one_sentence(tmp_path):
 def test_warm_start_from_another_family_or_layer_layout_is_one_sentence(tmp_path):
   source_config = _config('none')
   _save(_trainer(source_config), source_config, str(tmp_path / 'source'))
-  for key, value in (('family', 'decoder'), ('scan_layers', False)):
+  for key, value in (('family', 'decoder'), ('scan_layers', not source_config.model.scan_layers)):
     settings = checkpoint_lib.settings(_config('nsp'))
     settings[f'model.{key}'] = value
     target = _trainer(_config('nsp'))

@@ -101,7 +101,11 @@ def _explicit_fwd(q, k, v, mask, bias):
 def _explicit_bwd(residuals, d_out):
   q, k, v, mask, bias, probs, out = residuals  # Head-major, as _forward takes them.
   d_out = _heads_major(d_out, k.shape[1])
-  d_v = jnp.einsum('bkgts,bkgtd->bksd', probs.astype(v.dtype), d_out)
+  # The key and value gradients contract over queries, the major axis of [t, s] matrices: XLA:CPU
+  # would transpose those matrices (fusing the softmax backward into the transpose, which it runs
+  # slowly). Written as [d, s] products, it transposes q and d_out instead, [t, d] matrices a
+  # fraction of the size, and the results' own transposes fold into `_kv_heads_major`.
+  d_v = jnp.einsum('bkgtd,bkgts->bkds', d_out, probs.astype(v.dtype)).swapaxes(2, 3)
   d_probs = jnp.einsum('bkgtd,bksd->bkgts', d_out, v, preferred_element_type=jnp.float32)
   # sum_s probs * d_probs == sum_d out * d_out: a reduction over head_dim, done as a
   # matrix-vector product (fast on XLA:CPU, unlike a short row reduction).
@@ -110,7 +114,7 @@ def _explicit_bwd(residuals, d_out):
   d_logits32 = probs * (d_probs - row_dot[..., None])
   d_logits = d_logits32.astype(q.dtype)
   d_q = _tokens_major(jnp.einsum('bkgts,bksd->bkgtd', d_logits, k))
-  d_k = _kv_heads_major(jnp.einsum('bkgts,bkgtd->bksd', d_logits, q))
+  d_k = _kv_heads_major(jnp.einsum('bkgtd,bkgts->bkds', q, d_logits).swapaxes(2, 3))
   d_bias = None
   if bias is not None:  # The logits' gradient, summed over the batch where bias broadcasts.
     d_bias = d_logits32.reshape((d_logits32.shape[0], -1) + d_logits32.shape[3:])
