@@ -27,21 +27,21 @@ from configs import common
 BENCHMARKS = {
     'llama_1b_2048': dict(
         base='decoder.llama_1b', target_mfu=0.55,
-        # Batch 16 would need about 100 GiB: an H200 only.
-        planned='4.6 GiB parameters, 9.2 GiB AdamW moments, 43.7 GiB activations: 57.5 GiB',
+        # Batch 16 would need about 91 GiB: an H200 only.
+        planned='4.6 GiB parameters, 9.2 GiB AdamW moments, 40.7 GiB activations: 54.5 GiB',
         settings={'train.seq_len': 2048, 'train.batch_size': 8, 'model.remat': 'dots'}),
     'gpt2_small_1024': dict(
         base='decoder.gpt2_small', target_mfu=0.45,
-        # Batch 128 plans at 73.9 GiB: too close to 80.
-        planned='0.5 GiB parameters, 0.9 GiB AdamW moments, 36.5 GiB activations: 37.9 GiB',
+        # Batch 128 plans at 66.3 GiB: too close to 80 for an estimate.
+        planned='0.5 GiB parameters, 0.9 GiB AdamW moments, 32.7 GiB activations: 34.1 GiB',
         settings={'train.seq_len': 1024, 'train.batch_size': 64, 'model.remat': 'dots'}),
     'bert_base_512': dict(
         base='encoder.bert_base', target_mfu=0.50,
-        planned='0.4 GiB parameters, 0.8 GiB AdamW moments, 34.1 GiB activations: 35.4 GiB',
+        planned='0.4 GiB parameters, 0.8 GiB AdamW moments, 32.7 GiB activations: 34.0 GiB',
         settings={'train.seq_len': 512, 'train.batch_size': 128, 'model.remat': 'dots'}),
     't5_1_1_base_512': dict(
         base='encoder_decoder.t5_1_1_base', target_mfu=0.45,
-        planned='0.9 GiB parameters, 0.3 GiB Adafactor state, 40.7 GiB activations: 41.9 GiB',
+        planned='0.9 GiB parameters, 0.3 GiB Adafactor state, 39.8 GiB activations: 41.0 GiB',
         settings={'train.seq_len': 512, 'train.target_len': 114, 'train.batch_size': 128,
                   'model.remat': 'dots'}),
 }

@@ -1,4 +1,4 @@
-"""layers.contract_last: the products of every dense layer and tied output head."""
+"""layers.contract_last (the products of every dense layer) and normalization.layer_norm."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from research.models import layers
+from research.models import normalization
 
 # (x shape, kernel shape, contracted dims, the same product as an einsum).
 CASES = [
@@ -59,3 +60,28 @@ def test_on_cpu_the_product_is_one_matrix_product_elsewhere_it_keeps_its_dimensi
   assert _dot_ranks(x, kernel, contract_dims) == [(2, 2)]
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert _dot_ranks(x, kernel, contract_dims) == [(len(x_shape), len(kernel_shape))]
+
+
+def _layer_norm_by_autodiff(x, scale, bias, eps):
+  centered = x - jnp.mean(x, axis=-1, keepdims=True)
+  y = centered * jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + eps)
+  return y * scale if bias is None else y * scale + bias
+
+
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_layer_norm_and_its_hand_written_gradients_equal_automatic_differentiation(with_bias):
+  kx, ks, kb, kw = jax.random.split(jax.random.key(1), 4)
+  x = 3.0 * jax.random.normal(kx, (2, 5, 16)) + 1.5  # Off-centre rows with a large spread.
+  scale = jax.random.normal(ks, (16,))
+  bias = jax.random.normal(kb, (16,)) if with_bias else None
+  weights = jax.random.normal(kw, x.shape)
+
+  def loss(norm):
+    return lambda x, scale, bias: jnp.sum(jnp.sin(norm(x, scale, bias, 1e-5)) * weights)
+
+  argnums = (0, 1, 2) if with_bias else (0, 1)
+  ours = jax.value_and_grad(loss(normalization.layer_norm), argnums)(x, scale, bias)
+  want = jax.value_and_grad(loss(_layer_norm_by_autodiff), argnums)(x, scale, bias)
+  np.testing.assert_allclose(ours[0], want[0], rtol=1e-5)
+  for got, expected in zip(ours[1], want[1]):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from research.models import attention
+from research.models import normalization
 from research.partitioning import constrain
 
 # Rematerialisation policies (config.model.remat) of a transformer block: what the forward pass
@@ -128,17 +129,14 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
-    x32 = x.astype(jnp.float32)
-    centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
-    y = centered * jax.lax.rsqrt(var + self.eps)
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
                        (features,), self.param_dtype)
-    y = y * scale.astype(jnp.float32)
+    bias = None
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-                        (features,), self.param_dtype)
-      y = y + bias.astype(jnp.float32)
+                        (features,), self.param_dtype).astype(jnp.float32)
+    y = normalization.layer_norm(x.astype(jnp.float32), scale.astype(jnp.float32), bias,
+                                 self.eps)
     return y.astype(self.dtype)
 
 
