@@ -34,9 +34,10 @@ recompute of remat) and the peak is the published dense peak of the device in th
 (research/metrics.py device_peak). Peak memory is the compiled step's (arguments + outputs +
 temporaries - donated aliases, from XLA's memory_analysis) and, where the device keeps memory
 statistics (GPU, TPU), the peak bytes it held. Each run appends one JSON line to --results (default
-bench/results.jsonl under the working directory) with the config, the device, the shapes, the
-versions and the figures; `table` turns that file into the markdown table of the README's
-Performance section: the latest run of each device, model, length and per-device batch.
+bench/results.jsonl under the working directory) with the config, the device (and the host's
+processor), the shapes, the versions and the figures; `table` turns that file into the markdown
+table of the README's Performance section: the latest run of each device (on CPU, each
+processor), model, length and per-device batch, with the ratio to the peer where one ran.
 
 `checkpoint` times the per-array content checksums (research/checkpoint.py) against the save and
 the restore they protect, on a freshly initialised train state of the config's model.
@@ -49,6 +50,7 @@ import datetime
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -246,8 +248,23 @@ def run_record(config, argv, results):
       family=m.family, objective=config.objective.name, seq_len=t.seq_len,
       target_len=t.get('target_len'), batch_size=t.batch_size, dtype=m.dtype,
       param_dtype=m.get('param_dtype'), remat=m.get('remat'), attention=attention,
-      platform=jax.devices()[0].platform, jax=jax.__version__, git=config_lib.git_revision())
+      platform=jax.devices()[0].platform, processor=host_processor(), jax=jax.__version__,
+      git=config_lib.git_revision())
   return dict(record, **results)
+
+
+def host_processor():
+  """The host CPU's model name and the cores this process may use: figures on CPU, ours and the
+  peer's alike, change with both (PyTorch's matrix products, for one, differ by vendor)."""
+  name = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    name = names[0] if names else name
+  except OSError:  # Not Linux: platform's answer stands.
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return f'{name}, {cores} cores'
 
 
 def _append_record(path, record):
@@ -280,22 +297,31 @@ def _bytes(count):
   return f'{count / (1 << 30):.1f} GiB'
 
 
+def _device(record):
+  """The device's kind, on CPU with the processor where the record names it."""
+  if record.get('platform') == 'cpu' and record.get('processor'):
+    return f"{record['device_kind']} ({record['processor']})"
+  return record['device_kind']
+
+
 def results_table(records):
   """Markdown table of the latest record (the file's order is the runs' order) of each device,
-  model, length and per-device batch, in that order, then the MFU formula."""
+  model, length and per-device batch, in that order, then the MFU formula. `vs torch` is the
+  ratio of our tokens/s to the PyTorch peer's in the same run (--peer=torch)."""
   latest = {}
   for record in records:
-    key = (record['device_kind'], record['variant'], _length(record), record['per_device_batch'])
+    key = (_device(record), record['variant'], _length(record), record['per_device_batch'])
     latest[key] = record
   lines = ['| device | model | length | batch / device | MFU | tokens/s / device | '
-           'TFLOP/s / device | peak memory | date |',
-           '|---|---|---|---:|---:|---:|---:|---:|---|']
+           'TFLOP/s / device | vs torch | peak memory | date |',
+           '|---|---|---|---:|---:|---:|---:|---:|---:|---|']
   for (device, variant, length, batch), r in sorted(latest.items()):
     mfu = f"{100 * r['mfu']:.1f}%" if r.get('mfu') is not None else 'no peak known'
     memory = r.get('device_peak_bytes') or r.get('compiled_peak_bytes')
+    ratio = f"{r['ratio_to_torch']:.2f}x" if r.get('ratio_to_torch') else '-'
     lines.append(f"| {device} | {variant} | {length} | {batch} | {mfu} | "
                  f"{r['tokens_per_s_per_device']:,.0f} | "
-                 f"{r['model_tflops_per_s_per_device']:.4g} | {_bytes(memory)} | "
+                 f"{r['model_tflops_per_s_per_device']:.4g} | {ratio} | {_bytes(memory)} | "
                  f"{r['date'][:10]} |")
   return '\n'.join(lines + ['', MFU_FORMULA]) + '\n'
 

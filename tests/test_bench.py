@@ -190,20 +190,29 @@ def test_the_table_shows_the_latest_run_of_each_device_model_length_and_batch(tm
                    target_len=114, device_peak_bytes=int(1.5 * GIB), mfu=None),
            _record('gpt2_small_1024', '2026-01-03T10:00:00+00:00', 123_456, mfu=0.4567),
            _record('gpt2_small_1024', '2026-01-04T10:00:00+00:00', 90_000, batch=4,
-                   device='cpu', compiled_peak_bytes=5 << 20)]
+                   device='cpu', compiled_peak_bytes=5 << 20),
+           # The same model on two processors: a row each, the ratio to the peer where it ran.
+           _record('nanogpt_cpu', '2026-01-05T10:00:00+00:00', 20_000, batch=12, device='cpu',
+                   platform='cpu', processor='AMD EPYC, 2 cores', ratio_to_torch=1.2345),
+           _record('nanogpt_cpu', '2026-01-06T10:00:00+00:00', 21_000, batch=12, device='cpu',
+                   platform='cpu', processor='Intel Xeon, 2 cores', ratio_to_torch=0.8)]
   results.write_text(''.join(json.dumps(line) + '\n' for line in lines))
   out = tmp_path / 'table.md'
   runs.ok(runs.in_process('research.bench', 'table', f'--results={results}',
                           f'--markdown={out}'))
   table = out.read_text().splitlines()
   assert table[0].startswith('| device | model | length | batch / device | MFU |')
-  assert table[2:5] == [
-      '| NVIDIA H100 80GB HBM3 | gpt2_small_1024 | 1024 | 8 | 45.7% | 123,456 | 123.5 | '
+  assert table[2:7] == [
+      '| NVIDIA H100 80GB HBM3 | gpt2_small_1024 | 1024 | 8 | 45.7% | 123,456 | 123.5 | - | '
       '3.0 GiB | 2026-01-03 |',
       '| NVIDIA H100 80GB HBM3 | t5_1_1_base_512 | 512 / 114 | 8 | no peak known | 50,000 | '
-      '50 | 1.5 GiB | 2026-01-02 |',  # The device's own peak wins over the compiled estimate.
-      '| cpu | gpt2_small_1024 | 1024 | 4 | 50.0% | 90,000 | 90 | 5.0 MiB | 2026-01-04 |']
-  assert table[5:] == ['', bench.MFU_FORMULA]
+      '50 | - | 1.5 GiB | 2026-01-02 |',  # The device's own peak wins over the compiled estimate.
+      '| cpu | gpt2_small_1024 | 1024 | 4 | 50.0% | 90,000 | 90 | - | 5.0 MiB | 2026-01-04 |',
+      '| cpu (AMD EPYC, 2 cores) | nanogpt_cpu | 1024 | 12 | 50.0% | 20,000 | 20 | 1.23x | '
+      '3.0 GiB | 2026-01-05 |',
+      '| cpu (Intel Xeon, 2 cores) | nanogpt_cpu | 1024 | 12 | 50.0% | 21,000 | 21 | 0.80x | '
+      '3.0 GiB | 2026-01-06 |']
+  assert table[7:] == ['', bench.MFU_FORMULA]
   printed = runs.ok(runs.in_process('research.bench', 'table', f'--results={results}'))
   assert printed.stdout == out.read_text()
 
@@ -276,6 +285,8 @@ def test_the_gpu_script_runs_a_tiny_config_on_cpu_into_results_and_a_table(tmp_p
   assert '--config.model.emb_dim=32' in line['overrides']
   assert '--cpu_devices=1' not in line['overrides']  # Only config overrides are recorded.
   assert (line['devices'], line['device_kind'], line['platform']) == (1, 'cpu', 'cpu')
+  assert line['processor'] == bench.host_processor()
+  assert line['processor'].endswith(f' {len(os.sched_getaffinity(0))} cores')
   assert (line['seq_len'], line['target_len'], line['batch_size'], line['per_device_batch']) == (
       16, None, 2, 2)
   assert (line['dtype'], line['param_dtype'], line['remat'], line['attention']) == (
@@ -290,7 +301,8 @@ def test_the_gpu_script_runs_a_tiny_config_on_cpu_into_results_and_a_table(tmp_p
   assert line['compile_s'] > 0 and line['compiled_peak_bytes'] > 0
   assert line['device_peak_bytes'] is None  # A CPU keeps no memory statistics.
   table = (out / 'table.md').read_text().splitlines()
-  assert table[2].startswith(f"| cpu | tiny | 16 | 2 | {100 * line['mfu']:.1f}% | ")
+  assert table[2].startswith(f"| cpu ({line['processor']}) | tiny | 16 | 2 | "
+                            f"{100 * line['mfu']:.1f}% | ")
   assert table[2].endswith(f" | {line['date'][:10]} |")
 
 

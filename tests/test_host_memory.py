@@ -8,8 +8,11 @@ import os
 import platform
 import subprocess
 import sys
+import types
 
 import pytest
+
+from research import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,3 +65,20 @@ def test_only_cpu_computation_changes_the_policy(platforms, on_cpu):
   result = subprocess.run([sys.executable, '-c', program], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120, check=True)
   assert result.stdout.split() == [str(on_cpu), str(on_cpu)]
+
+
+@pytest.mark.parametrize('entry_points, modules, on_cpu', [
+    ([], [], True),  # Nothing but jaxlib: the CPU computes.
+    (['cuda'], [], False),  # An accelerator plugin registered by entry point (jax-cuda12-plugin).
+    ([], ['jax_plugins'], False),  # A plugin installed as a jax_plugins namespace package.
+    ([], ['libtpu'], False),  # A TPU VM.
+])
+def test_without_jax_platforms_an_installed_accelerator_means_no_cpu_computation(
+    monkeypatch, entry_points, modules, on_cpu):
+  monkeypatch.setattr(host_memory, 'jax', types.SimpleNamespace(
+      config=types.SimpleNamespace(jax_platforms='')))
+  monkeypatch.setattr(host_memory.importlib.metadata, 'entry_points',
+                      lambda group: entry_points if group == 'jax_plugins' else [])
+  monkeypatch.setattr(host_memory.importlib.util, 'find_spec',
+                      lambda name: object() if name in modules else None)
+  assert host_memory.computes_on_cpu() is on_cpu
