@@ -51,6 +51,10 @@ def _overrides(corpus, model, *extra):
           '--config.train.eval_batches=2', f'--config.checkpoint.every_steps={EVERY}',
           '--config.checkpoint.keep=10', '--config.train.sample_tokens=0',
           '--config.train.progress_bar=False', '--config.mesh.data=2', '--config.mesh.fsdp=4',
+          # A wedged job (once, a resumed 2-process run stopped after step 13 until the 600 s
+          # timeout) prints every thread's stack after 20 s and ends after 150 s, so that the
+          # failure shows where each process waited.
+          '--config.watchdog.slow_min_s=20', '--config.watchdog.exit_after_s=150',
           *model[1:], *extra]
 
 
@@ -95,7 +99,7 @@ def _two_processes(workdir, corpus, model, *extra):
       [sys.executable, 'launch/local_multiprocess.py', '--processes=2', '--local_devices=4',
        model[0], str(workdir), *_overrides(corpus, model, '--config.mesh.dcn_data=2', *extra)],
       cwd=runs.REPO, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-4000:]
+  assert result.returncode == 0, result.stderr[-20000:]  # Room for the watchdog's stacks.
   assert '[p1] ' in result.stderr and '[p0] final ' in result.stdout  # Prefixed streams.
   return result
 
@@ -195,8 +199,9 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes_bitwi
   children = _start_processes(workdir, corpus, DECODER)
   _wait_for_step(workdir, 2, children)
   children[1].send_signal(signal.SIGTERM)
-  assert [c.wait(timeout=300) for c in children] == [0, 0]
+  codes = [c.wait(timeout=300) for c in children]
   said = [open(f'{workdir}.p{i}').read() for i in range(2)]
+  assert codes == [0, 0], '\n'.join(text[-10000:] for text in said)
   stops = [[line for line in text.splitlines() if 'every process saves step' in line]
            for text in said]
   assert len(stops[0]) == 1 and stops[0] == stops[1], said[0][-3000:]  # One agreed step.
