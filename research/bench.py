@@ -50,7 +50,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -248,23 +247,9 @@ def run_record(config, argv, results):
       family=m.family, objective=config.objective.name, seq_len=t.seq_len,
       target_len=t.get('target_len'), batch_size=t.batch_size, dtype=m.dtype,
       param_dtype=m.get('param_dtype'), remat=m.get('remat'), attention=attention,
-      platform=jax.devices()[0].platform, processor=host_processor(), jax=jax.__version__,
-      git=config_lib.git_revision())
+      platform=jax.devices()[0].platform, processor=config_lib.host_processor(),
+      jax=jax.__version__, git=config_lib.git_revision())
   return dict(record, **results)
-
-
-def host_processor():
-  """The host CPU's model name and the cores this process may use: figures on CPU, ours and the
-  peer's alike, change with both (PyTorch's matrix products, for one, differ by vendor)."""
-  name = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    name = names[0] if names else name
-  except OSError:  # Not Linux: platform's answer stands.
-    pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return f'{name}, {cores} cores'
 
 
 def _append_record(path, record):

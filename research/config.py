@@ -288,6 +288,20 @@ def git_revision():
     return 'unknown'
 
 
+def host_processor():
+  """The host CPU's model name and the cores this process may use: speed on CPU, ours and a
+  peer's alike, changes with both (PyTorch's matrix products, for one, differ by vendor)."""
+  name = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    name = names[0] if names else name
+  except OSError:  # Not Linux: platform's answer stands.
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return f'{name}, {cores} cores'
+
+
 def _package_versions():
   names = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'ml-collections', 'numpy',
            'tensorboardX', 'tensorflow-datasets', 'grain', 'array-record')
@@ -318,7 +332,8 @@ def record_run(config, workdir, data=None):
         path = os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json')
   with open(path, 'w') as f:
     f.write(resolved)
-  environment = dict(python=sys.version, platform=platform.platform(), git=git_revision(),
+  environment = dict(python=sys.version, platform=platform.platform(),
+                     processor=host_processor(), git=git_revision(),
                      packages=_package_versions(), argv=sys.argv, data=data)
   with open(os.path.join(workdir, 'environment.json'), 'w') as f:
     json.dump(environment, f, indent=2, sort_keys=True)

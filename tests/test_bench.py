@@ -285,7 +285,7 @@ def test_the_gpu_script_runs_a_tiny_config_on_cpu_into_results_and_a_table(tmp_p
   assert '--config.model.emb_dim=32' in line['overrides']
   assert '--cpu_devices=1' not in line['overrides']  # Only config overrides are recorded.
   assert (line['devices'], line['device_kind'], line['platform']) == (1, 'cpu', 'cpu')
-  assert line['processor'] == bench.host_processor()
+  assert line['processor'] == config_lib.host_processor()
   assert line['processor'].endswith(f' {len(os.sched_getaffinity(0))} cores')
   assert (line['seq_len'], line['target_len'], line['batch_size'], line['per_device_batch']) == (
       16, None, 2, 2)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from research import config as config_lib
 from research.data import pipeline as pipeline_lib
 from research.data import synthetic
 from research.objectives import causal_lm
@@ -52,6 +53,7 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
   assert recorded['data']['source'] == 'markov'
   environment = json.load(open(workdir / 'environment.json'))
   assert environment['packages']['jax'] and environment['git']
+  assert environment['processor'] == config_lib.host_processor()  # Speed depends on it.
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir / 'tensorboard'))
   assert list((workdir / 'profile').glob('**/*.trace.json.gz'))  # The requested profiler trace.
 
