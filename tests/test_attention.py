@@ -324,8 +324,12 @@ def _config(family, attention_name):
   variant = {'decoder': 'decoder.py:tiny', 'encoder_decoder': 'encoder_decoder.py:t5_tiny'}[family]
   config = config_lib.load_config_file(os.path.join(REPO, 'configs', variant))
   config.train.batch_size, config.train.seq_len = 4, 24  # One row per (data, fsdp) shard.
+  # One layer (of each stack) holds every kind of attention the model has: more layers would
+  # only repeat the kernels, which the TPU kernel's interpret mode runs through host callbacks.
+  config.model.num_layers = 1
   if family == 'encoder_decoder':
     config.train.target_len = 16
+    config.model.num_decoder_layers = 1
   config.optim.warmup_steps, config.optim.lr = 1, 1e-2
   config.model.attention = attention_name
   return config
