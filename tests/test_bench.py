@@ -25,7 +25,8 @@ def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
   out = tmp_path / 'bench.json'
   result = subprocess.run(
       [sys.executable, '-m', 'research.bench', 'train', '--config',
-       'configs/decoder.py:nanogpt_cpu', '--cpu_devices=2', '--peer=torch', '--windows=2', '--window_steps=3', '--warmup_steps=1',
+       'configs/decoder.py:nanogpt_cpu', '--cpu_devices=2', '--peer=torch', '--windows=2',
+       '--window_steps=3', '--warmup_steps=1',
        f'--json={out}', f'--results={tmp_path / "results.jsonl"}'], cwd=REPO,
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
