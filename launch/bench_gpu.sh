@@ -14,8 +14,9 @@
 # packages, its jax among them, stay as they are), then writes into OUT_DIR: environment.txt
 # (nvidia-smi, the jax devices), attention.log and attention.xml (pytest tests/test_attention.py
 # -m "not slow" -k "not mesh": every kernel the GPU runs against the textbook form; the mesh
-# tests want 8 devices and run on CPU in CI), <config>.log per benchmark, results.jsonl (one line per benchmark, research.bench
-# train) and table.md (research.bench table). PYTHON names the Python to use (default python3).
+# tests want 8 devices and run on CPU in CI), <config>.log per benchmark, results.jsonl (one line
+# per benchmark, research.bench train) and table.md (research.bench table). PYTHON names the
+# Python to use (default python3).
 #
 # Time budget of `run` (about 7.5 minutes; the limits below bound the tests and benchmarks, and a
 # process that ignores SIGTERM is killed 10 s later): installing and listing devices take under a

@@ -72,7 +72,8 @@ def load_config_file(spec):
   """Loads `path.py:variant` without absl, for programmatic use and tests."""
   path, _, arg = spec.partition(':')
   if not os.path.exists(path):
-    raise ConfigError(f'Config file {path!r} does not exist; pass --config configs/<family>.py:VARIANT.')
+    raise ConfigError(f'Config file {path!r} does not exist; pass --config '
+                      'configs/<family>.py:VARIANT.')
   module = python_file(path, '_research_config')
   try:
     return module.get_config(arg) if arg else module.get_config()

@@ -144,8 +144,10 @@ def write_workdir(config, params, workdir, data):
 
 
 def _check_tree(converted, expected):
-  got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(converted)}
-  want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  def shapes(tree):
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(path): np.shape(x) for path, x in leaves}
+  got, want = shapes(converted), shapes(expected)
   if got != want:
     name = sorted(set(got) ^ set(want) or {k for k in got if got[k] != want[k]})[0]
     raise hf.ConversionError(f'Converted parameter {name} does not fit the model built from '

@@ -205,10 +205,11 @@ def _gpt2_from_hf(w, m):
   L, D, H = m.num_layers, m.emb_dim, m.num_heads
   hd = D // H
   stack = lambda name: np.stack([w[f'h.{i}.{name}'] for i in range(L)])
-  qkv, qkv_bias = np.split(stack('attn.c_attn.weight'), 3, -1), np.split(stack('attn.c_attn.bias'), 3, -1)
+  qkv = np.split(stack('attn.c_attn.weight'), 3, -1)
+  qkv_bias = np.split(stack('attn.c_attn.bias'), 3, -1)
   heads = lambda x: x.reshape(x.shape[:-1] + (H, hd))
-  dense = lambda name, kernel=None: dict(kernel=stack(f'{name}.weight') if kernel is None else kernel,
-                                         bias=stack(f'{name}.bias'))
+  dense = lambda name, kernel=None: dict(
+      kernel=stack(f'{name}.weight') if kernel is None else kernel, bias=stack(f'{name}.bias'))
   norm = lambda name: dict(scale=stack(f'{name}.weight'), bias=stack(f'{name}.bias'))
   return {
       'token_embed': {'embedding': w['wte.weight']},
@@ -240,7 +241,8 @@ def _gpt2_to_hf(p, m):
       'attn.c_proj.weight': attn['out']['kernel'].reshape(L, D, D),
       'attn.c_proj.bias': attn['out']['bias'],
       'ln_2.weight': layers['mlp_norm']['scale'], 'ln_2.bias': layers['mlp_norm']['bias'],
-      'mlp.c_fc.weight': layers['mlp']['fc']['kernel'], 'mlp.c_fc.bias': layers['mlp']['fc']['bias'],
+      'mlp.c_fc.weight': layers['mlp']['fc']['kernel'],
+      'mlp.c_fc.bias': layers['mlp']['fc']['bias'],
       'mlp.c_proj.weight': layers['mlp']['proj']['kernel'],
       'mlp.c_proj.bias': layers['mlp']['proj']['bias']}
   for name, stacked in per_layer.items():

@@ -19,10 +19,12 @@ class TrainState:
 
 
 def _follow_params(abstract_opt_state, param_shardings, mesh):
-  """Optimizer-state leaves that mirror a parameter (same path suffix and shape) share its sharding."""
+  """Optimizer-state leaves that mirror a parameter (same path suffix and shape) share its
+  sharding."""
   by_path = {}
-  for path, (shape, sharding) in jax.tree_util.tree_leaves_with_path(param_shardings,
-                                                                     is_leaf=lambda x: isinstance(x, tuple)):
+  leaves = jax.tree_util.tree_leaves_with_path(param_shardings,
+                                               is_leaf=lambda x: isinstance(x, tuple))
+  for path, (shape, sharding) in leaves:
     by_path[tuple(path)] = (shape, sharding)
   replicated = NamedSharding(mesh, PartitionSpec())
 

@@ -82,7 +82,8 @@ def make_train_step(model, objective, tx, schedule, grad_accum_steps=1, dropout=
       (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums),
                                       (jnp.arange(grad_accum_steps), micro_batches))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
     metrics = dict(loss=_objective_value(sums, counts), tokens=objective.tokens(batch),
                    grad_norm=optim.global_norm(grads), learning_rate=schedule(state.step),

@@ -291,7 +291,8 @@ def test_pallas_kernel_refuses_a_mesh_it_cannot_run_per_shard_on():
                                     sharding=partitioning.ActivationSharding(mesh))
 
 
-@pytest.mark.parametrize('implementation, platform', [('pallas_gpu', 'cuda'), ('pallas_tpu', 'tpu')])
+@pytest.mark.parametrize('implementation, platform',
+                         [('pallas_gpu', 'cuda'), ('pallas_tpu', 'tpu')])
 @pytest.mark.parametrize('shape', [
     dict(t=2048, s=2048, heads=32, kv_heads=8, causal=True, bias=False),  # llama_1b.
     dict(t=512, s=512, heads=12, kv_heads=12, causal=False, bias=True),  # T5 encoder.

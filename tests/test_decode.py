@@ -15,7 +15,8 @@ def _model(decoder_config, style, max_len=64):
   m.style, m.num_layers, m.emb_dim, m.mlp_dim, m.max_len = style, 2, 64, 128, max_len
   m.num_kv_heads = 2 if style == 'llama' else 0
   model = decoder.build(m)
-  params = model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32), method='initialize')['params']
+  params = model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32),
+                      method='initialize')['params']
   # Larger weights than at init make the next-token choice depend on the whole prefix.
   params = jax.tree.map(lambda x: x * 3.0 if x.ndim > 1 else x, params)
   return model, params

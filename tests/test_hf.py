@@ -65,7 +65,8 @@ def test_logits_match_transformers_on_a_padded_batch(hf_model):
   lengths = np.array([20, 13, 7])  # Right padding.
   mask = (np.arange(20)[None] < lengths[:, None]).astype(np.int64)
   with torch.no_grad():
-    want = torch_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+    want = torch_model(input_ids=torch.tensor(tokens),
+                       attention_mask=torch.tensor(mask)).logits.numpy()
   positions = np.broadcast_to(np.arange(20), (3, 20))
   got = np.asarray(model.apply({'params': params}, jnp.asarray(tokens, jnp.int32),
                                jnp.asarray(positions, jnp.int32), jnp.asarray(mask, jnp.int32),
@@ -79,7 +80,8 @@ def test_greedy_generation_matches_transformers_generate(hf_model):
   model, params, config = _ours(workdir)
   prompt = np.array([5, 17, 42, 8])
   with torch.no_grad():
-    want = torch_model.generate(torch.tensor(prompt[None]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+    want = torch_model.generate(torch.tensor(prompt[None]),
+                                attention_mask=torch.ones(1, 4, dtype=torch.long),
                                 max_new_tokens=12, do_sample=False, eos_token_id=None,
                                 pad_token_id=0)[0, 4:].numpy()
   got = decode.generate(model, params, [prompt.tolist()], decode.SamplingConfig(max_new_tokens=12))
@@ -96,7 +98,8 @@ def test_round_trips_are_bitwise(hf_model, tmp_path):
   # HF -> ours -> HF.
   runs.ok(runs.in_process('research.convert', 'to_hf', '--workdir', str(workdir),
                           '--out', str(tmp_path / 'back')))
-  original, back = load_file(hf_dir / 'model.safetensors'), load_file(tmp_path / 'back' / 'model.safetensors')
+  original = load_file(hf_dir / 'model.safetensors')
+  back = load_file(tmp_path / 'back' / 'model.safetensors')
   original.pop('lm_head.weight', None) if hf_model[1].config.tie_word_embeddings else None
   assert sorted(original) == sorted(back)
   for key in original:

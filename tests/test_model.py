@@ -14,7 +14,8 @@ def _model_and_params(config, style):
   if style == 'gpt2':
     m.num_kv_heads = 0
   model = decoder.build(m)
-  params = model.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32), method='initialize')['params']
+  params = model.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32),
+                      method='initialize')['params']
   return model, params
 
 

@@ -69,7 +69,8 @@ def test_parameters_are_sharded_as_the_rules_say(decoder_config):
   config = _small_config(decoder_config, 'llama')
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 4, 2
   trainer = train.setup(config, mesh_lib.make_mesh(dict(data=1, fsdp=4, tensor=2)))
-  query = trainer.state.params['layers']['attn']['query']['kernel']  # [layers, embed, heads, head_dim]
+  # [layers, embed, heads, head_dim]
+  query = trainer.state.params['layers']['attn']['query']['kernel']
   assert tuple(query.sharding.spec) == (None, 'fsdp', 'tensor', None)
   mu = trainer.state.opt_state[1][0].mu['layers']['attn']['query']['kernel']
   assert mu.sharding == query.sharding  # Optimizer moments follow their parameters.

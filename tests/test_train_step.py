@@ -25,8 +25,9 @@ def _losses(trainer, config, steps, rng=None):
   state, losses = trainer.state, []
   for step in range(steps):
     batch = trainer.pipeline.train_batch(step)
-    state, metrics = trainer.train_step(state, global_batch.to_global(batch, trainer.batch_shardings),
-                                        trainer.dropout_rng if rng is None else rng)
+    state, metrics = trainer.train_step(
+        state, global_batch.to_global(batch, trainer.batch_shardings),
+        trainer.dropout_rng if rng is None else rng)
     losses.append(float(metrics['loss']))
   return losses, state
 

@@ -5,8 +5,8 @@ Both take segment ids natively (`SegmentIds`), so packed rows never build a dens
 query keys and values are repeated per query head here (the TPU flash kernel needs that; splash
 could read them in place, a memory saving left for when it is measured on a TPU), and lengths are
 padded to whole 128-token blocks, the padding given segment ids no real position has. T5's
-batch-shared bias is broadcast over the batch for the flash kernel, which wants one per row. On CPU they
-run in the TPU interpret mode, which is how the tests check them.
+batch-shared bias is broadcast over the batch for the flash kernel, which wants one per row. On
+CPU they run in the TPU interpret mode, which is how the tests check them.
 """
 
 import functools

@@ -65,7 +65,8 @@ class Transform:
 
   def example(self, tokens, index, epoch, split):
     del index, epoch, split  # Nothing random, nothing from other examples.
-    return dict(tokens=tokens[:-1], targets=tokens[1:], weights=np.ones(len(tokens) - 1, np.float32))
+    return dict(tokens=tokens[:-1], targets=tokens[1:],
+                weights=np.ones(len(tokens) - 1, np.float32))
 
   def finish_row(self, row):
     return row

@@ -1,9 +1,9 @@
 """Knowledge distillation (objective.name=distill): a student learns from a trained teacher.
 
 The objective wraps the run's base objective (objective.base: causal_lm, mlm, span_corruption,
-prefix_lm, ul2 or seq2seq), whose data, batch spec, hard-label loss and metrics it keeps. At every position
-the base scores, with the base's weights and global denominators, the student's distribution
-softened by T = objective.temperature is pulled towards the teacher's:
+prefix_lm, ul2 or seq2seq), whose data, batch spec, hard-label loss and metrics it keeps. At every
+position the base scores, with the base's weights and global denominators, the student's
+distribution softened by T = objective.temperature is pulled towards the teacher's:
 
   loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * the base objective's loss
 
