@@ -29,6 +29,8 @@
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 fail() { echo "error: $*" >&2; exit 2; }
+commands="'launch/bench_gpu.sh wheels' (with network) or 'launch/bench_gpu.sh run OUT_DIR'"
+commands+=" (on the GPU)"
 
 [[ $# -ge 1 ]] || usage
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -58,7 +60,7 @@ for item in json.load(open(sys.argv[1]))["install"]:
 
 case $1 in
   wheels)
-    [[ $# -eq 1 ]] || usage
+    [[ $# -eq 1 ]] || fail "wheels takes no arguments; run $commands."
     scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
     rm -rf "$wheels"; mkdir -p "$wheels"
     # promise (a dependency of tensorflow-datasets) is published as source only: build its wheel.
@@ -79,7 +81,7 @@ case $1 in
     ls "$wheels"
     du -sh "$wheels" | awk '{print "wheels/: " $1}' ;;
   run)
-    [[ $# -eq 2 ]] || usage
+    [[ $# -eq 2 ]] || fail "run takes one argument, the folder for the results; run $commands."
     out=$(mkdir -p "$2" && cd "$2" && pwd)
     cd "$root"
     # Only what the image lacks, beside it (--no-deps: nothing of the image is replaced); a
@@ -131,5 +133,5 @@ for wheel in sys.argv[2:]:
     else
       echo 'no benchmark finished: no table.'
     fi ;;
-  *) usage ;;
+  *) fail "unknown command '$1'; run $commands." ;;
 esac

@@ -448,10 +448,14 @@ def _check_flags():
 def main(argv):
   modes = {'train': bench_train, 'decode': bench_decode, 'checkpoint': bench_checkpoint,
            'data': lambda config: bench_data(config, argv)}
-  if len(argv) < 2 or argv[1] not in list(modes) + ['table']:
-    print('usage: python -m research.bench train|decode|checkpoint|data --config '
-          'configs/<family>.py:VARIANT, or python -m research.bench table [--results FILE] '
-          '[--markdown FILE]', file=sys.stderr)
+  usage = ('python -m research.bench train|decode|checkpoint|data --config '
+           'configs/<family>.py:VARIANT, or python -m research.bench table [--results FILE] '
+           '[--markdown FILE]')
+  if len(argv) < 2:
+    print(f'usage: {usage}', file=sys.stderr)
+    return 2
+  if argv[1] not in list(modes) + ['table']:
+    print(f'error: {argv[1]!r} is not a benchmark mode; run {usage}.', file=sys.stderr)
     return 2
   try:
     if argv[1] == 'table':

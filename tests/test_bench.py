@@ -117,10 +117,15 @@ def test_bench_bad_flags_are_one_sentence(argument, sentence):
   assert result.stderr.strip().splitlines()[-1].startswith(f'error: {sentence}'), result.stderr
 
 
-def test_bench_rejects_an_unknown_mode():
+def test_bench_rejects_an_unknown_mode_by_name_and_shows_usage_without_one():
   result = subprocess.run([sys.executable, '-m', 'research.bench', 'serve'], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-  assert result.returncode == 2 and 'usage' in result.stderr
+  assert result.returncode == 2
+  assert result.stderr.strip().startswith("error: 'serve' is not a benchmark mode; run python -m "
+                                          'research.bench train|decode'), result.stderr
+  result = subprocess.run([sys.executable, '-m', 'research.bench'], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and result.stderr.startswith('usage: python -m research.bench')
 
 
 @pytest.mark.slow
@@ -244,9 +249,15 @@ def test_an_unknown_benchmark_names_the_benchmarks():
 def test_the_gpu_script_parses_and_refuses_bad_usage():
   script = os.path.join(REPO, 'launch', 'bench_gpu.sh')
   assert subprocess.run(['bash', '-n', script]).returncode == 0
-  for args in ([], ['serve'], ['run']):
+  result = subprocess.run(['bash', script], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and 'bench_gpu.sh wheels' in result.stderr  # The header.
+  for args, sentence in ((['serve'], "unknown command 'serve'"),
+                         (['run'], 'run takes one argument, the folder for the results'),
+                         (['wheels', 'x'], 'wheels takes no arguments')):
     result = subprocess.run(['bash', script, *args], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and 'bench_gpu.sh wheels' in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"error: {sentence}; run 'launch/bench_gpu.sh wheels' (with network) "
+                             "or 'launch/bench_gpu.sh run OUT_DIR' (on the GPU).\n")
 
 
 # The planner's verdict on one H100 80 GB (whose bytes also decide an H200's), in this process:
