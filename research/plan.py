@@ -12,7 +12,8 @@ Where this machine has fewer devices than the mesh (a laptop planning a TPU pod)
 compiles for as many simulated CPU devices. Parameter and optimizer-state bytes per device are
 then exact (they follow the shardings); activation (temporary) memory and the compiler's FLOPs are
 XLA:CPU's estimate, which tracks but does not equal a TPU's or GPU's (and XLA counts the body of a
-scanned layer loop once, so compare the model FLOPs, 6N plus attention, for scanned models).
+loop once, whatever its trip count, so compare the model FLOPs, 6N plus attention, where the step
+loops: scanned layers, recurrent steps, micro-batches; the printed plan says so).
 Every family and objective plans the same way: nothing here names one.
 """
 
@@ -35,6 +36,7 @@ from research import partitioning
 from research import train_state
 from research import train_step as step_lib
 from research.data import global_batch
+from research.data import sources
 
 _JSON = flags.DEFINE_string('plan_json', '', 'Also write the plan as JSON to this file.')
 _TOPOLOGY = flags.DEFINE_string('topology', '', 'An accelerator slice (v5p-16, v4-32, v5e-8, '
@@ -130,7 +132,8 @@ def plan(config, devices, hbm_bytes=0):
   report = dict(
       variant=config.variant, family=config.model.family, objective=config.objective.name,
       devices=len(devices), platform=devices[0].platform, mesh=mesh_shape,
-      remat=config.model.remat, scan_layers=config.model.scan_layers,
+      # Families without layer stacks (the recurrent ones) have neither setting.
+      remat=config.model.get('remat'), scan_layers=config.model.get('scan_layers'),
       batch_size=t.batch_size, seq_len=t.seq_len,
       params=models.size(state.params),
       params_bytes_per_device=_bytes_per_device(state.params),
@@ -140,6 +143,9 @@ def plan(config, devices, hbm_bytes=0):
       model_tflops_per_step_per_device=(objective.flops_per_token(family, spec) * tokens
                                         / len(devices) / 1e12),
       compiler_tflops_per_step_per_device=_compiler_flops(compiled) / 1e12,
+      # XLA's cost analysis counts a loop's body once, whatever its trip count (scanned layers,
+      # recurrent steps, micro-batches): the compiler's figure is then a fraction of the step's.
+      compiler_counts_loops_once=' while(' in compiled.as_text(),
       compile_s=compile_s)
   return fit(report, hbm_bytes) if hbm_bytes else report
 
@@ -162,18 +168,22 @@ def _human(count):
 
 def _print(report):
   size = lambda key: _human(report[f'{key}_bytes_per_device'])
+  layout = ''.join(f', {key}={report[key]}' for key in ('remat', 'scan_layers')
+                   if report[key] is not None)
   rows = [
       ('model', f"{report['variant']} ({report['family']}, {report['params']:,} parameters), "
-                f"objective {report['objective']}, remat={report['remat']}, "
-                f"scan_layers={report['scan_layers']}"),
-      ('mesh', f"{report['mesh']} on {report['devices']} {report['platform']} devices"),
+                f"objective {report['objective']}{layout}"),
+      ('mesh', f"{report['mesh']} on {report['devices']} {report['platform']} device"
+               + ('s' if report['devices'] != 1 else '')
+               + (f" standing in for {report['topology']}" if report.get('topology') else '')),
       ('batch', f"{report['batch_size']} x {report['seq_len']} tokens per step"),
       ('parameters / device', size('params')),
       ('optimizer state / device', size('optimizer')),
       ('activations (temporary) / device', size('activations')),
       ('batch / device', size('batch')),
       ('model TFLOPs / step / device', f"{report['model_tflops_per_step_per_device']:.4g}"),
-      ('compiler TFLOPs / step / device', f"{report['compiler_tflops_per_step_per_device']:.4g}"),
+      ('compiler TFLOPs / step / device', f"{report['compiler_tflops_per_step_per_device']:.4g}"
+       + (' (loop bodies counted once)' if report['compiler_counts_loops_once'] else '')),
       ('compile time', f"{report['compile_s']:.1f} s"),
   ]
   if 'fits' in report:
@@ -213,7 +223,9 @@ def main(argv):
       mesh_lib.configure_cpu_devices()
       devices = jax.devices()
     report = plan(config, devices, hbm)
-  except (config_lib.ConfigError, mesh_lib.MeshError) as error:
+    if _TOPOLOGY.value and report['platform'] == 'cpu':  # Simulated devices, not the slice's.
+      report['topology'] = _TOPOLOGY.value
+  except (config_lib.ConfigError, mesh_lib.MeshError, sources.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
   _print(report)

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import pytest
 
 import runs
 from research import config as config_lib
@@ -44,7 +45,36 @@ def test_the_command_line_plans_a_mesh_larger_than_this_machine(tmp_path):
   quarter = report['params'] * 4 / 4
   assert abs(report['params_bytes_per_device'] / quarter - 1) <= 0.15, report
   assert 'optimizer state / device' in result.stdout
+  [flops] = [line for line in result.stdout.splitlines() if line.startswith('compiler TFLOPs')]
+  assert flops.split()[-1] != 'once)'  # bert_tiny runs its layers unscanned: no loop.
+  assert report['compiler_counts_loops_once'] is False
   bad = runs.command('research.plan', '--config', 'configs/decoder.py:tiny', '--mesh', 'fsdp=-1')
   assert bad.returncode == 2
   assert bad.stderr.strip() == ('error: --mesh fsdp=-1 needs explicit positive sizes: a plan is '
                                 'for a given topology.')
+
+
+def test_a_topology_plan_says_its_cpu_devices_stand_in_and_how_xla_counts_a_scan():
+  result = runs.command('research.plan', '--config', 'configs/decoder.py:tiny',
+                        '--topology', 'h100-80gb:1', '--config.train.batch_size=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = {line.split('  ')[0]: line for line in result.stdout.splitlines()}
+  assert lines['mesh'].endswith('on 1 cpu device standing in for h100-80gb:1'), lines['mesh']
+  assert lines['compiler TFLOPs / step / device'].endswith('(loop bodies counted once)')
+  assert lines['total / device'].endswith('of 80 GiB HBM: fits')
+
+
+@pytest.mark.parametrize('spec', ['rnn.py:lstm_tiny', 'rnn_seq2seq.py:gru_attention_tiny'])
+def test_the_recurrent_families_plan_though_they_have_no_layer_stack(spec):
+  report = plan.plan(_config(spec), jax.devices()[:1])
+  assert report['params'] > 0 and report['activations_bytes_per_device'] > 0
+  assert (report['remat'], report['scan_layers']) == (None, None)
+  assert report['compiler_counts_loops_once']  # Their time steps run in a loop.
+
+
+def test_the_counted_ngram_family_is_refused_in_one_sentence():
+  # The benchmark in a process of its own: on CPU it sets this process's malloc policy.
+  for result in (runs.in_process('research.plan', '--config', 'configs/ngram.py'),
+                 runs.command('research.bench', 'train', '--config', 'configs/ngram.py')):
+    line = runs.error_line(result)
+    assert line.startswith('error: model.family=ngram is fitted by counting and has no network')

@@ -374,8 +374,10 @@ def saved_settings(path):
 
 
 def build(model_config, sharding=None):
-  """There is no network: objectives that would apply one are refused in one sentence."""
+  """There is no network: commands that would apply one are refused in one sentence."""
   del model_config, sharding
-  raise ValueError('model.family=ngram is fitted by counting and has no network to plan, '
-                   'benchmark, sample or distil; only research.train counts it (objective.name='
-                   'causal_lm).')
+  # Imported here: research.config imports the family registry.
+  from research import config as config_lib
+  raise config_lib.ConfigError('model.family=ngram is fitted by counting and has no network to '
+                               'plan, benchmark, sample or distil; only research.train counts it '
+                               '(objective.name=causal_lm).')
