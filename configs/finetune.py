@@ -102,6 +102,9 @@ def get_config(arg: str = 'sst2') -> ml_collections.ConfigDict:
 
 
 def _classification(config, spec):
+  if 'num_labels' not in config.model:  # A locked family config cannot take the key.
+    raise ValueError(f'objective.name=classification needs a family with a classification head; '
+                     f'model.family={config.model.family!r} has none.')
   config.model.num_labels = spec['num_labels']
   config.data.pair_field = spec['pair_field']  # '' for single-text tasks.
   config.data.label_field = spec['label_field']  # Integer class ids in [0, model.num_labels).

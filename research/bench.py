@@ -337,8 +337,10 @@ def table(argv):
 def bench_decode(config):
   family = models.get(config.model.family)
   if not getattr(family, 'GENERATES_TEXT', False):
+    generating = sorted(name for name in models.FAMILIES
+                        if getattr(models.get(name), 'GENERATES_TEXT', False))
     raise config_lib.ConfigError(f'model.family={config.model.family!r} does not generate text; '
-                                 'benchmark decoding with a decoder config.')
+                                 f'benchmark decoding with a config of {", ".join(generating)}.')
   model = family.build(config.model)
   params = jax.jit(lambda key: model.init(key, **family.init_inputs(8), method='initialize'))(
       jax.random.key(0))['params']

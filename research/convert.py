@@ -196,7 +196,12 @@ def _special_tokens(workdir, config):
 
 def to_hf(workdir, out_dir, overwrite=False):
   _check_out(workdir, out_dir, overwrite)
-  ids, generation_config = _special_tokens(workdir, workdir_lib.load_config(workdir))
+  saved = workdir_lib.load_config(workdir)
+  if saved.model.get('num_labels', 0) > 0:  # The converters write language models only.
+    raise hf.ConversionError(f'{workdir} holds a classifier (model.num_labels='
+                             f'{saved.model.num_labels}), and the Hugging Face export writes '
+                             'pretrained models only; export the run it was fine-tuned from.')
+  ids, generation_config = _special_tokens(workdir, saved)
   config, params, _ = workdir_lib.load_params(workdir)
   family = workdir_lib.family(config)
   converter = getattr(family, 'hf_converter', None)
@@ -219,6 +224,10 @@ def change_layout(workdir, out_dir):
                              'converted run.')
   _check_out(workdir, out_dir, overwrite=False)
   config = workdir_lib.load_config(workdir)
+  if 'scan_layers' not in config.model:  # Recurrent, counted and word-vector models.
+    raise hf.ConversionError(f'model.family={config.model.family} has no stack of layers whose '
+                             'layout could change (no model.scan_layers); its run resumes as it '
+                             'is.')
   if config.optim.name == 'adafactor':  # Its factored moments are not stacked per layer.
     raise hf.ConversionError('The layout of a run trained with optim.name=adafactor cannot be '
                              'changed (its factored second moments are not kept per layer); '

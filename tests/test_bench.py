@@ -128,6 +128,13 @@ def test_bench_rejects_an_unknown_mode_by_name_and_shows_usage_without_one():
   assert result.returncode == 2 and result.stderr.startswith('usage: python -m research.bench')
 
 
+def test_decoding_a_family_that_does_not_generate_names_those_that_do():
+  line = runs.error_line(runs.command('research.bench', 'decode', '--config',
+                                      'configs/encoder.py:bert_tiny'))
+  assert line == ("error: model.family='encoder' does not generate text; benchmark decoding with "
+                  'a config of decoder, encoder_decoder, rnn, rnn_seq2seq.')
+
+
 @pytest.mark.slow
 def test_bench_checkpoint_reports_the_checksum_cost_next_to_save_and_restore(tmp_path):
   out = tmp_path / 'checkpoint.json'

@@ -160,6 +160,8 @@ def test_misspelt_command_line_key_names_the_closest_valid_keys(tmp_path):
 @pytest.mark.parametrize('spec, fragment', [
     ('configs/decoder.py:tinyy', "Unknown decoder variant 'tinyy'; choose one of"),
     ('configs/nope.py:tiny', "Config file 'configs/nope.py' does not exist"),
+    ('configs/finetune.py:csv,rnn.lstm_tiny', 'objective.name=classification needs a family with '
+     "a classification head; model.family='rnn' has none."),
 ])
 def test_bad_config_file_or_variant_is_one_sentence(tmp_path, spec, fragment):
   result = _train_cli('--config', spec, '--workdir', str(tmp_path))
@@ -241,3 +243,15 @@ def test_every_command_module_imports_together():
   import research.plan  # noqa: F401
   import research.sample  # noqa: F401
   import research.train  # noqa: F401
+
+
+@pytest.mark.parametrize('spec', ['encoder_decoder.py:t5_tiny',
+                                  'rnn_seq2seq.py:gru_attention_tiny', 'encoder.py:bert_tiny'])
+def test_causal_lm_refuses_a_family_that_does_not_predict_the_next_token(spec):
+  config = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                                    spec))
+  config.objective.name = 'causal_lm'
+  with pytest.raises(config_lib.ConfigError, match=r'^objective.name=causal_lm needs a family '
+                     r'that predicts the next token; model.family=.* does not \(use '
+                     r'model.family=decoder\)\.$'):
+    config_lib.validate(config, 1)

@@ -263,3 +263,15 @@ def test_from_hf_refuses_a_tokenizer_larger_than_the_model(hf_dirs, tmp_path):
   runs.assert_error(result, f'The tokenizer.json in {model_dir} has 257 tokens but the model\'s '
                             'embedding only 101')
   assert not (tmp_path / 'ours').exists()
+
+
+@pytest.mark.parametrize('spec', ['csv,decoder.tiny', 'csv,encoder.bert_tiny'])
+def test_to_hf_refuses_a_fine_tuned_classifier_rather_than_drop_its_head(tmp_path, spec):
+  config = config_lib.load_config_file(os.path.join(runs.REPO, 'configs', f'finetune.py:{spec}'))
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text(config.to_json_best_effort())
+  runs.assert_error(_convert('to_hf', '--workdir', str(tmp_path / 'run'), '--out',
+                             str(tmp_path / 'hf')),
+                    'holds a classifier (model.num_labels=2), and the Hugging Face export writes '
+                    'pretrained models only; export the run it was fine-tuned from.')
+  assert not (tmp_path / 'hf').exists()

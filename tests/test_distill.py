@@ -267,6 +267,26 @@ def test_config_errors_are_one_sentence(decoder_config, teacher, tmp_path):
     config_lib.validate(config, 1)
 
 
+@pytest.mark.parametrize('family, spec, sentence', [
+    # Refused before the vocabulary check, which would send the student to match its size first.
+    ('encoder_decoder', 'encoder_decoder.py:t5_tiny',
+     'cannot take part: objective.name=causal_lm needs a family that predicts the next token'),
+    ('rnn_seq2seq', 'rnn_seq2seq.py:gru_attention_tiny',
+     'cannot take part: objective.name=causal_lm needs a family that predicts the next token'),
+    ('ngram', 'ngram.py', 'which is counted and has no network to teach with'),
+])
+def test_a_teacher_that_cannot_predict_the_next_token_is_refused_first(
+    decoder_config, tmp_path, family, spec, sentence):
+  teacher = config_lib.load_config_file(os.path.join(runs.REPO, 'configs', spec))
+  (tmp_path / 'config.json').write_text(teacher.to_json())
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)  # As a finished neural run holds.
+  config = _config(decoder_config, tmp_path)
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, 1)
+  assert sentence in str(error.value) and str(error.value).endswith('.'), str(error.value)
+  assert 'vocab_size' not in str(error.value)
+
+
 @pytest.mark.slow
 def test_a_distilled_student_beats_the_same_student_from_scratch(tmp_path):
   def command(workdir, *overrides):

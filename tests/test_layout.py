@@ -89,3 +89,15 @@ def test_a_run_with_factored_adafactor_moments_keeps_its_layout(tmp_path):
   (tmp_path / 'run' / 'config.json').write_text(config.to_json_best_effort())
   with pytest.raises(ValueError, match='optim.name=adafactor cannot be changed'):
     convert.change_layout(str(tmp_path / 'run'), str(tmp_path / 'new'))
+
+
+@pytest.mark.parametrize('spec', ['rnn.py:lstm_tiny', 'rnn_seq2seq.py:gru_attention_tiny',
+                                  'ngram.py', 'word_vectors.py'])
+def test_a_family_without_a_layer_stack_has_no_layout_to_change(tmp_path, spec):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_lib.load_config_file(os.path.join(repo, 'configs', spec))
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text(config.to_json_best_effort())
+  with pytest.raises(ValueError, match=rf'^model.family={config.model.family} has no stack of '
+                     'layers whose layout could change'):
+    convert.change_layout(str(tmp_path / 'run'), str(tmp_path / 'new'))

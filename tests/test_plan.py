@@ -78,3 +78,13 @@ def test_the_counted_ngram_family_is_refused_in_one_sentence():
                  runs.command('research.bench', 'train', '--config', 'configs/ngram.py')):
     line = runs.error_line(result)
     assert line.startswith('error: model.family=ngram is fitted by counting and has no network')
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_one_sentence_before_any_data_is_read(tmp_path):
+  # Skip-gram reads its word frequencies while the step is traced, without the data pipeline.
+  (tmp_path / 'a.txt').write_text('words to count\n')
+  line = runs.error_line(runs.command(
+      'research.plan', '--config', 'configs/word_vectors.py:skipgram_tiny',
+      f'--config.data.paths={tmp_path / "a.txt"}', '--config.model.vocab_size=128'))
+  assert line == ("error: The 'bytes' tokenizer has 262 tokens but model.vocab_size=128; raise "
+                  'model.vocab_size.')

@@ -130,7 +130,7 @@ class _MarkovRows:
     return self.source.rows(start, stop, self.seq_len, self.split)
 
 
-def _tokenizer(config):
+def checked_tokenizer(config):
   """config.data.tokenizer, checked against the model's vocabulary."""
   try:
     tokenizer = tokenizer_lib.get(config.data.tokenizer, extra_ids=config.data.extra_ids)
@@ -155,7 +155,7 @@ def _labeled(config, objective):
   """A pipeline of labelled examples (fine-tuning), one example per row; the objective's module
   says whether labels are class ids (TARGETS = 'classes') or target texts ('text')."""
   t = config.train
-  tokenizer = _tokenizer(config)
+  tokenizer = checked_tokenizer(config)
   targets = objectives.data_module(config).TARGETS
   examples, fingerprint, described = labeled.read(config, targets)
   transform = _transform(objective, tokenizer)
@@ -201,7 +201,7 @@ def _documents(config, objective):
   """Rows of the configured document sources, tokenized into shards on first use (each process
   of a multi-host job writing its share)."""
   d, t = config.data, config.train
-  tokenizer = _tokenizer(config)
+  tokenizer = checked_tokenizer(config)
   transform = _transform(objective, tokenizer)
   entries = sources.specs(d)
   splits = {'train': [], 'validation': []}

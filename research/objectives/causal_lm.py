@@ -29,7 +29,10 @@ SOURCES = sources.KINDS + ('markov',)
 
 
 def check_config(config, family):
-  if not (getattr(family, 'GENERATES_TEXT', False) or getattr(family, 'COUNTED', False)):
+  # An encoder-decoder generates too, but from inputs: its targets need a source sequence.
+  predicts_next = (getattr(family, 'GENERATES_TEXT', False)
+                   and not getattr(family, 'IS_ENCODER_DECODER', False))
+  if not (predicts_next or getattr(family, 'COUNTED', False)):
     raise ValueError(f'objective.name=causal_lm needs a family that predicts the next token; '
                      f'model.family={config.model.family!r} does not (use model.family=decoder).')
   if config.data.source not in SOURCES:

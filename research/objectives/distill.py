@@ -80,12 +80,8 @@ def check_config(config, family):
     raise ValueError(f'objective.teacher_dtype={o.teacher_dtype!r} is not one of '
                      f'{list(TEACHER_DTYPES)}.')
   teacher = teacher_config(o.teacher)
-  if teacher.model.vocab_size != config.model.vocab_size:
-    raise ValueError(f'The teacher in {o.teacher} has model.vocab_size={teacher.model.vocab_size} '
-                     f'but this run {config.model.vocab_size}; distill into a student with '
-                     f'--config.model.vocab_size={teacher.model.vocab_size}.')
-  _check_same_tokenizer(config, o.teacher)
-  # The teacher answers the same batches through the same model call as the student.
+  # The teacher answers the same batches through the same model call as the student: whether it
+  # can comes first, before any setting the student would change to match it.
   as_teacher = ml_collections.ConfigDict(dict(config.to_dict(), model=teacher.model.to_dict()))
   try:
     objectives.get(o.base).check_config(as_teacher, models.get(teacher.model.family))
@@ -93,8 +89,13 @@ def check_config(config, family):
       raise ValueError(f'train.seq_len={config.train.seq_len} exceeds its model.max_len='
                        f'{teacher.model.max_len}')
   except ValueError as error:
-    raise ValueError(f'The teacher in {o.teacher} cannot take part ({str(error).rstrip(".")}); '
-                     'distill from a teacher that the base objective can train.') from None
+    raise ValueError(f'The teacher in {o.teacher} cannot take part: {str(error).rstrip(".")}. '
+                     'Distill from a teacher that the base objective can train.') from None
+  if teacher.model.vocab_size != config.model.vocab_size:
+    raise ValueError(f'The teacher in {o.teacher} has model.vocab_size={teacher.model.vocab_size} '
+                     f'but this run {config.model.vocab_size}; distill into a student with '
+                     f'--config.model.vocab_size={teacher.model.vocab_size}.')
+  _check_same_tokenizer(config, o.teacher)
 
 
 def _check_same_tokenizer(config, teacher):
@@ -120,6 +121,11 @@ def teacher_config(workdir):
   if not os.path.isdir(workdir):
     raise ValueError(f'objective.teacher={workdir} does not exist; point it at the workdir of a '
                      'trained run.')
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    family = workdir_lib.load_config(workdir).model.family
+    if getattr(models.get(family), 'COUNTED', False):  # It saves counts, never a checkpoint.
+      raise ValueError(f'objective.teacher={workdir} holds a model.family={family} run, which is '
+                       'counted and has no network to teach with; distill from a neural run.')
   folder = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(folder) or not any(name.isdigit() for name in os.listdir(folder)):
     raise ValueError(f'objective.teacher={workdir} holds no finished checkpoint; train the '

@@ -32,10 +32,10 @@ import numpy as np
 
 from research import objectives
 from research.data import packing
+from research.data import pipeline
 from research.data import pretokenize
 from research.data import shards
 from research.data import sources
-from research.data import tokenizer as tokenizer_lib
 
 TERM = 'pairs'
 FIELDS = ('tokens', 'weights', 'noise', 'positions', 'segment_ids')
@@ -68,7 +68,8 @@ def training_frequencies(config):
   """Word frequencies of the training split (special tokens 0), as the pipeline mixes its
   sources: read from the counts that tokenizing wrote beside the shards, not recounted."""
   d = config.data
-  tokenizer = tokenizer_lib.get(d.tokenizer, extra_ids=d.extra_ids)
+  # The pipeline's own check: a command that never builds the pipeline (plan, bench) reads here.
+  tokenizer = pipeline.checked_tokenizer(config)
   entries = sources.specs(d)
   total = sum(weight for _, weight in entries)
   frequencies = np.zeros(config.model.vocab_size)
