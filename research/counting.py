@@ -9,7 +9,8 @@ validation batches by the objective's own metrics, so its eval_loss (nats per to
 eval_bits_per_byte sit in one table with the neural runs'.
 
 <workdir>/ngram/counts.npz keeps the fitted counts with the settings they were counted under; a
-rerun with the same settings only evaluates, other settings count afresh and replace it.
+rerun with the same settings only evaluates, other data or step counts count afresh and replace
+it, and other model settings are refused (one workdir, one model).
 metrics.jsonl gets one line at step train.num_steps, as a neural run's final evaluation.
 """
 
@@ -39,6 +40,21 @@ def _settings(config, pipeline):
                   batch_size=t.batch_size, seq_len=t.seq_len, num_steps=t.num_steps,
                   seed=config.seed)
   return json.loads(json.dumps(settings, sort_keys=True))
+
+
+def _check_same_model(saved, config, path):
+  """A workdir holds one model, as a neural run's checkpoints do: counts made for other model
+  settings are refused, so that its metrics never mix two models; more data (train.num_steps)
+  or another data mix counts afresh."""
+  if saved is None:
+    return
+  there, here = saved['model'], json.loads(json.dumps(config.model.to_dict(), sort_keys=True))
+  changed = ', '.join(f'model.{key}: {there.get(key)!r} there, {here.get(key)!r} here'
+                      for key in sorted(set(there) | set(here)) if there.get(key) != here.get(key))
+  if changed:
+    raise config_lib.ConfigError(f'The counts in {path} were made for a different model '
+                                 f'({changed}); rerun with the settings they were made with, or '
+                                 'pass another --workdir.')
 
 
 def _progress_bar(config, total):
@@ -84,12 +100,13 @@ def run(config, workdir):
                                  'next-token events; set objective.name=causal_lm.')
   family = models.get(config.model.family)
   spec = family.spec_from_config(config.model)
+  path = os.path.join(workdir, config.model.family, STORE)
+  saved = family.saved_settings(path)
+  _check_same_model(saved, config, path)
   pipeline = pipeline_lib.build(config)
   objective = objectives.build(config)
   config_lib.record_run(config, workdir, data=pipeline.record)
-  path = os.path.join(workdir, config.model.family, STORE)
   settings = _settings(config, pipeline)
-  saved = family.saved_settings(path)
   if saved == settings:
     model = family.Model.load(path, spec)
     print(f'Reusing the counts in {path}.', file=sys.stderr)

@@ -343,7 +343,10 @@ def plot_curves(path, series, metric):
     ax.set_ylabel(name)
     ax.set_title(f'{name} (mean over seeds, min..max band)', fontsize=9)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=7)
+  # The first panel with lines holds the legend (a counted run has no train loss curve).
+  labelled = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
+  if labelled:
+    labelled[0].legend(fontsize=7)
   return _save(figure, path)
 
 

@@ -252,3 +252,13 @@ def test_counted_runs_on_the_default_corpus(tmp_path):
   assert 'Reusing the counts' in again.stderr and 'Counted' not in again.stderr
   assert os.stat(store).st_mtime_ns == saved
   assert _final(trigram) == (final, 2)
+
+  # One workdir, one model: other model settings are refused before anything is written.
+  before = os.listdir(trigram)
+  other = _train(trigram, data_dir, 2)
+  assert other.returncode == 2, other.stderr[-3000:]
+  assert other.stderr.strip().splitlines()[-1] == (
+      f'error: The counts in {store} were made for a different model (model.order: 3 there, 2 '
+      'here); rerun with the settings they were made with, or pass another --workdir.')
+  assert os.stat(store).st_mtime_ns == saved and _final(trigram) == (final, 2)
+  assert sorted(os.listdir(trigram)) == sorted(before)

@@ -3,7 +3,9 @@ PNGs; the latest registry line and the last line of a step win; bad inputs are o
 
 import json
 import math
+import os
 import statistics
+import warnings
 
 import numpy as np
 import pytest
@@ -289,3 +291,17 @@ def test_seeds_of_different_configs_are_not_averaged_together(tmp_path):
   rows = report.summarize(report.load_registry(str(sweep)), 'eval_loss')
   assert [(row['variant'], row['n'], row['mean']) for row in rows] == [
       ('lr=0.001 [config aaaaaa]', 1, 2.0), ('lr=0.001 [config bbbbbb]', 1, 3.0)]
+
+
+def test_a_counted_run_with_only_a_final_evaluation_reports_without_warnings(tmp_path):
+  workdir = tmp_path / 'kn3'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps(dict(variant='kn3', model=dict(
+      family='ngram', order=3))))
+  (workdir / 'metrics.jsonl').write_text(json.dumps(dict(step=30, eval_loss=1.9,
+                                                         eval_bits_per_byte=2.7)) + '\n')
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # A legend over no lines warns: there is no train loss.
+    path = report.report([str(workdir)])
+  assert os.path.exists(path)
+  _check_png(workdir / 'report' / 'curves.png')
