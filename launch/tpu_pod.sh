@@ -41,7 +41,11 @@ run_cmd() {  # Prints the command (quoted as a shell would need it), then runs i
 }
 common=(--zone "$zone")
 [[ -z $project ]] || common+=(--project "$project")
-on_all() { run_cmd gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command "$1"; }
+on_all() {  # Runs its arguments on every worker, one after another while each succeeds.
+  local remote=$1; shift
+  for step in "$@"; do remote+=" && $step"; done
+  run_cmd gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command "$remote"
+}
 repo=research
 
 case $action in
@@ -59,13 +63,18 @@ case $action in
     archive=/tmp/$repo.tar.gz
     run_cmd git -C "$(dirname "$0")/.." archive --format=tar.gz --prefix="$repo/" -o "$archive" HEAD
     run_cmd gcloud compute tpus tpu-vm scp "$archive" "$name:~/" "${common[@]}" --worker=all
-    on_all "rm -rf ~/$repo && tar xzf ~/$repo.tar.gz -C ~ && cd ~/$repo && python3 -m pip install -q -r requirements.txt 'jax[tpu]' && python3 -m pip install -q --no-deps -e . && sudo mkdir -p /mnt/$bucket && sudo chmod 777 /mnt/$bucket && (mountpoint -q /mnt/$bucket || gcsfuse --implicit-dirs $bucket /mnt/$bucket)" ;;
+    on_all "rm -rf ~/$repo" "tar xzf ~/$repo.tar.gz -C ~" "cd ~/$repo" \
+      "python3 -m pip install -q -r requirements.txt 'jax[tpu]'" \
+      "python3 -m pip install -q --no-deps -e ." "sudo mkdir -p /mnt/$bucket" \
+      "sudo chmod 777 /mnt/$bucket" \
+      "(mountpoint -q /mnt/$bucket || gcsfuse --implicit-dirs $bucket /mnt/$bucket)" ;;
   run)
     [[ -n $config && -n $run && -n $bucket ]] || fail "run needs --config, --run and --bucket."
     quoted=$(printf ' %q' "${overrides[@]+"${overrides[@]}"}")
-    on_all "cd ~/$repo && RESEARCH_CLUSTER=tpu_pod nohup python3 -m research.train --config $config --workdir /mnt/$bucket/runs/$run --config.train.progress_bar=False$quoted > ~/train.log 2>&1 &" ;;
+    on_all "cd ~/$repo" "RESEARCH_CLUSTER=tpu_pod nohup python3 -m research.train --config $config \
+--workdir /mnt/$bucket/runs/$run --config.train.progress_bar=False$quoted > ~/train.log 2>&1 &" ;;
   logs)
-    run_cmd gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command 'tail -n 50 -f ~/train.log' ;;
+    on_all 'tail -n 50 -f ~/train.log' ;;
   delete)
     if [[ $queued == 1 ]]; then
       run_cmd gcloud compute tpus queued-resources delete "$name" "${common[@]}" --force --quiet

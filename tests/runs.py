@@ -54,15 +54,21 @@ def command(module, *args):
 def in_process(module, *args):
   """`python -m module args...` called in this process (its `main`): the same checks without a
   new interpreter, for commands that stop early (bad inputs) or do little. Flags are reset before
-  and after, as a fresh process would have them."""
+  and after, as a fresh process would have them; sys.argv is the command's too, since
+  ml_collections finds the --config.KEY overrides there."""
   main = importlib.import_module(module).main
   out, err = io.StringIO(), io.StringIO()
   flags.FLAGS.unparse_flags()
+  saved_argv, sys.argv = sys.argv, [module, *args]
   try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-      code = main([module, *args])
+      code = main(sys.argv)
   finally:
+    sys.argv = saved_argv
     flags.FLAGS.unparse_flags()
+    for name in list(flags.FLAGS):  # The overrides' flags, which the next command defines anew.
+      if name.startswith('config.'):
+        delattr(flags.FLAGS, name)
   return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 

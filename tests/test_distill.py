@@ -270,9 +270,11 @@ def test_config_errors_are_one_sentence(decoder_config, teacher, tmp_path):
 @pytest.mark.parametrize('family, spec, sentence', [
     # Refused before the vocabulary check, which would send the student to match its size first.
     ('encoder_decoder', 'encoder_decoder.py:t5_tiny',
-     'cannot take part (objective.name=causal_lm needs a family that predicts the next token'),
+     'cannot take part: objective.name=causal_lm needs a family that predicts the next token; '
+     'distill from a teacher'),
     ('rnn_seq2seq', 'rnn_seq2seq.py:gru_attention_tiny',
-     'cannot take part (objective.name=causal_lm needs a family that predicts the next token'),
+     'cannot take part: objective.name=causal_lm needs a family that predicts the next token; '
+     'distill from a teacher'),
     ('ngram', 'ngram.py', 'which is counted and has no network to teach with'),
 ])
 def test_a_teacher_that_cannot_predict_the_next_token_is_refused_first(

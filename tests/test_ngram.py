@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import runs
 from research.models import ngram
 from research.objectives import causal_lm
 
@@ -262,3 +263,10 @@ def test_counted_runs_on_the_default_corpus(tmp_path):
       'here); rerun with the settings they were made with, or pass another --workdir.')
   assert os.stat(store).st_mtime_ns == saved and _final(trigram) == (final, 2)
   assert sorted(os.listdir(trigram)) == sorted(before)
+
+  # A counted run has no network to write as a Hugging Face model.
+  line = runs.error_line(runs.command('research.convert', 'to_hf', '--workdir', str(trigram),
+                                      '--out', str(tmp_path / 'hf')))
+  assert line.startswith('error: model.family=ngram is fitted by counting and has no network to '
+                         'plan, benchmark, sample, convert or distil;'), line
+  assert not os.path.exists(tmp_path / 'hf')

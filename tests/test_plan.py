@@ -9,6 +9,7 @@ import pytest
 import runs
 from research import config as config_lib
 from research import plan
+from research import word_vectors
 
 
 def _config(spec, **mesh):
@@ -83,8 +84,10 @@ def test_the_counted_ngram_family_is_refused_in_one_sentence():
 def test_a_tokenizer_larger_than_the_vocabulary_is_one_sentence_before_any_data_is_read(tmp_path):
   # Skip-gram reads its word frequencies while the step is traced, without the data pipeline.
   (tmp_path / 'a.txt').write_text('words to count\n')
-  line = runs.error_line(runs.command(
+  vocab = word_vectors.train_vocabulary(['words to count'], str(tmp_path / 'vocab'), min_count=1)
+  line = runs.error_line(runs.in_process(
       'research.plan', '--config', 'configs/word_vectors.py:skipgram_tiny',
-      f'--config.data.paths={tmp_path / "a.txt"}', '--config.model.vocab_size=128'))
-  assert line == ("error: The 'bytes' tokenizer has 262 tokens but model.vocab_size=128; raise "
-                  'model.vocab_size.')
+      f'--config.data.paths={tmp_path / "a.txt"}', f'--config.data.tokenizer=hf:{vocab}',
+      '--config.model.vocab_size=4'))
+  assert line == (f"error: The 'hf:{vocab}' tokenizer has 5 tokens but model.vocab_size=4; "
+                  'raise model.vocab_size.')

@@ -240,6 +240,10 @@ def test_configs_that_cannot_train_are_one_sentence(corpus):
   config.data.source = 'markov'
   with pytest.raises(config_lib.ConfigError, match='reads documents of words'):
     config_lib.validate(config, 1)
+  config = _tiny('cbow_tiny', corpus)
+  config.data.tokenizer = 'bytes'  # The configs' default, before a vocabulary of words is built.
+  with pytest.raises(config_lib.ConfigError, match='learns a vector per word.*tokenizer=hf:DIR.$'):
+    config_lib.validate(config, 1)
 
 
 # Evaluation and export.

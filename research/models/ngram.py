@@ -379,5 +379,5 @@ def build(model_config, sharding=None):
   # Imported here: research.config imports the family registry.
   from research import config as config_lib
   raise config_lib.ConfigError('model.family=ngram is fitted by counting and has no network to '
-                               'plan, benchmark, sample or distil; only research.train counts it '
-                               '(objective.name=causal_lm).')
+                               'plan, benchmark, sample, convert or distil; only research.train '
+                               'counts it (objective.name=causal_lm).')

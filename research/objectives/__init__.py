@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.data import sources
+
 OBJECTIVES = {
     'causal_lm': 'research.objectives.causal_lm',
     'mlm': 'research.objectives.mlm',
@@ -125,6 +127,21 @@ def cross_entropy_sums(logits, targets, weights):
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return dict(loss=jnp.sum(token_losses(logits, targets) * weights),
               correct=jnp.sum(correct * weights))
+
+
+def check_word_documents(config, reads):
+  """The word-vector objectives (word2vec, GloVe) read documents of words: a text source and a
+  vocabulary of words, which the default 'bytes' tokenizer is not. `reads` says what the
+  objective does with them, for the first sentence."""
+  name, data = config.objective.name, config.data
+  if data.source not in sources.KINDS:
+    raise ValueError(f'objective.name={name} {reads}; set data.source to one of '
+                     f'{list(sources.KINDS)} (it is {data.source!r}).')
+  if data.tokenizer == 'bytes':
+    raise ValueError(f'objective.name={name} learns a vector per word, and '
+                     "data.tokenizer='bytes' gives bytes; build a vocabulary of words with "
+                     '`python -m research.word_vectors vocab --source text:CORPUS --out DIR` and '
+                     'pass --config.data.tokenizer=hf:DIR.')
 
 
 def token_types(model_config):

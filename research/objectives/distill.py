@@ -89,8 +89,10 @@ def check_config(config, family):
       raise ValueError(f'train.seq_len={config.train.seq_len} exceeds its model.max_len='
                        f'{teacher.model.max_len}')
   except ValueError as error:
-    raise ValueError(f'The teacher in {o.teacher} cannot take part ({str(error).rstrip(".")}); '
-                     'distill from a teacher that the base objective can train.') from None
+    # The reason only: the advice after it would be for the teacher's run, not for this one.
+    reason = str(error).split('; ')[0].rstrip('.')
+    raise ValueError(f'The teacher in {o.teacher} cannot take part: {reason}; distill from a '
+                     'teacher that the base objective can train.') from None
   if teacher.model.vocab_size != config.model.vocab_size:
     raise ValueError(f'The teacher in {o.teacher} has model.vocab_size={teacher.model.vocab_size} '
                      f'but this run {config.model.vocab_size}; distill into a student with '

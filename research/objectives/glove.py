@@ -35,9 +35,7 @@ def check_config(config, family):
   if config.model.family != 'word_vectors':
     raise ValueError('objective.name=glove trains word vectors; set model.family=word_vectors '
                      f'(it is {config.model.family!r}).')
-  if config.data.source not in sources.KINDS:
-    raise ValueError(f'objective.name=glove counts words in documents; set data.source to one of '
-                     f'{list(sources.KINDS)} (it is {config.data.source!r}).')
+  objectives.check_word_documents(config, reads='counts words in documents')
   if not config.model.biases:
     raise ValueError('objective.name=glove fits a bias per word and table; set '
                      'model.biases=True.')

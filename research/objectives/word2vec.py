@@ -51,9 +51,7 @@ def check_config(config, family):
   if config.model.family != 'word_vectors':
     raise ValueError(f'objective.name={o.name} trains word vectors; set model.family=word_vectors '
                      f'(it is {config.model.family!r}).')
-  if config.data.source not in sources.KINDS:
-    raise ValueError(f'objective.name={o.name} reads documents of words; set data.source to one '
-                     f'of {list(sources.KINDS)} (it is {config.data.source!r}).')
+  objectives.check_word_documents(config, reads='reads documents of words')
   if config.model.biases:
     raise ValueError(f'objective.name={o.name} uses no biases; set model.biases=False.')
   if o.window < 1 or o.negatives < 1:
