@@ -244,8 +244,11 @@ def validate(config, num_devices):
     raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={m.max_len}; shorten the '
                       'sequences or raise max_len.')
   if t.sample_tokens > 0 and getattr(family, 'GENERATES_TEXT', False):
-    prompt = len(tokenizer_lib.get(config.data.tokenizer, config.data.extra_ids).encode(
-        t.sample_prompt))
+    try:
+      tokenizer = tokenizer_lib.get(config.data.tokenizer, config.data.extra_ids)
+    except ValueError as error:  # A tokenizer file that is not there.
+      raise ConfigError(str(error)) from None
+    prompt = len(tokenizer.encode(t.sample_prompt))
     if prompt + t.sample_tokens > m.max_len:
       raise ConfigError(f'train.sample_prompt ({prompt} tokens) plus train.sample_tokens='
                         f'{t.sample_tokens} exceed model.max_len={m.max_len}; sample fewer tokens.')

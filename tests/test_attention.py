@@ -243,6 +243,11 @@ def test_gpu_kernel_over_several_tiles(tiles, t, s, causal):
   assert not np.asarray(got_out)[sees_no_key].any()
   for got, want in zip(got_vjp(d_out), want_vjp(d_out)):
     np.testing.assert_allclose(got, want, atol=tolerance, rtol=0)
+  if sees_no_key.any():  # Alone: the textbook form spreads such a query over every key.
+    only_there = jnp.where(sees_no_key[:, :, None, None],
+                           jax.random.normal(keys[4], (2, t, h, d)), 0.0)
+    for name, got in zip(('dq', 'dk', 'dv', 'dbias'), got_vjp(only_there)):
+      assert not np.asarray(got).any(), name
 
 @pytest.mark.parametrize('backend, packed, dtype, fits, expected', [
     ('cpu', True, jnp.float32, True, 'explicit'),

@@ -329,7 +329,8 @@ FAMILY_PAIRS = {
 
 
 @pytest.mark.parametrize('base', sorted(FAMILY_PAIRS) + ['seq2seq'])
-def test_bert_and_t5_students_learn_from_their_teachers_through_the_base_objective(base, tmp_path):
+def test_bert_and_t5_students_learn_from_their_teachers_through_the_base_objective(base, tmp_path,
+                                                                                    monkeypatch):
   spec, teacher_sizes, student_sizes = FAMILY_PAIRS.get(base, FAMILY_PAIRS['span_corruption'])
   if base == 'seq2seq':  # Fine-tuning pairs: the run reads the base objective's labelled data.
     pairs = tmp_path / 'pairs.jsonl'
@@ -374,6 +375,25 @@ def test_bert_and_t5_students_learn_from_their_teachers_through_the_base_objecti
   # alpha = 1: the soft term alone, positive (the teacher differs), over the base's positions.
   assert float(sums[term]['loss']) > 0 and float(sums[term]['loss']) != float(
       base_sums[term]['loss'])
+  # By hand, from the logits each model returns to the base objective: T^2 * sum of
+  # w * KL(teacher || student), w the field that weighs the vocabulary term's positions (every
+  # row once for a second term, the masked LM's sentence-pair head).
+  outputs, apply = [], objectives.apply
+  monkeypatch.setattr(objectives, 'apply', lambda *a, **k: outputs.append(apply(*a, **k)) or
+                      outputs[-1])
+  student_params = {k: v for k, v in trainer.state.params.items() if k != distill.PROJECTION}
+  base_objective.sums(trainer.model, student_params, batch, None)
+  base_objective.sums(objective.teacher_model, trainer.frozen, batch, None)
+  monkeypatch.undo()
+  student, teacher = ({term: out} if not isinstance(out, dict) else out for out in outputs)
+  scored = dict(mlm='mlm_weights', span_corruption='decoder_weights',
+                seq2seq='decoder_weights')[base]
+  for i, name in enumerate(base_sums):
+    log_p, log_q = _log_softmax(teacher[name] / 2.0), _log_softmax(student[name] / 2.0)
+    kl = np.sum(np.exp(log_p) * (log_p - log_q), -1)
+    weights = np.asarray(batch[scored]) if i == 0 else np.ones(kl.shape)
+    np.testing.assert_allclose(float(sums[name]['loss']), 4.0 * np.sum(kl * weights),
+                               rtol=1e-4)
   # The hard-label loss reported is exactly the base objective's.
   assert float(sums[term]['hard_loss']) == float(base_sums[term]['loss'])
   # The student learns; the teacher gets no gradient.

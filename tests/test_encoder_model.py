@@ -106,13 +106,13 @@ def test_outputs_match_transformers_on_a_padded_batch(hf_model, attention):
   got = _our_outputs(encoder.build(config), params, tokens, mask, types)
   assert got['hidden'].dtype == jnp.float32 and got['mlm_logits'].dtype == jnp.float32
   for row, length in enumerate(lengths):  # Padding positions are not compared.
-    np.testing.assert_allclose(got['hidden'][row, :length], want_hidden[row, :length], atol=1e-4,
+    np.testing.assert_allclose(got['hidden'][row, :length], want_hidden[row, :length], atol=1e-5,
                                rtol=0)
     np.testing.assert_allclose(got['mlm_logits'][row, :length], want_logits[row, :length],
-                               atol=1e-4, rtol=0)
+                               atol=1e-5, rtol=0)
   assert ('pair_logits' in got) == (want_pair is not None)
   if want_pair is not None:
-    np.testing.assert_allclose(got['pair_logits'], want_pair, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got['pair_logits'], want_pair, atol=1e-5, rtol=0)
 
 
 def test_conversion_round_trips_bitwise(hf_model):

@@ -1,6 +1,7 @@
 """Fine-tuning (configs/finetune.py, objective classification): labelled data from CSV, JSONL and
-prepared TFDS datasets with one-sentence errors, rows, heads, and the command line from a
-pretraining run of ours to > 90% accuracy on a task that depends on word order."""
+prepared TFDS datasets with one-sentence errors, rows, heads, and the command line: from a
+pretraining run of ours (keeping the best state), and from a model imported from Hugging Face to
+> 90% accuracy on a task that depends on word order."""
 
 import csv
 import json

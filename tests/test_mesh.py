@@ -1,5 +1,8 @@
 """Which launch a process is part of, and the launcher's own inputs (no processes started)."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from launch import local_multiprocess
@@ -56,14 +59,32 @@ def test_the_launcher_refuses_an_empty_job(capsys):
   assert '--processes and --local_devices must be at least 1' in capsys.readouterr().err
 
 
-def test_hybrid_meshes_put_each_process_on_its_own_slice_of_the_dcn_axis():
-  """On one process the granule check refuses two slices (multi-process runs use the layout)."""
+def test_hybrid_meshes_put_each_process_on_its_own_slice_of_the_dcn_axis(monkeypatch):
+  """On one process the granule check refuses two slices; over two processes each slice of the
+  DCN axis holds one process's devices, whatever their order."""
   with pytest.raises(mesh_lib.MeshError, match='spans 2 slices'):
     mesh_lib.resolve_shape(dict(data=4, fsdp=2, sequence=1, tensor=1), dict(data=2, fsdp=1),
                            8, num_granules=1)
   sizes = mesh_lib.resolve_shape(dict(data=-1, fsdp=2, sequence=1, tensor=1),
                                  dict(data=2, fsdp=1), 8, num_granules=2)
   assert sizes == dict(data=4, fsdp=2, sequence=1, tensor=1)
+
+  @dataclasses.dataclass(frozen=True)
+  class Device:  # What the layout reads of a device.
+    id: int
+    process_index: int
+    platform: str = 'cpu'
+    device_kind: str = 'cpu'
+
+  # Two processes whose devices come interleaved, as a plain reshape would leave them.
+  devices = [Device(i, i % 2) for i in range(8)]
+  monkeypatch.setattr(mesh_lib, 'Mesh', lambda grid, axes: grid)
+  grid = mesh_lib.make_mesh(sizes, devices, dict(data=2, fsdp=1))
+  processes = np.vectorize(lambda d: d.process_index)(grid).reshape(4, 2)
+  # Each half of the data axis (a DCN slice) is one process's devices, fsdp inside it.
+  assert processes.tolist() in ([[0, 0], [0, 0], [1, 1], [1, 1]],
+                                [[1, 1], [1, 1], [0, 0], [0, 0]])
+  assert sorted(d.id for d in grid.flat) == list(range(8))
 
 
 def test_mesh_flags_name_axes_and_sizes():

@@ -16,6 +16,7 @@ from research import models
 from research import optim
 from research import train
 from research import train_state
+from research.data import global_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,14 +92,19 @@ def test_a_resumed_run_restores_its_bfloat16_first_moment_and_frees_its_fresh_st
   config = _config(decoder_config, 'bfloat16')
   mesh = mesh_lib.make_mesh(config_lib.validate(config, 1), jax.devices()[:1])
   trainer = train.setup(config, mesh)
-  saved = jax.device_get(trainer.state)
+  state = jax.tree.map(jnp.copy, trainer.state)  # The step donates its input state.
+  for step in range(2):  # Moments off their initial zeros, so that a reset would show.
+    batch = global_batch.to_global(trainer.pipeline.train_batch(step), trainer.batch_shardings)
+    state, _ = trainer.train_step(state, batch, trainer.dropout_rng)
+  saved = jax.device_get(state)
+  assert all(np.any(x) for x in jax.tree.leaves(_moments(saved.opt_state)[0]))
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=1)
-  checkpointer.save(3, jax.tree.map(jnp.copy, trainer.state), checkpoint_lib.make_record(
+  checkpointer.save(3, state, checkpoint_lib.make_record(
       3, trainer.dropout_rng, trainer.pipeline.position(3), config))
   checkpointer.wait()
 
   restored, _, description = train._start_up(config, trainer, checkpointer)
-  assert description.startswith('resumed from step 0')  # The state's own step.
+  assert description.startswith('resumed from step 2')  # The state's own step.
   # The fresh state only showed the restore what to read: the run holds one copy of the state.
   assert all(x.is_deleted() for x in jax.tree.leaves(trainer.state))
   mu, nu = _moments(restored.opt_state)

@@ -91,3 +91,14 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_one_sentence_before_any_data_
       '--config.model.vocab_size=4'))
   assert line == (f"error: The 'hf:{vocab}' tokenizer has 5 tokens but model.vocab_size=4; "
                   'raise model.vocab_size.')
+
+
+@pytest.mark.parametrize('sample_tokens', [0, 16])  # Traced; also validated for the prompt.
+def test_a_tokenizer_that_is_not_there_is_one_sentence(tmp_path, sample_tokens):
+  # The bits-per-byte table reads the tokenizer while the step is traced, as for a paper preset
+  # on a machine without its tokenizer files; sampling during training reads it first.
+  line = runs.error_line(runs.in_process('research.plan', '--config', 'configs/decoder.py:tiny',
+                                         f'--config.data.tokenizer=hf:{tmp_path / "absent"}',
+                                         f'--config.train.sample_tokens={sample_tokens}'))
+  assert line == (f'error: data.tokenizer=hf:{tmp_path / "absent"} names no folder with a '
+                  'tokenizer.json; point it at the Hugging Face model directory.')

@@ -1,14 +1,20 @@
-"""The encoder's torch peer is our model (same parameter count) and trains."""
+"""The encoder's torch peer is our model (our parameters give our outputs) and trains."""
 
 import os
 
+import jax
+import numpy as np
 import pytest
 import torch
+from flax import linen as nn
 
+from research import hf_encoder
+from research import layout
 from research import models
 from research.config import load_config_file
 from research.models import encoder
 from research.peers import torch_bert
+from test_encoder_model import _our_outputs, _torch_outputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +27,7 @@ def _albert_tiny():
   """albert_base at a test's size: factorised embeddings, one shared block, the SOP head."""
   config = load_config_file(os.path.join(REPO, 'configs', 'encoder.py:albert_base'))
   config.model.update(dict(num_layers=2, num_heads=2, emb_dim=64, embedding_dim=32, mlp_dim=128,
-                           vocab_size=264, max_len=64))
+                           vocab_size=264, max_len=64, dtype='float32'))  # As the peer.
   config.objective.max_predictions = 8
   config.optim.lr = 2e-3  # bert_tiny's: base's 1e-4 moves a tiny model too slowly to see.
   return config
@@ -31,6 +37,28 @@ def _albert_tiny():
 def test_peer_is_our_model_and_trains(make_config):
   config = make_config()
   assert torch_bert.parameter_count(config) == models.count_params(encoder, config.model)
+
+  # Our parameters, off their initial values, give the peer our outputs (without dropout).
+  ours = encoder.build(config.model)
+  params = nn.unbox(ours.init(jax.random.key(0), **encoder.init_inputs(16),
+                              method='initialize'))['params']
+  noise = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(noise), x.shape), params)
+  peer = torch_bert._build(config.model).eval()
+  stacked = layout.convert(jax.device_get(params), scan_layers=True)  # As convert to_hf does.
+  tensors = hf_encoder.params_to_hf(stacked, config.model)
+  peer.load_state_dict({name: torch.tensor(np.asarray(x)) for name, x in tensors.items()},
+                       strict=False)
+  assert set(tensors) >= {name for name, _ in peer.named_parameters()}
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, config.model.vocab_size, (2, 16))
+  mask, types = np.ones_like(tokens), np.repeat([[0] * 8 + [1] * 8], 2, axis=0)
+  got = _our_outputs(ours, params, tokens, mask, types)
+  want_hidden, want_logits, want_pair = _torch_outputs(config.model.style, peer, tokens, mask,
+                                                       types)
+  np.testing.assert_allclose(got['hidden'], want_hidden, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got['mlm_logits'], want_logits, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got['pair_logits'], want_pair, atol=1e-5, rtol=0)
 
   # One batch, repeated: the loss (masked LM plus the pair task's) must fall.
   torch.manual_seed(0)

@@ -1,10 +1,16 @@
-"""The encoder-decoder's torch peer is our model (same parameter count) and trains."""
+"""The encoder-decoder's torch peer is our model (our parameters give our logits) and trains."""
 
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
+from flax import linen as nn
 
+from research import hf_t5
+from research import layout
 from research import models
 from research.config import load_config_file
 from research.models import encoder_decoder
@@ -27,7 +33,7 @@ def _t5_small_shrunk():
   deeper than the encoder and the AdamW settings of t5_tiny."""
   config = _config('t5_small')
   config.model.update(dict(num_layers=2, num_decoder_layers=3, num_heads=4, head_dim=8,
-                           emb_dim=32, mlp_dim=64, vocab_size=300))
+                           emb_dim=32, mlp_dim=64, vocab_size=300, dtype='float32'))  # As the peer.
   config.optim.update(dict(name='adamw', lr=3e-3, weight_decay=0.1, clip_norm=1.0))
   config.train.target_len = 16
   return config
@@ -37,6 +43,29 @@ def _t5_small_shrunk():
 def test_peer_is_our_model_and_trains(make_config):
   config = make_config()
   assert torch_t5.parameter_count(config) == models.count_params(encoder_decoder, config.model)
+
+  # Our parameters, off their initial values, give the peer our logits (without dropout).
+  ours = encoder_decoder.build(config.model)
+  params = nn.unbox(ours.init(jax.random.key(0), **encoder_decoder.init_inputs(16),
+                              method='initialize'))['params']
+  noise = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(noise), x.shape), params)
+  peer = torch_t5._build(config.model).eval()
+  stacked = layout.convert(jax.device_get(params), scan_layers=True)  # As convert to_hf does.
+  tensors = hf_t5.params_to_hf(stacked, config.model)
+  peer.load_state_dict({name: torch.tensor(np.asarray(x)) for name, x in tensors.items()},
+                       strict=False)
+  assert set(tensors) >= {name for name, _ in peer.named_parameters()}
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(3, config.model.vocab_size, (2, 16))
+  targets = np.concatenate([np.zeros((2, 1), int),
+                            rng.integers(3, config.model.vocab_size, (2, 7))], axis=1)
+  with torch.no_grad():
+    want = peer(input_ids=torch.tensor(inputs), decoder_input_ids=torch.tensor(targets)).logits
+  masks = [jnp.ones(x.shape, jnp.int32) for x in (inputs, targets)]
+  hidden = ours.apply({'params': params}, jnp.asarray(inputs), jnp.asarray(targets), *masks)
+  got = ours.apply({'params': params}, hidden, method='logits')
+  np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-4, rtol=0)
 
   # One batch, repeated: the loss must fall.
   torch.manual_seed(0)

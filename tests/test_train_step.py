@@ -49,10 +49,21 @@ def test_bfloat16_compute_keeps_float32_parameters(decoder_config):
   reference = decoder_config('tiny')
   low = decoder_config('tiny')
   low.model.dtype = 'bfloat16'
-  ref_losses, _ = _losses(_trainer(reference), reference, steps=5)
-  losses, state = _losses(_trainer(low), low, steps=5)
+  ref_trainer, trainer = _trainer(reference), _trainer(low)
+  ref_losses, _ = _losses(ref_trainer, reference, steps=5)
+  losses, state = _losses(trainer, low, steps=5)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   np.testing.assert_allclose(losses, ref_losses, atol=0.05)
+  assert losses != ref_losses  # Close, not the same: the products really ran in bf16.
+
+  def bf16_products(trainer):
+    batch = global_batch.to_global(trainer.pipeline.train_batch(0), trainer.batch_shardings)
+    text = trainer.train_step.lower(trainer.state, batch, trainer.dropout_rng).as_text()
+    dots = [line for line in text.splitlines() if 'dot_general' in line]
+    return sum('bf16' in line for line in dots), len(dots)
+
+  low_dots, all_dots = bf16_products(trainer)
+  assert low_dots >= 0.8 * all_dots and bf16_products(ref_trainer)[0] == 0, (low_dots, all_dots)
 
 
 def test_dropout_uses_the_explicit_rng_and_evaluation_is_deterministic(decoder_config):
@@ -70,6 +81,9 @@ def test_dropout_uses_the_explicit_rng_and_evaluation_is_deterministic(decoder_c
   first = jax.device_get(trainer.eval_step(trainer.state.params, batch))
   second = jax.device_get(trainer.eval_step(trainer.state.params, batch))
   assert first == second
+  plain = decoder_config('tiny')  # Evaluation runs without dropout: as the model without it.
+  plain.model.dropout_rate = 0.0
+  assert jax.device_get(_trainer(plain).eval_step(trainer.state.params, batch)) == first
 
 
 def test_bits_per_byte_divide_the_loss_in_bits_by_the_bytes_the_targets_spell(decoder_config):

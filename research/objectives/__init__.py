@@ -140,7 +140,7 @@ def check_word_documents(config, reads):
   if data.tokenizer == 'bytes':
     raise ValueError(f'objective.name={name} learns a vector per word, and '
                      "data.tokenizer='bytes' gives bytes; build a vocabulary of words with "
-                     '`python -m research.word_vectors vocab --source text:CORPUS --out DIR` and '
+                     '`python -m research.word_vectors vocab --source text:GLOB --out DIR` and '
                      'pass --config.data.tokenizer=hf:DIR.')
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from research import objectives
 from research.objectives import chunked_loss
 from research.data import packing
+from research.data import pipeline
 from research.data import sources
 from research.data import tokenizer as tokenizer_lib
 
@@ -89,7 +90,7 @@ class Objective:
     if c.data.source == 'markov':
       return None
     if self._text_bytes is None:
-      table = tokenizer_lib.get(c.data.tokenizer, extra_ids=c.data.extra_ids).text_bytes()
+      table = pipeline.checked_tokenizer(c).text_bytes()
       self._text_bytes = np.zeros(max(c.model.vocab_size, len(table)), np.float32)
       self._text_bytes[:len(table)] = table
     return self._text_bytes

@@ -12,6 +12,7 @@ import numpy as np
 
 from research import objectives
 from research.data import labeled
+from research.data import pipeline
 from research.data import tokenizer as tokenizer_lib
 
 DATA = 'labeled'  # Reads labelled examples (research/data/labeled.py)...
@@ -132,7 +133,7 @@ class Objective:
   def synthetic_batch(self, rng):
     """Rows of random text with random labels, for benchmarks."""
     c = self.config
-    tokenizer = tokenizer_lib.get(c.data.tokenizer, extra_ids=c.data.extra_ids)
+    tokenizer = pipeline.checked_tokenizer(c)
     transform = self.transform(tokenizer)
     text = np.setdiff1d(np.arange(tokenizer.vocab_size), tokenizer.special_ids)
     rows = [transform.row((rng.choice(text, c.train.seq_len), None,

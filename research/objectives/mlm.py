@@ -27,6 +27,7 @@ import numpy as np
 from research import objectives
 from research.objectives import chunked_loss
 from research.data import packing
+from research.data import pipeline
 from research.data import sources
 from research.data import tokenizer as tokenizer_lib
 
@@ -265,7 +266,7 @@ class Objective:
   def synthetic_batch(self, rng):
     """Rows of random text tokens, masked and gathered as in training, for benchmarks."""
     c = self.config
-    transform = Transform(c, tokenizer_lib.get(c.data.tokenizer, extra_ids=c.data.extra_ids))
+    transform = Transform(c, pipeline.checked_tokenizer(c))
     size = transform.span(c.train.seq_len)[0]
     split = _SyntheticSplit(rng, size, transform)
     rows = []

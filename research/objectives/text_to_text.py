@@ -24,6 +24,7 @@ import numpy as np
 from research import objectives
 from research.objectives import chunked_loss
 from research.data import packing
+from research.data import pipeline
 from research.data import sources
 from research.data import tokenizer as tokenizer_lib
 
@@ -205,7 +206,7 @@ class Objective:
     """Full rows of one example each (random ids, EOS last), for benchmarks."""
     c = self.config
     b, s, t = c.train.batch_size, c.train.seq_len, self.target_len
-    tokenizer = tokenizer_lib.get(c.data.tokenizer, extra_ids=c.data.extra_ids)
+    tokenizer = pipeline.checked_tokenizer(c)
     text = np.setdiff1d(np.arange(tokenizer.vocab_size), tokenizer.special_ids)
     row = packing.empty_rows(self.fields(s), b)
     for i in range(b):

@@ -2,7 +2,9 @@
 
 The architecture and training step follow nanoGPT's model.py/train.py on CPU: learned positions,
 pre-LayerNorm blocks with biases, fused QKV projection, `scaled_dot_product_attention` (causal),
-exact GELU, tied embeddings, AdamW with no decay on biases and norms, global-norm clipping.
+tied embeddings, AdamW with no decay on biases and norms, global-norm clipping. The GELU is
+GPT-2's tanh form, as ours (nanoGPT's nn.GELU() is the exact one), so that the peer computes our
+model: our parameters give it our loss (tests/test_torch_gpt_peer.py).
 Needs `pip install -r requirements-bench.txt` (torch); never imported by the framework itself.
 """
 
@@ -31,7 +33,7 @@ class _Block(nn.Module):
     q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
-    return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+    return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate='tanh'))
 
 
 class TorchGPT(nn.Module):
