@@ -379,8 +379,12 @@ def test_bert_and_t5_students_learn_from_their_teachers_through_the_base_objecti
   # w * KL(teacher || student), w the field that weighs the vocabulary term's positions (every
   # row once for a second term, the masked LM's sentence-pair head).
   outputs, apply = [], objectives.apply
-  monkeypatch.setattr(objectives, 'apply', lambda *a, **k: outputs.append(apply(*a, **k)) or
-                      outputs[-1])
+
+  def recording_apply(*args, **kwargs):
+    outputs.append(apply(*args, **kwargs))
+    return outputs[-1]
+
+  monkeypatch.setattr(objectives, 'apply', recording_apply)
   student_params = {k: v for k, v in trainer.state.params.items() if k != distill.PROJECTION}
   base_objective.sums(trainer.model, student_params, batch, None)
   base_objective.sums(objective.teacher_model, trainer.frozen, batch, None)
