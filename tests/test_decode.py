@@ -154,7 +154,7 @@ def test_generation_from_parameters_sharded_over_a_mesh_equals_one_device(decode
 
 def test_beam_search_serves_decoders_with_ragged_prompts(decoder_config):
   """One beam is greedy decoding; more beams return sequences of their own length whose scores
-  are the model's (sum of log probabilities / length, no stop token here)."""
+  are the model's (sum of log probabilities / length, no stop token here), at least greedy's."""
   model, params = _model(decoder_config, 'llama')
   greedy = decode.generate(model, params, PROMPTS, decode.SamplingConfig(max_new_tokens=6))
   one = decode.generate(model, params, PROMPTS, decode.SamplingConfig(max_new_tokens=6,
@@ -173,3 +173,5 @@ def test_beam_search_serves_decoders_with_ragged_prompts(decoder_config):
   for row, prompt in enumerate(PROMPTS):
     assert len(beams[row]) == 6
     np.testing.assert_allclose(scores[row], score(prompt, beams[row]), atol=1e-4)
+    assert scores[row] >= score(prompt, greedy[row]) - 1e-5  # The search keeps the better.
+  assert beams != greedy  # Random weights: it finds other sequences than greedy decoding.

@@ -46,11 +46,23 @@ def test_a_train_state_converts_both_ways_without_changing_a_number(decoder_conf
   assert 'layers' not in per_layer.params and per_layer.params['layers_2']
   mu = per_layer.opt_state[1][0].mu  # Adam's first moment follows the parameters.
   assert set(mu) == set(per_layer.params)
-  np.testing.assert_array_equal(per_layer.params['layers_1']['mlp']['up']['kernel'],
-                                np.asarray(state.params['layers']['mlp']['up']['kernel'][1]))
+  for i in range(3):  # Each layer from its own slice of the stack.
+    np.testing.assert_array_equal(per_layer.params[f'layers_{i}']['mlp']['up']['kernel'],
+                                  np.asarray(state.params['layers']['mlp']['up']['kernel'][i]))
   back = layout.convert(per_layer, scan_layers=True)
   same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), state, back)
   assert all(jax.tree.leaves(same))
+
+
+def test_twelve_layers_stack_in_numeric_order_and_back():
+  """layers_10 follows layers_9, not layers_1 (as names would sort)."""
+  per_layer = {f'layers_{i}': {'w': np.full((2,), i)} for i in range(12)}
+  per_layer['embed'] = np.zeros(3)
+  stacked = layout.stack(per_layer)
+  assert stacked['layers']['w'][:, 0].tolist() == list(range(12))
+  back = layout.unstack(stacked)
+  assert sorted(back) == sorted(per_layer)
+  assert all(np.array_equal(back[k]['w'], per_layer[k]['w']) for k in per_layer if k != 'embed')
 
 
 def test_a_converted_checkpoint_resumes_with_the_losses_of_the_original_layout(decoder_config,

@@ -118,7 +118,7 @@ def test_padding_is_never_chosen_and_rows_gather_their_predictions():
   assert (batch['mlm_weights'].sum(axis=1) == config.objective.max_predictions).any()
 
 
-def test_static_masks_repeat_every_epoch_and_dynamic_masks_change_reproducibly():
+def test_masks_follow_the_seed_repeat_every_epoch_if_static_and_change_reproducibly_if_dynamic():
   static = objectives.build(_config(pair='none', seq_len=64)).transform(TOKENIZER)
   dynamic_config = _config(pair='none', seq_len=64, dynamic_masking=True)
   dynamic = objectives.build(dynamic_config).transform(TOKENIZER)
@@ -130,6 +130,11 @@ def test_static_masks_repeat_every_epoch_and_dynamic_masks_change_reproducibly()
       np.testing.assert_array_equal(a['tokens'], b['tokens'])  # Reproducible.
     differ = sum(not np.array_equal(a['tokens'], c['tokens']) for a, c in zip(first, later))
     assert differ == 0 if same_across_epochs else differ > 45, differ
+  reseeded = _config(pair='none', seq_len=64)  # Another seed masks other tokens.
+  reseeded.seed += 1
+  other = _examples(objectives.build(reseeded).transform(TOKENIZER), 50)[1]
+  first = _examples(static, 50)[1]
+  assert sum(not np.array_equal(a['tokens'], b['tokens']) for a, b in zip(first, other)) > 45
   # Through the data: the rows of a resumed run equal those of an uninterrupted one.
   rows, _ = _rows(dynamic_config)
   count = len(rows) + 5
@@ -140,10 +145,10 @@ def test_static_masks_repeat_every_epoch_and_dynamic_masks_change_reproducibly()
 
 
 def test_whole_word_masking_chooses_whole_words():
-  transform = objectives.build(_config(pair='none', seq_len=128, whole_word=True)).transform(
-      TOKENIZER)
+  config = _config(pair='none', seq_len=128, whole_word=True, max_predictions=128)
+  transform = objectives.build(config).transform(TOKENIZER)
   tokens, bounds = _documents(count=200, spaces=True)
-  partial = 0
+  partial, chosen, candidates = 0, 0, 0
   for index, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
     ids = np.concatenate([[TOKENIZER.cls_id], tokens[begin:end], [TOKENIZER.sep_id]])
     weights = transform.example(tokens[begin:end], index, 0, None)['mlm_token_weights']
@@ -152,7 +157,10 @@ def test_whole_word_masking_chooses_whole_words():
     for word in np.unique(words):
       picked = weights[text][words == word]
       partial += 0 < picked.sum() < len(picked)
+    chosen, candidates = chosen + (weights[text] > 0).sum(), candidates + text.sum()
   assert partial == 0
+  # As many tokens as without whole words: the rate is met in words, not by one word a row.
+  assert abs(chosen / candidates - config.objective.mask_rate) < 0.02, chosen / candidates
 
 
 @pytest.mark.parametrize('pair', ['nsp', 'sop'])

@@ -112,9 +112,15 @@ def test_generation_greedy_and_beam_search_follow_the_full_forward():
       module, params, PROMPTS, decode.SamplingConfig(max_new_tokens=new, num_beams=3,
                                                      length_penalty=0.0), return_logits=True)
   full = jax.nn.log_softmax(_full_forward(module, params, [p + b for p, b in zip(PROMPTS, beams)]))
+  greedy_full = jax.nn.log_softmax(_full_forward(module, params,
+                                                 [p + g for p, g in zip(PROMPTS, greedy)]))
   for row, prompt in enumerate(PROMPTS):
     want = sum(float(full[row, len(prompt) - 1 + i, t]) for i, t in enumerate(beams[row]))
     assert len(beams[row]) == new and abs(scores[row] - want) < 1e-4, (scores[row], want)
+    greedy_score = sum(float(greedy_full[row, len(prompt) - 1 + i, t])
+                       for i, t in enumerate(greedy[row]))
+    assert scores[row] >= greedy_score - 1e-5  # The search keeps the better.
+  assert beams != greedy  # Random weights: it finds other sequences than greedy decoding.
 
 
 def _train(config, mesh_shape, steps=2):

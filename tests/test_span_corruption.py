@@ -67,6 +67,10 @@ def test_examples_are_a_function_of_the_seed_the_place_and_the_epoch():
       'inputs'])
   assert not np.array_equal(one['inputs'], transform.example(tokens, (0, 0, 7, 1), 1, None)[
       'inputs'])
+  reseeded = _config()
+  reseeded.seed += 1
+  other = span_corruption.Objective(reseeded).transform(TOKENIZER)
+  assert not np.array_equal(one['inputs'], other.example(tokens, (0, 0, 7, 1), 0, None)['inputs'])
   inputs, targets = one['inputs'], one['targets']
   assert inputs[-1] == targets[-1] == TOKENIZER.eos_id
   assert (len(inputs), len(targets)) == transform.positions(len(tokens))
@@ -107,18 +111,32 @@ def test_prefix_lm_splits_each_example_into_inputs_and_targets():
   assert np.array_equal(example['targets'][:-1], tokens)
 
 
-def test_ul2_draws_every_denoiser_with_its_mode_token():
+def test_ul2_draws_every_denoiser_with_its_mode_token_and_its_own_spans():
   config = _config(name='ul2', denoisers='R:3:0.15=1;X:32:0.5=1;S=1')
   config.train.target_len = 128
   transform = ul2.Objective(config).transform(TOKENIZER)
   tokens = TOKENIZER.encode('abcdefghij' * 12)
+  sentinels = set(TOKENIZER.sentinel_ids)
+  # Each corrupting denoiser with its own mean span and density: (noise tokens, spans) by T5's
+  # count for 120 tokens.
+  counts = {'[NLU]': span_corruption.noise_counts(len(tokens), 0.15, 3),  # (18, 6)
+            '[NLG]': span_corruption.noise_counts(len(tokens), 0.5, 32)}  # (60, 2)
   modes = {}
   for window in range(60):
     example = transform.example(tokens, (0, 0, window, 0), 0, None)
-    mode = TOKENIZER.decode(example['inputs'][:5])
+    inputs, targets = example['inputs'].tolist(), example['targets'].tolist()
+    mode = TOKENIZER.decode(inputs[:5])
     modes[mode] = modes.get(mode, 0) + 1
-    assert all(a <= b for a, b in zip((len(example['inputs']), len(example['targets'])),
+    assert all(a <= b for a, b in zip((len(inputs), len(targets)),
                                       transform.positions(len(tokens))))
+    if mode == '[S2S]':  # A prefix and its continuation, nothing corrupted.
+      assert inputs[5:-1] + targets[:-1] == tokens.tolist()
+      assert not sentinels & set(inputs + targets)
+    else:
+      noise, spans = counts[mode]
+      assert sum(t in sentinels for t in inputs) == sum(t in sentinels for t in targets) == spans
+      assert len(targets) == noise + spans + 1  # With EOS.
+      assert len(inputs) == 5 + len(tokens) - noise + spans + 1
   assert set(modes) == {'[NLU]', '[NLG]', '[S2S]'} and min(modes.values()) > 10
 
 
