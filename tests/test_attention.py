@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 import runs
 
 from research import config as config_lib
@@ -283,6 +284,14 @@ def test_pallas_kernel_runs_per_shard_of_a_mesh_and_equals_one_device():
       q, k, v)
   for got_part, want_part in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(got_part, want_part, atol=1e-4, rtol=1e-5)
+  # Per shard, not on gathered arrays (on CPU both give the same numbers): one shard_map whose
+  # query, key and value blocks are whole rows of a batch shard and a tensor shard of heads.
+  jaxpr = jax.make_jaxpr(lambda q, k, v: attention.dot_product_attention(
+      q, k, v, segments, True, 'pallas_gpu', sharding=sharding))(q, k, v)
+  [shard_map] = [e for e in jaxpr.eqns if e.primitive.name == 'shard_map']
+  heads = P(('data', 'fsdp'), None, 'tensor', None)
+  assert shard_map.params['in_specs'][:3] == (heads, heads, heads)
+  assert shard_map.params['out_specs'] == (heads,)
 
 
 def test_pallas_kernel_refuses_a_mesh_it_cannot_run_per_shard_on():

@@ -3,6 +3,7 @@ the full forward pass, beam search (one beam == greedy; a constructed case where
 greedy)."""
 
 import functools
+import math
 import os
 
 import jax
@@ -14,6 +15,7 @@ from flax import linen as nn
 import runs
 from research import config as config_lib
 from research import decode
+from research import models
 from research.data import packing
 from research.models import encoder_decoder
 from research.objectives import text_to_text
@@ -187,3 +189,30 @@ def test_loss_options_and_sequence_accuracy():
   segments = jnp.asarray([[1, 1, 2, 2, 0], [1, 1, 0, 0, 0]])
   examples, right = text_to_text.sequence_counts(correct, weights, segments)
   assert (float(examples), float(right)) == (3.0, 2.0)
+
+
+def _kernel_size(tree, keep=lambda path: True):
+  return sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+             if path[-1].key == 'kernel' and keep([p.key for p in path]))
+
+
+@pytest.mark.parametrize('variant', ['t5_tiny', 't5_small'])  # Gated and untied; plain and tied.
+def test_flops_per_row_count_every_applied_weight(variant):
+  """6 FLOPs per kernel weight and the token it reads (the cross-attention's keys and values read
+  the inputs), plus the attention products: full in the encoder, causal (half) in the decoder's
+  self-attention, and targets x inputs across; the output layer once per target."""
+  config = config_lib.load_config_file(os.path.join(REPO, 'configs',
+                                                    f'encoder_decoder.py:{variant}'))
+  m = config.model
+  spec = encoder_decoder.spec_from_config(m)
+  params = models.abstract_params(encoder_decoder, m)
+  inputs, targets = 20, 7
+  reads_inputs = lambda path: 'cross' in path and path[-2] in ('key', 'value')
+  weights = (inputs * _kernel_size(params['encoder'])
+             + targets * _kernel_size(params['decoder'], lambda p: not reads_inputs(p))
+             + inputs * _kernel_size(params['decoder'], reads_inputs))
+  inner = spec.inner_dim
+  products = (spec.num_layers * inputs * 2 * inputs * inner
+              + spec.num_decoder_layers * targets * (targets * inner + 2 * inputs * inner))
+  head = targets * math.prod(params['token_embed']['embedding'].shape)
+  assert encoder_decoder.flops_per_row(spec, inputs, targets) == 6 * (weights + products + head)

@@ -62,17 +62,18 @@ def test_logits_match_transformers_on_a_padded_batch(hf_model):
   model, params, _ = _ours(workdir)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 101, (3, 20))
-  lengths = np.array([20, 13, 7])  # Right padding.
-  mask = (np.arange(20)[None] < lengths[:, None]).astype(np.int64)
+  lengths = np.array([20, 13, 7])
+  mask = (np.arange(20)[None] < lengths[:, None]).astype(np.int64)  # Right padding...
+  mask[2] = mask[2, ::-1]  # ...and left padding, which the real tokens must not attend to.
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
   with torch.no_grad():
-    want = torch_model(input_ids=torch.tensor(tokens),
-                       attention_mask=torch.tensor(mask)).logits.numpy()
-  positions = np.broadcast_to(np.arange(20), (3, 20))
+    want = torch_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                       position_ids=torch.tensor(positions)).logits.numpy()
   got = np.asarray(model.apply({'params': params}, jnp.asarray(tokens, jnp.int32),
                                jnp.asarray(positions, jnp.int32), jnp.asarray(mask, jnp.int32),
                                method='language_model'))
-  for row, length in enumerate(lengths):
-    np.testing.assert_allclose(got[row, :length], want[row, :length], atol=1e-4, rtol=0)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
 
 
 def test_greedy_generation_matches_transformers_generate(hf_model):

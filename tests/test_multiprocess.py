@@ -172,10 +172,10 @@ def test_two_processes_train_like_one(decoder_runs):
   assert sorted(p.name for p in two.iterdir()) == [
       'checkpoints', 'config.json', 'environment.json', 'metrics.jsonl', 'tensorboard', 'tokenizer']
   # The end-of-run sample: computed by both processes (decoders), printed once.
-  assert said.count('--- sample') == (sample is not None) and '[p1] --- sample' not in said
-  if sample is not None:
-    assert said[said.index('--- sample'):].replace('[p0] ', '').startswith(
-        f'--- sample (greedy) ---\n{sample}\n---')
+  assert sample is not None  # The decoder samples at the end (train.sample_tokens > 0).
+  assert said.count('--- sample') == 1 and '[p1] --- sample' not in said
+  assert said[said.index('--- sample'):].replace('[p0] ', '').startswith(
+      f'--- sample (greedy) ---\n{sample}\n---')
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(tmp_path, corpus,

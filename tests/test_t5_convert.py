@@ -258,11 +258,15 @@ def test_greedy_and_beam_search_give_the_tokens_of_transformers_generate(version
   assert min(lengths[4, 0.6]) < 10, lengths  # Some beams ended on the stop token.
 
 
-@pytest.mark.parametrize('variant', ['t5_small', 't5_base', 't5_large', 't5_1_1_small',
-                                     't5_1_1_base', 't5_1_1_large', 'byt5_small'])
+# Millions of parameters of the published checkpoints (t5-small ... google/byt5-small).
+PUBLISHED = {'t5_small': 60.5, 't5_base': 222.9, 't5_large': 737.7, 't5_1_1_small': 77.0,
+             't5_1_1_base': 247.6, 't5_1_1_large': 783.2, 'byt5_small': 299.6}
+
+
+@pytest.mark.parametrize('variant', sorted(PUBLISHED))
 def test_every_variant_has_the_parameters_of_transformers_model(variant):
-  """Counted without allocating either model (transformers' on the meta device): 60.5M, 222.9M,
-  737.7M for v1.0 small / base / large."""
+  """Counted without allocating either model (transformers' on the meta device), and equal to
+  the published checkpoint's count: the variant's sizes are the paper's."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = config_lib.load_config_file(os.path.join(repo, 'configs',
                                                     f'encoder_decoder.py:{variant}'))
@@ -274,3 +278,4 @@ def test_every_variant_has_the_parameters_of_transformers_model(variant):
       model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.shared.weight))
   theirs = sum(p.numel() for p in model.parameters())
   assert models.count_params(encoder_decoder, config.model) == theirs
+  assert round(theirs / 1e6, 1) == PUBLISHED[variant]
