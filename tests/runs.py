@@ -165,3 +165,24 @@ def train_steps(config, mesh_shape, batches):
     assert float(metrics['grad_norm']) > 0.1
   assert float(metrics['learning_rate']) > 0  # Past the warm-up's first step.
   return losses, jax.device_get(state.params)
+
+
+def perturbed_params(family, model_config, seq_len=16):
+  """(network, parameters) of `family` for `model_config`, each parameter moved off its initial
+  value (norm scales off 1, biases off 0), so that a tensor lost in a conversion would show."""
+  from flax import linen as nn
+  model = family.build(model_config)
+  params = nn.unbox(model.init(jax.random.key(0), **family.init_inputs(seq_len),
+                               method='initialize'))['params']
+  noise = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+  return model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(noise), x.shape), params)
+
+
+def load_into_torch(module, tensors):
+  """Loads numpy `tensors` (name -> array) into the torch `module`, which must hold no trainable
+  tensor they leave out (tied copies may be absent from them)."""
+  import torch
+  assert set(tensors) >= {name for name, _ in module.named_parameters()}
+  module.load_state_dict({name: torch.tensor(np.ascontiguousarray(x))
+                          for name, x in tensors.items()}, strict=False)
+  return module

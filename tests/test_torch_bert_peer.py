@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import linen as nn
 
+import runs
 from research import hf_encoder
 from research import layout
 from research import models
@@ -39,17 +39,10 @@ def test_peer_is_our_model_and_trains(make_config):
   assert torch_bert.parameter_count(config) == models.count_params(encoder, config.model)
 
   # Our parameters, off their initial values, give the peer our outputs (without dropout).
-  ours = encoder.build(config.model)
-  params = nn.unbox(ours.init(jax.random.key(0), **encoder.init_inputs(16),
-                              method='initialize'))['params']
-  noise = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(noise), x.shape), params)
-  peer = torch_bert._build(config.model).eval()
+  ours, params = runs.perturbed_params(encoder, config.model)
   stacked = layout.convert(jax.device_get(params), scan_layers=True)  # As convert to_hf does.
-  tensors = hf_encoder.params_to_hf(stacked, config.model)
-  peer.load_state_dict({name: torch.tensor(np.asarray(x)) for name, x in tensors.items()},
-                       strict=False)
-  assert set(tensors) >= {name for name, _ in peer.named_parameters()}
+  peer = runs.load_into_torch(torch_bert._build(config.model).eval(),
+                              hf_encoder.params_to_hf(stacked, config.model))
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, config.model.vocab_size, (2, 16))
   mask, types = np.ones_like(tokens), np.repeat([[0] * 8 + [1] * 8], 2, axis=0)

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import linen as nn
 
+import runs
 from research import hf
 from research import layout
 from research.config import load_config_file
@@ -29,25 +29,20 @@ def _peer_tensors(hf_tensors):
       if f'.{old}.' in name:
         name = name.replace(old, new)
         value = value.T if name.endswith('weight') else value
-    tensors[name] = torch.tensor(np.ascontiguousarray(value))
+    tensors[name] = value
   return tensors
 
 
 def test_peer_is_our_model_and_trains():
   config = load_config_file(os.path.join(REPO, 'configs', 'decoder.py:nanogpt_cpu'))
   m = config.model
-  ours = decoder.build(m)
-  params = nn.unbox(ours.init(jax.random.key(0), **decoder.init_inputs(16),
-                              method='initialize'))['params']
-  noise = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(noise), x.shape), params)
+  ours, params = runs.perturbed_params(decoder, m)
   stacked = layout.convert(jax.device_get(params), scan_layers=True)  # As convert to_hf does.
-  torch.manual_seed(0)
+  tensors = _peer_tensors(hf.params_to_hf(stacked, m))
   peer = torch_gpt.TorchGPT(m.vocab_size, m.max_len, m.emb_dim, m.num_heads, m.num_layers,
                             m.mlp_dim)
-  tensors = _peer_tensors(hf.params_to_hf(stacked, m))
-  assert set(tensors) == {name for name, _ in peer.named_parameters()}
-  peer.load_state_dict(tensors, strict=False)  # The tied lm_head is the embedding.
+  assert set(tensors) == {name for name, _ in peer.named_parameters()}  # lm_head is tied.
+  runs.load_into_torch(peer, tensors)
 
   rng = np.random.default_rng(0)
   data = rng.integers(0, m.vocab_size, (2, 33))
