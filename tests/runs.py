@@ -186,3 +186,10 @@ def load_into_torch(module, tensors):
   module.load_state_dict({name: torch.tensor(np.ascontiguousarray(x))
                           for name, x in tensors.items()}, strict=False)
   return module
+
+
+def kernel_size(tree, keep=lambda path: True):
+  """Weights of the dense kernels in a parameter tree (abstract or real): what a FLOP count
+  multiplies by the tokens each reads. `keep(path)` (the path's keys) selects among them."""
+  return sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+             if path[-1].key == 'kernel' and keep([p.key for p in path]))

@@ -191,11 +191,6 @@ def test_loss_options_and_sequence_accuracy():
   assert (float(examples), float(right)) == (3.0, 2.0)
 
 
-def _kernel_size(tree, keep=lambda path: True):
-  return sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(tree)
-             if path[-1].key == 'kernel' and keep([p.key for p in path]))
-
-
 @pytest.mark.parametrize('variant', ['t5_tiny', 't5_small'])  # Gated and untied; plain and tied.
 def test_flops_per_row_count_every_applied_weight(variant):
   """6 FLOPs per kernel weight and the token it reads (the cross-attention's keys and values read
@@ -208,9 +203,9 @@ def test_flops_per_row_count_every_applied_weight(variant):
   params = models.abstract_params(encoder_decoder, m)
   inputs, targets = 20, 7
   reads_inputs = lambda path: 'cross' in path and path[-2] in ('key', 'value')
-  weights = (inputs * _kernel_size(params['encoder'])
-             + targets * _kernel_size(params['decoder'], lambda p: not reads_inputs(p))
-             + inputs * _kernel_size(params['decoder'], reads_inputs))
+  weights = (inputs * runs.kernel_size(params['encoder'])
+             + targets * runs.kernel_size(params['decoder'], lambda p: not reads_inputs(p))
+             + inputs * runs.kernel_size(params['decoder'], reads_inputs))
   inner = spec.inner_dim
   products = (spec.num_layers * inputs * 2 * inputs * inner
               + spec.num_decoder_layers * targets * (targets * inner + 2 * inputs * inner))

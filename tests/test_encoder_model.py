@@ -12,6 +12,7 @@ import torch
 import transformers
 from flax import linen as nn
 
+import runs
 from research import hf
 from research import hf_encoder
 from research import layout
@@ -324,24 +325,21 @@ def test_albert_holds_one_block():
   assert [k for k in unscanned if k.startswith('layers')] == ['layers_0']
 
 
-def _kernel_size(tree):
-  return sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(tree)
-             if path[-1].key == 'kernel')
-
-
 @pytest.mark.parametrize('style', sorted(TINY))
 def test_flops_count_every_applied_weight(style):
   config = _tiny(style)
   spec, params = encoder.spec_from_config(config), models.abstract_params(encoder, config)
   applications = spec.num_layers // spec.param_layers
-  weights = applications * _kernel_size(params['layers']) + _kernel_size(params.get('embed_proj'))
+  weights = (applications * runs.kernel_size(params['layers'])
+             + runs.kernel_size(params.get('embed_proj')))
   seq_len = 20
   assert encoder.body_flops_per_token(spec, seq_len) == (
       6 * weights + 12 * spec.num_layers * seq_len * spec.emb_dim)  # Full attention.
-  head = _kernel_size(params['mlm_transform']) + math.prod(params['token_embed']['embedding'].shape)
+  head = (runs.kernel_size(params['mlm_transform'])
+          + math.prod(params['token_embed']['embedding'].shape))
   assert encoder.mlm_head_flops_per_position(spec) == 6 * head
   assert encoder.pair_head_flops_per_example(spec) == 6 * (
-      _kernel_size(params.get('pooler')) + _kernel_size(params.get('pair_head')))
+      runs.kernel_size(params.get('pooler')) + runs.kernel_size(params.get('pair_head')))
 
 
 # --- checks that name what to change -------------------------------------------------------------

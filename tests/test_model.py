@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import runs
 from research import models
 from research.models import decoder
 
@@ -54,11 +55,6 @@ def test_packed_rows_equal_documents_run_separately(decoder_config, style):
     start += len(doc)
 
 
-def _kernel_size(tree):
-  return sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(tree)
-             if path[-1].key == 'kernel')
-
-
 @pytest.mark.parametrize('variant', ['tiny', 'nanogpt_cpu'])  # Llama (grouped-query), GPT-2.
 def test_flops_count_every_applied_weight(decoder_config, variant):
   """MFU's numerator from the parameters themselves: 6 FLOPs per kernel weight and token, plus
@@ -66,7 +62,7 @@ def test_flops_count_every_applied_weight(decoder_config, variant):
   m = decoder_config(variant).model
   spec, params = decoder.spec_from_config(m), models.abstract_params(decoder, m)
   assert variant != 'tiny' or 0 < spec.num_kv_heads < spec.num_heads
-  body = _kernel_size({k: v for k, v in params.items() if k.startswith('layers')})
+  body = runs.kernel_size({k: v for k, v in params.items() if k.startswith('layers')})
   seq_len = 20
   assert decoder.body_flops_per_token(spec, seq_len) == (
       6 * body + 6 * spec.num_layers * seq_len * spec.num_heads * spec.head_dim)
