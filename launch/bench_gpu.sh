@@ -15,17 +15,19 @@
 # (nvidia-smi, the jax devices), attention.log and attention.xml (pytest tests/test_attention.py
 # -m "not slow" -k "not mesh": every kernel the GPU runs against the textbook form; the mesh
 # tests want 8 devices and run on CPU in CI), <config>.log per benchmark, results.jsonl (one line
-# per benchmark, research.bench train) and table.md (research.bench table). PYTHON names the
-# Python to use (default python3).
+# per benchmark, research.bench train), table.md (research.bench table) and profile_<config>/
+# (a jax.profiler trace of BENCH_PROFILE_STEPS (2) more steps and profile.md, the time of each
+# pass and model scope; BENCH_PROFILE=0: none). PYTHON names the Python to use (default python3).
 #
 # Time budget of `run` (about 7.5 minutes; the limits below bound the tests and benchmarks, and a
 # process that ignores SIGTERM is killed 10 s later): installing and listing devices take under a
 # minute; the tests stop after BENCH_TEST_TIMEOUT (120 s); llama_1b_2048 after 100 s and each
 # other benchmark after BENCH_TIMEOUT (70 s): start-up, initialisation and compilation take most
-# of that, and BENCH_STEPS (40) timed steps after 3 warm-up steps take 5-15 s at the expected
-# rates. BENCH_CONFIGS (configs/bench.py names, or FILE:VARIANT), BENCH_OVERRIDES (more flags of
-# research.bench: --config.key=value ...), BENCH_STEPS and BENCH_WARMUP shrink a run, for a check
-# on CPU; BENCH_TESTS=0 skips the tests.
+# of that, BENCH_STEPS (40) timed steps after 3 warm-up steps take 5-15 s at the expected rates,
+# and the profile's steps and the writing of its trace come last. BENCH_CONFIGS (configs/bench.py
+# names, or FILE:VARIANT), BENCH_OVERRIDES (more flags of research.bench: --config.key=value ...),
+# BENCH_STEPS and BENCH_WARMUP shrink a run, for a check on CPU; BENCH_TESTS=0 skips the tests,
+# BENCH_PROFILE=0 the profiles.
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 fail() { echo "error: $*" >&2; exit 2; }
@@ -121,9 +123,14 @@ for wheel in sys.argv[2:]:
       name=${config##*:}
       limit=${BENCH_TIMEOUT:-70}
       [[ $name != llama_1b_2048 ]] || limit=${BENCH_LLAMA_TIMEOUT:-100}
+      profile=()
+      if [[ ${BENCH_PROFILE:-1} != 0 ]]; then
+        profile=(--profile_dir "$out/profile_$name" --profile_steps "${BENCH_PROFILE_STEPS:-2}")
+      fi
+      # The results line is written before the profile, which the limit may cut short.
       timeout -k 10 "$limit" "$python" -m research.bench train --config "$config" \
         --steps "${BENCH_STEPS:-40}" --windows 4 --warmup_steps "${BENCH_WARMUP:-3}" \
-        --results "$out/results.jsonl" "${overrides[@]}" > "$out/$name.log" 2>&1 \
+        --results "$out/results.jsonl" "${profile[@]}" "${overrides[@]}" > "$out/$name.log" 2>&1 \
         || echo "$name: failed or timed out after ${limit} s (exit $?); see $name.log"
       grep -E '^ *(mfu|tokens_per_s_per_device|compile_s):' "$out/$name.log" || true
     done

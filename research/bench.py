@@ -2,7 +2,7 @@
 
   python -m research.bench train --config configs/decoder.py:nanogpt_cpu [--peer=torch]
   python -m research.bench train --config configs/bench.py:llama_1b_2048 --steps 60 \
-      [--results bench/results.jsonl]
+      [--results bench/results.jsonl] [--profile_dir DIR]
   python -m research.bench table [--results bench/results.jsonl] [--markdown table.md]
   python -m research.bench decode --config configs/decoder.py:tiny [--decode_batch=8 ...]
   python -m research.bench checkpoint --config configs/decoder.py:gpt2_small [--checkpoint_dir=DIR]
@@ -38,6 +38,10 @@ bench/results.jsonl under the working directory) with the config, the device (an
 processor), the shapes, the versions and the figures; `table` turns that file into the markdown
 table of the README's Performance section: the latest run of each device (on CPU, each
 processor), model, length and per-device batch, with the ratio to the peer where one ran.
+With --profile_dir, `train` then traces --profile_steps more steps with jax.profiler into that
+folder (a trace for Perfetto or TensorBoard) and writes profile.md beside it: the time of each
+pass (forward, backward, remat's recompute, optimizer, communication) and of each model scope
+(`Decoder/layers_*/mlp/fc`: all layers together), from research/profiling.py.
 
 `checkpoint` times the per-array content checksums (research/checkpoint.py) against the save and
 the restore they protect, on a freshly initialised train state of the config's model.
@@ -69,6 +73,7 @@ from research import metrics as metrics_lib
 from research import models
 from research import optim
 from research import partitioning
+from research import profiling
 from research import train
 from research import train_state
 from research.data import benchmark as data_benchmark
@@ -95,6 +100,10 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'decode, checkpoint: timed repeats
 _DATA_STEPS = flags.DEFINE_integer('data_steps', 50, 'data: training steps timed per measure.')
 _CORPUS_MB = flags.DEFINE_list('corpus_mb', [], 'data: sizes (MB) of generated corpora whose '
                                'tokenization and training start are measured in new processes.')
+_PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'train: after the timed windows, trace '
+                                   '--profile_steps steps with jax.profiler into this folder and '
+                                   'write profile.md there: time per pass and model scope.')
+_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'train: steps traced for --profile_dir.')
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'checkpoint: where to save (default: '
                                       'a temporary folder).')
 
@@ -120,19 +129,15 @@ class _JaxTrainer:
     self.batches = [self.trainer.objective.synthetic_batch(self.rng) for _ in range(_BATCH_POOL)]
     self.taken = 0
     self.config = config
-    self.compiled_bytes = None
-    step = self.trainer.train_step
     start = time.perf_counter()
-    if hasattr(step, 'lower'):  # The jitted step itself (no frozen arrays bound to it).
-      # Compiled ahead of the first step, which then finds it in jit's cache: the compile time
-      # excludes the step, and XLA's memory analysis of the very program that runs is at hand.
-      batch = global_batch.to_global(self.batches[0], self.trainer.batch_shardings)
-      compiled = step.lower(self.state, batch, self.trainer.dropout_rng).compile()
-      self.compiled_bytes = _compiled_peak_bytes(compiled.memory_analysis())
-      self.compile_s = time.perf_counter() - start
+    # Compiled ahead of the first step, which then finds it in jit's cache: the compile time
+    # excludes the step, and XLA's analyses of the very program that runs are at hand.
+    batch = global_batch.to_global(self.batches[0], self.trainer.batch_shardings)
+    compiled = self.trainer.train_step.lower(self.state, batch, self.trainer.dropout_rng).compile()
+    self.compile_s = time.perf_counter() - start
+    self.compiled_bytes = _compiled_peak_bytes(compiled.memory_analysis())
+    self.module, self.op_names = profiling.instruction_op_names(compiled.as_text())
     self.run_steps(1)
-    if self.compiled_bytes is None:  # The first step's time stands for the compile time.
-      self.compile_s = time.perf_counter() - start
 
   def run_steps(self, count):
     tokens = 0.0
@@ -146,6 +151,23 @@ class _JaxTrainer:
     jax.block_until_ready((self.state, self.metrics))
     self.tokens_per_step = tokens / count
     return tokens
+
+  def profile(self, directory, steps):
+    """Traces `steps` steps with jax.profiler into `directory` and writes profile.md there (see
+    research/profiling.py); returns its path."""
+    jax.profiler.start_trace(directory, create_perfetto_trace=True)
+    start = time.perf_counter()
+    try:
+      self.run_steps(steps)
+    finally:
+      wall_ms = (time.perf_counter() - start) * 1000 / steps
+      jax.profiler.stop_trace()
+    events = profiling.read_events(profiling.trace_file(directory))
+    rows = profiling.summarize(events, self.module, self.op_names, steps)
+    path = os.path.join(directory, 'profile.md')
+    with open(path, 'w') as f:
+      f.write(profiling.markdown(rows, steps, wall_ms))
+    return path
 
 
 def _compiled_peak_bytes(memory):
@@ -179,7 +201,7 @@ def _timed_rate(run_steps, steps=None):
   return tokens / (time.perf_counter() - start)
 
 
-def bench_train(config):
+def bench_train(config, argv):
   t = config.train
   ours = _JaxTrainer(config)
   runners = {'ours': ours.run_steps}
@@ -228,6 +250,10 @@ def bench_train(config):
     peer = statistics.median(rates['torch'])
     results.update(torch_tokens_per_s=peer, torch_tokens_per_s_windows=rates['torch'],
                    ratio_to_torch=tokens_per_s / peer)
+  if _RESULTS.value:  # Before the profile, which a time limit may cut short.
+    _append_record(_RESULTS.value, run_record(config, argv, results))
+  if _PROFILE_DIR.value:
+    results['profile'] = ours.profile(_PROFILE_DIR.value, _PROFILE_STEPS.value)
   return results
 
 
@@ -436,19 +462,24 @@ def _check_flags():
     raise config_lib.ConfigError(f'--steps={_STEPS.value} must not be negative.')
   counts = dict(windows=_WINDOWS, window_steps=_WINDOW_STEPS, decode_batch=_DECODE_BATCH,
                 prompt_len=_PROMPT_LEN, new_tokens=_NEW_TOKENS, repeats=_REPEATS,
-                data_steps=_DATA_STEPS)
+                data_steps=_DATA_STEPS, profile_steps=_PROFILE_STEPS)
   for name, flag in counts.items():
     if flag.value < 1:
       raise config_lib.ConfigError(f'--{name}={flag.value} must be at least 1.')
   if _WARMUP.value < 0:
     raise config_lib.ConfigError(f'--warmup_steps={_WARMUP.value} must not be negative.')
+  if _PROFILE_DIR.value and os.path.exists(_PROFILE_DIR.value) and not os.path.isdir(
+      _PROFILE_DIR.value):
+    raise config_lib.ConfigError(f'--profile_dir {_PROFILE_DIR.value} is a file; pass a folder '
+                                 '(it is made if missing).')
   if _CHECKPOINT_DIR.value and not os.path.isdir(_CHECKPOINT_DIR.value):
     raise config_lib.ConfigError(f'--checkpoint_dir {_CHECKPOINT_DIR.value} is not a directory; '
                                  'pass an existing folder (its disk is the one measured).')
 
 
 def main(argv):
-  modes = {'train': bench_train, 'decode': bench_decode, 'checkpoint': bench_checkpoint,
+  modes = {'train': lambda config: bench_train(config, argv), 'decode': bench_decode,
+           'checkpoint': bench_checkpoint,
            'data': lambda config: bench_data(config, argv)}
   usage = ('python -m research.bench train|decode|checkpoint|data --config '
            'configs/<family>.py:VARIANT, or python -m research.bench table [--results FILE] '
@@ -472,8 +503,6 @@ def main(argv):
   except (config_lib.ConfigError, data_benchmark.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
-  if argv[1] == 'train' and _RESULTS.value:
-    _append_record(_RESULTS.value, run_record(config, argv, results))
   for key, value in results.items():
     if value is None:
       continue
@@ -484,6 +513,9 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(results, f, indent=2)
+  if results.get('profile'):
+    with open(results['profile']) as f:
+      print('\n' + f.read(), end='')
   return 0
 
 

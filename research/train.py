@@ -100,7 +100,9 @@ def _bind(step, frozen):
   step as an argument, not as constants."""
   if frozen is None:
     return step
-  return lambda *args: step(*args, frozen)
+  bound = lambda *args: step(*args, frozen)
+  bound.lower = lambda *args: step.lower(*args, frozen)  # For XLA's analyses of the program.
+  return bound
 
 
 def _progress_bar(config, start, total):

@@ -81,13 +81,15 @@ def make_train_step(model, objective, tx, schedule, grad_accum_steps=1, dropout=
       zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums),
                                       (jnp.arange(grad_accum_steps), micro_batches))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    metrics = dict(loss=_objective_value(sums, counts), tokens=objective.tokens(batch),
-                   grad_norm=optim.global_norm(grads), learning_rate=schedule(state.step),
-                   totals=_totals(sums, counts))
+    # Named scopes label these operations in profiles (research/profiling.py).
+    with jax.named_scope('optimizer'):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    with jax.named_scope('metrics'):
+      metrics = dict(loss=_objective_value(sums, counts), tokens=objective.tokens(batch),
+                     grad_norm=optim.global_norm(grads), learning_rate=schedule(state.step),
+                     totals=_totals(sums, counts))
     return new_state, metrics
 
   return train_step

@@ -26,12 +26,23 @@ def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'research.bench', 'train', '--config',
        'configs/decoder.py:nanogpt_cpu', '--cpu_devices=2', '--peer=torch', '--windows=2',
-       '--window_steps=3', '--warmup_steps=1',
+       '--window_steps=3', '--warmup_steps=1', f'--profile_dir={tmp_path / "profile"}',
        f'--json={out}', f'--results={tmp_path / "results.jsonl"}'], cwd=REPO,
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.load(open(out))
   assert results['devices'] == 2
+  # The profile: every pass of a data-parallel step, each layer's products, once per device.
+  assert results['profile'] == str(tmp_path / 'profile' / 'profile.md')
+  profile = open(results['profile']).read()
+  assert profile.startswith('3 profiled steps')
+  for row in ('| forward | Decoder/layers_*/mlp/fc | ', '| backward | Decoder/layers_*/mlp/fc | ',
+              '| optimizer | (top level) | ', '| communication | all-reduce | '):
+    assert row in profile, row
+  [fc] = [line for line in profile.splitlines()
+          if line.startswith('| forward | Decoder/layers_*/mlp/fc |')]
+  assert fc.endswith(' | 4 |')  # One product per layer and step on each device.
+  assert len(open(tmp_path / 'results.jsonl').readlines()) == 1
   assert len(results['tokens_per_s_windows']) == 2
   assert results['tokens_per_s'] > 0 and results['torch_tokens_per_s'] > 0
   assert results['ratio_to_torch'] == results['tokens_per_s'] / results['torch_tokens_per_s']
@@ -298,7 +309,11 @@ def test_the_gpu_script_runs_a_tiny_config_on_cpu_into_results_and_a_table(tmp_p
   result = subprocess.run(['bash', 'launch/bench_gpu.sh', 'run', str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert sorted(os.listdir(out)) == ['environment.txt', 'results.jsonl', 'table.md', 'tiny.log']
+  assert sorted(os.listdir(out)) == ['environment.txt', 'profile_tiny', 'results.jsonl',
+                                     'table.md', 'tiny.log']
+  profile = (out / 'profile_tiny' / 'profile.md').read_text()
+  assert profile.startswith('2 profiled steps') and '| backward | Decoder/layers/mlp/' in profile
+  assert profile in (out / 'tiny.log').read_text()  # Printed after the figures, too.
   [line] = [json.loads(text) for text in (out / 'results.jsonl').read_text().splitlines()]
   assert line['config'] == 'configs/decoder.py:tiny' and line['variant'] == 'tiny'
   assert '--config.model.emb_dim=32' in line['overrides']

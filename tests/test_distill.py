@@ -148,6 +148,10 @@ def test_teacher_gets_no_gradient_and_stays_out_of_the_state(trainer):
   before = jax.device_get(trainer.frozen)
   trainer.train_step(_fresh(trainer), batch, trainer.dropout_rng)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.frozen), before)
+  # The bound step lowers (for the benchmark's analyses) with the teacher as arguments.
+  lowered = trainer.train_step.lower(trainer.state, batch, trainer.dropout_rng)
+  leaves = [len(jax.tree.leaves(x)) for x in (trainer.state, batch, trainer.frozen)]
+  assert len(jax.tree.leaves(lowered.args_info)) == sum(leaves) + 1  # And the rng.
 
 
 def test_resumed_distillation_continues_identically_and_saves_only_the_student(
