@@ -136,7 +136,7 @@ class _JaxTrainer:
     compiled = self.trainer.train_step.lower(self.state, batch, self.trainer.dropout_rng).compile()
     self.compile_s = time.perf_counter() - start
     self.compiled_bytes = _compiled_peak_bytes(compiled.memory_analysis())
-    self.module, self.op_names = profiling.instruction_op_names(compiled.as_text())
+    self.hlo_text = compiled.as_text()
     self.run_steps(1)
 
   def run_steps(self, count):
@@ -162,12 +162,7 @@ class _JaxTrainer:
     finally:
       wall_ms = (time.perf_counter() - start) * 1000 / steps
       jax.profiler.stop_trace()
-    events = profiling.read_events(profiling.trace_file(directory))
-    rows = profiling.summarize(events, self.module, self.op_names, steps)
-    path = os.path.join(directory, 'profile.md')
-    with open(path, 'w') as f:
-      f.write(profiling.markdown(rows, steps, wall_ms))
-    return path
+    return profiling.write_summary(directory, self.hlo_text, steps, wall_ms)
 
 
 def _compiled_peak_bytes(memory):

@@ -122,19 +122,27 @@ def summarize(events, module, op_names, steps):
 
   The events that count are the operations the runtime executed: complete events ('X') whose
   args name the program (hlo_module) and the instruction (hlo_op), as XLA's CPU runtime and the
-  GPU kernels record them. An instruction without an op_name (a GPU command buffer, which runs
-  many kernels as one) gets a row of its own. Operations that run side by side (CPU threads, GPU
-  streams) each count in full, so the rows may add up to more than the wall time."""
+  GPU kernels record them; where some come from a device's own timeline (a GPU's, in a process
+  named /device:...), only those, one timeline per device. An instruction without an op_name (a
+  GPU command buffer, which runs many kernels as one) gets a row of its own. Operations that run
+  side by side (CPU threads, GPU streams) each count in full, so the rows may add up to more than
+  the wall time."""
+  processes = {event['pid']: (event.get('args') or {}).get('name', '') for event in events
+               if event.get('ph') == 'M' and event.get('name') == 'process_name'}
+  executed = [event for event in events
+              if event.get('ph') == 'X' and 'dur' in event
+              and (event.get('args') or {}).get('hlo_op')
+              and str(event['args'].get('hlo_module', '')).startswith(module)]
+  on_devices = [e for e in executed if processes.get(e.get('pid'), '').startswith('/device:')]
+  if on_devices:
+    executed = on_devices
   totals = collections.defaultdict(float)
   counts = collections.Counter()
   devices = set()
-  for event in events:
-    args = event.get('args') or {}
-    instruction = args.get('hlo_op')
-    if (event.get('ph') != 'X' or 'dur' not in event or not instruction
-        or not str(args.get('hlo_module', '')).startswith(module)):
-      continue
-    devices.add(args.get('device_ordinal', event.get('pid')))
+  for event in executed:
+    args = event['args']
+    instruction = args['hlo_op']
+    devices.add(event['pid'] if on_devices else args.get('device_ordinal', event.get('pid')))
     op_name = op_names.get(instruction)
     if op_name is None and '/' in args.get('tf_op', ''):  # GPU kernels carry it themselves.
       op_name = args['tf_op']
@@ -181,3 +189,14 @@ def markdown(rows, steps, wall_ms):
     lines.append(f"| {row['pass_']} | {row['scope'] or '(top level)'} | {row['ms']:.3f} | "
                  f"{row['ms'] / total:.1%} | {row['ops']:g} |")
   return '\n'.join(lines) + '\n'
+
+
+def write_summary(directory, hlo_text, steps, wall_ms):
+  """profile.md in `directory` from the newest trace there of `steps` steps of the compiled
+  program `hlo_text`; returns its path."""
+  module, op_names = instruction_op_names(hlo_text)
+  rows = summarize(read_events(trace_file(directory)), module, op_names, steps)
+  path = os.path.join(directory, 'profile.md')
+  with open(path, 'w') as f:
+    f.write(markdown(rows, steps, wall_ms))
+  return path

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 from typing import Callable, NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ from research import objectives
 from research import optim
 from research import partitioning
 from research import preemption
+from research import profiling
 from research import train_state
 from research import train_step as step_lib
 from research import watchdog as watchdog_lib
@@ -103,6 +105,16 @@ def _bind(step, frozen):
   bound = lambda *args: step(*args, frozen)
   bound.lower = lambda *args: step.lower(*args, frozen)  # For XLA's analyses of the program.
   return bound
+
+
+def _summarize_profile(trainer, state, batch, dropout_rng, directory, first, last, seconds):
+  """profile.md beside the trace of steps first..last (numbered as profile_start_step is): their
+  time by pass and model scope (research/profiling.py). The compiled step comes from jit's
+  cache."""
+  hlo_text = trainer.train_step.lower(state, batch, dropout_rng).compile().as_text()
+  steps = last - first + 1
+  path = profiling.write_summary(directory, hlo_text, steps, 1000 * seconds / steps)
+  print(f'Profile of {steps} steps from step {first}: {path}', file=sys.stderr)
 
 
 def _progress_bar(config, start, total):
@@ -284,7 +296,7 @@ def _train(config, workdir, mesh, stop):
   print(f'MFU is relative to the {peak_label}', file=sys.stderr)
   bar = _progress_bar(config, start_step, stop_step)
   pending, unlogged, last = [], [], {}
-  profiling = False
+  tracing = False
   w = config.watchdog
   prefetcher = prefetch.Prefetcher(
       pipeline.train_batch, global_batch.host_ranges(trainer.batch_shapes,
@@ -295,20 +307,23 @@ def _train(config, workdir, mesh, stop):
     for step in range(start_step, stop_step):
       if step == t.profile_start_step:
         jax.profiler.start_trace(f'{workdir}/profile', create_perfetto_trace=True)
-        profiling = True
+        tracing, traced_from = True, (step, time.perf_counter())
       batch = global_batch.assemble(prefetcher.rows(step), trainer.batch_shapes,
                                     trainer.batch_shardings)
-      with (jax.profiler.StepTraceAnnotation('train', step_num=step) if profiling
+      with (jax.profiler.StepTraceAnnotation('train', step_num=step) if tracing
             else contextlib.nullcontext()):
         state, step_metrics = trainer.train_step(state, batch, dropout_rng)
       pending.append(step_metrics)
       if len(pending) > 1:  # The step before has finished: keeps one step in flight, no more.
         jax.block_until_ready(pending[-2]['loss'])
         watchdog.beat(step - 1)
-      if profiling and step + 1 >= t.profile_start_step + t.profile_num_steps:
+      if tracing and step + 1 >= t.profile_start_step + t.profile_num_steps:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        profiling = False
+        tracing = False
+        if jax.process_index() == 0:
+          _summarize_profile(trainer, state, batch, dropout_rng, f'{workdir}/profile',
+                             traced_from[0], step, time.perf_counter() - traced_from[1])
       checkpointer.check()  # A failed asynchronous save stops the run here.
       if best is not None:
         best.check()
@@ -360,7 +375,7 @@ def _train(config, workdir, mesh, stop):
   finally:
     watchdog.stop()
     prefetcher.close()
-    if profiling:
+    if tracing:
       jax.profiler.stop_trace()
     if bar is not None:
       bar.close()

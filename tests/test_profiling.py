@@ -102,6 +102,19 @@ def test_events_of_the_step_are_charged_per_step_and_device():
   assert table.index('| forward | 0.415') < table.index('| backward | 0.500')  # Passes in order.
 
 
+def test_on_gpus_only_the_devices_timelines_count():
+  module, op_names = profiling.instruction_op_names(HLO)
+  events = [dict(ph='M', name='process_name', pid=pid, args=dict(name=name))
+            for pid, name in ((1, '/host:CPU'), (2, '/device:GPU:0'), (3, '/device:GPU:1'))]
+  for pid in (1, 2, 3):  # The host's launch of the kernel names it too; it must not count.
+    event = _event('fusion.1', 100.0 * pid)
+    del event['args']['device_ordinal']  # GPU kernels name no ordinal: their process does.
+    events.append(dict(event, pid=pid))
+  [row] = profiling.summarize(events, module, op_names, steps=1)
+  assert (row['pass_'], row['scope'], row['ms'], row['ops']) == (
+      'forward', 'M/layers_*/mlp', 0.25, 1.0)  # (200 + 300) us over two GPUs.
+
+
 def test_a_trace_without_the_step_says_so():
   table = profiling.markdown(profiling.summarize([], 'jit_train_step', {}, steps=3), 3, 5.0)
   assert 'No event of the trace named an operation of the compiled step.' in table
