@@ -24,10 +24,10 @@
 # minute; the tests stop after BENCH_TEST_TIMEOUT (120 s); llama_1b_2048 after 100 s and each
 # other benchmark after BENCH_TIMEOUT (70 s): start-up, initialisation and compilation take most
 # of that, BENCH_STEPS (40) timed steps after 3 warm-up steps take 5-15 s at the expected rates,
-# and the profile's steps and the writing of its trace come last. BENCH_CONFIGS (configs/bench.py
-# names, or FILE:VARIANT), BENCH_OVERRIDES (more flags of research.bench: --config.key=value ...),
-# BENCH_STEPS and BENCH_WARMUP shrink a run, for a check on CPU; BENCH_TESTS=0 skips the tests,
-# BENCH_PROFILE=0 the profiles.
+# and the profile's steps and its trace come last (a limit that cuts them short leaves the
+# figures in place). BENCH_CONFIGS (configs/bench.py names, or FILE:VARIANT), BENCH_OVERRIDES
+# (more flags of research.bench: --config.key=value ...), BENCH_STEPS and BENCH_WARMUP shrink a
+# run, for a check on CPU; BENCH_TESTS=0 skips the tests, BENCH_PROFILE=0 the profiles.
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 fail() { echo "error: $*" >&2; exit 2; }
@@ -127,7 +127,7 @@ for wheel in sys.argv[2:]:
       if [[ ${BENCH_PROFILE:-1} != 0 ]]; then
         profile=(--profile_dir "$out/profile_$name" --profile_steps "${BENCH_PROFILE_STEPS:-2}")
       fi
-      # The results line is written before the profile, which the limit may cut short.
+      # The figures are printed and recorded before the profile, which the limit may cut short.
       timeout -k 10 "$limit" "$python" -m research.bench train --config "$config" \
         --steps "${BENCH_STEPS:-40}" --windows 4 --warmup_steps "${BENCH_WARMUP:-3}" \
         --results "$out/results.jsonl" "${profile[@]}" "${overrides[@]}" > "$out/$name.log" 2>&1 \

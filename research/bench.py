@@ -38,10 +38,11 @@ bench/results.jsonl under the working directory) with the config, the device (an
 processor), the shapes, the versions and the figures; `table` turns that file into the markdown
 table of the README's Performance section: the latest run of each device (on CPU, each
 processor), model, length and per-device batch, with the ratio to the peer where one ran.
-With --profile_dir, `train` then traces --profile_steps more steps with jax.profiler into that
-folder (a trace for Perfetto or TensorBoard) and writes profile.md beside it: the time of each
-pass (forward, backward, remat's recompute, optimizer, communication) and of each model scope
-(`Decoder/layers_*/mlp/fc`: all layers together), from research/profiling.py.
+With --profile_dir, `train` then (after printing and recording its figures) traces
+--profile_steps more steps with jax.profiler into that folder (a trace for Perfetto or
+TensorBoard) and writes profile.md beside it: the time of each pass (forward, backward, remat's
+recompute, optimizer, communication, other) and of each model scope (`Decoder/layers_*/mlp/fc`:
+all layers together), from research/profiling.py.
 
 `checkpoint` times the per-array content checksums (research/checkpoint.py) against the save and
 the restore they protect, on a freshly initialised train state of the config's model.
@@ -136,7 +137,7 @@ class _JaxTrainer:
     compiled = self.trainer.train_step.lower(self.state, batch, self.trainer.dropout_rng).compile()
     self.compile_s = time.perf_counter() - start
     self.compiled_bytes = _compiled_peak_bytes(compiled.memory_analysis())
-    self.hlo_text = compiled.as_text()
+    self.compiled = compiled  # Its text attributes a profile.
     self.run_steps(1)
 
   def run_steps(self, count):
@@ -162,7 +163,7 @@ class _JaxTrainer:
     finally:
       wall_ms = (time.perf_counter() - start) * 1000 / steps
       jax.profiler.stop_trace()
-    return profiling.write_summary(directory, self.hlo_text, steps, wall_ms)
+    return profiling.write_summary(directory, self.compiled.as_text(), steps, wall_ms)
 
 
 def _compiled_peak_bytes(memory):
@@ -245,11 +246,19 @@ def bench_train(config, argv):
     peer = statistics.median(rates['torch'])
     results.update(torch_tokens_per_s=peer, torch_tokens_per_s_windows=rates['torch'],
                    ratio_to_torch=tokens_per_s / peer)
-  if _RESULTS.value:  # Before the profile, which a time limit may cut short.
+  # Reported and recorded before the profile, which a time limit may cut short.
+  if _RESULTS.value:
     _append_record(_RESULTS.value, run_record(config, argv, results))
+  _report(results)
   if _PROFILE_DIR.value:
-    results['profile'] = ours.profile(_PROFILE_DIR.value, _PROFILE_STEPS.value)
-  return results
+    try:
+      path = ours.profile(_PROFILE_DIR.value, _PROFILE_STEPS.value)
+    except (OSError, ValueError, EOFError) as error:
+      raise config_lib.ConfigError(f'the figures above stand, but the profile in '
+                                   f'{_PROFILE_DIR.value} could not be summarised: {error}.')
+    with open(path) as f:
+      print('\n' + f.read(), end='')
+  return None  # Reported above.
 
 
 def run_record(config, argv, results):
@@ -451,7 +460,7 @@ def bench_data(config, argv):
                             sizes, spec, overrides)
 
 
-def _check_flags():
+def _check_flags(mode):
   """One sentence for a flag value the benchmarks cannot use."""
   if _STEPS.value < 0:
     raise config_lib.ConfigError(f'--steps={_STEPS.value} must not be negative.')
@@ -463,6 +472,8 @@ def _check_flags():
       raise config_lib.ConfigError(f'--{name}={flag.value} must be at least 1.')
   if _WARMUP.value < 0:
     raise config_lib.ConfigError(f'--warmup_steps={_WARMUP.value} must not be negative.')
+  if _PROFILE_DIR.value and mode != 'train':
+    raise config_lib.ConfigError(f'--profile_dir profiles `train` only, not `{mode}`; drop it.')
   if _PROFILE_DIR.value and os.path.exists(_PROFILE_DIR.value) and not os.path.isdir(
       _PROFILE_DIR.value):
     raise config_lib.ConfigError(f'--profile_dir {_PROFILE_DIR.value} is a file; pass a folder '
@@ -490,7 +501,7 @@ def main(argv):
       table(argv)
       return 0
     config = config_lib.parse_flags([argv[0]] + argv[2:])
-    _check_flags()
+    _check_flags(argv[1])
     mesh_lib.configure_cpu_devices()
     if argv[1] in ('train', 'decode'):  # The data and checkpoint timings keep glibc's heap.
       host_memory.reuse_freed_memory()
@@ -498,6 +509,13 @@ def main(argv):
   except (config_lib.ConfigError, data_benchmark.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
+  if results is not None:  # `train` reports its own, ahead of its profile.
+    _report(results)
+  return 0
+
+
+def _report(results):
+  """Prints the figures and writes them to --json."""
   for key, value in results.items():
     if value is None:
       continue
@@ -508,10 +526,6 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(results, f, indent=2)
-  if results.get('profile'):
-    with open(results['profile']) as f:
-      print('\n' + f.read(), end='')
-  return 0
 
 
 if __name__ == '__main__':

@@ -107,14 +107,16 @@ def _bind(step, frozen):
   return bound
 
 
-def _summarize_profile(trainer, state, batch, dropout_rng, directory, first, last, seconds):
-  """profile.md beside the trace of steps first..last (numbered as profile_start_step is): their
-  time by pass and model scope (research/profiling.py). The compiled step comes from jit's
-  cache."""
-  hlo_text = trainer.train_step.lower(state, batch, dropout_rng).compile().as_text()
-  steps = last - first + 1
-  path = profiling.write_summary(directory, hlo_text, steps, 1000 * seconds / steps)
-  print(f'Profile of {steps} steps from step {first}: {path}', file=sys.stderr)
+def _summarize_profile(directory, hlo_text, first_step, steps, wall_ms):
+  """profile.md beside this host's trace (research/profiling.py; the compiled step comes from
+  jit's cache). A summary that fails is one sentence: the run goes on, its trace is there."""
+  try:
+    path = profiling.write_summary(directory, hlo_text, steps, wall_ms)
+  except (OSError, ValueError, EOFError) as error:
+    print(f'The profile in {directory} was not summarised ({error}); its trace is there.',
+          file=sys.stderr)
+  else:
+    print(f'Profile of {steps} steps from step {first_step}: {path}', file=sys.stderr)
 
 
 def _progress_bar(config, start, total):
@@ -307,7 +309,7 @@ def _train(config, workdir, mesh, stop):
     for step in range(start_step, stop_step):
       if step == t.profile_start_step:
         jax.profiler.start_trace(f'{workdir}/profile', create_perfetto_trace=True)
-        tracing, traced_from = True, (step, time.perf_counter())
+        tracing, trace_start = True, time.perf_counter()
       batch = global_batch.assemble(prefetcher.rows(step), trainer.batch_shapes,
                                     trainer.batch_shardings)
       with (jax.profiler.StepTraceAnnotation('train', step_num=step) if tracing
@@ -319,11 +321,15 @@ def _train(config, workdir, mesh, stop):
         watchdog.beat(step - 1)
       if tracing and step + 1 >= t.profile_start_step + t.profile_num_steps:
         jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        tracing = False
-        if jax.process_index() == 0:
-          _summarize_profile(trainer, state, batch, dropout_rng, f'{workdir}/profile',
-                             traced_from[0], step, time.perf_counter() - traced_from[1])
+        traced_steps = step + 1 - t.profile_start_step
+        wall_ms = (time.perf_counter() - trace_start) * 1000 / traced_steps
+        with throughput.paused(), watchdog.paused():
+          jax.profiler.stop_trace()
+          tracing = False
+          if jax.process_index() == 0:  # One summary, of this host's devices, in the workdir.
+            hlo_text = trainer.train_step.lower(state, batch, dropout_rng).compile().as_text()
+            _summarize_profile(f'{workdir}/profile', hlo_text, t.profile_start_step,
+                               traced_steps, wall_ms)
       checkpointer.check()  # A failed asynchronous save stops the run here.
       if best is not None:
         best.check()

@@ -56,12 +56,13 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
   assert environment['processor'] == config_lib.host_processor()  # Speed depends on it.
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir / 'tensorboard'))
   assert list((workdir / 'profile').glob('**/*.trace.json.gz'))  # The requested profiler trace.
-  # And its summary: both passes of the scanned layers, and the collectives of the 2x2x2 mesh.
+  # And its summary: the passes of the scanned layers under remat (`dots` recomputes the rest),
+  # and the collectives of the 2x2x2 mesh.
   assert f"Profile of 2 steps from step 100: {workdir / 'profile' / 'profile.md'}" in result.stderr
   profile = (workdir / 'profile' / 'profile.md').read_text()
   assert profile.startswith('2 profiled steps')
   for row in ('| forward | Decoder/layers/mlp/', '| backward | Decoder/layers/attn/',
-              '| optimizer | ', '| communication | '):
+              '| recompute | Decoder/layers/', '| optimizer | ', '| communication | '):
     assert row in profile, row
 
 
