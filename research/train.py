@@ -107,9 +107,43 @@ def _bind(step, frozen):
   return bound
 
 
+def _profile_dir(workdir):
+  """This process's folder for its trace and profile.md. jax.profiler names a trace after the
+  host, so processes that share one (one per GPU, or the local launcher's) would overwrite each
+  other's traces in a common folder: each of several processes has its own."""
+  if jax.process_count() == 1:
+    return f'{workdir}/profile'
+  return f'{workdir}/profile/process_{jax.process_index()}'
+
+
+def _start_trace(directory):
+  """Starts a trace; False, after one printed sentence, where the profiler cannot start (another
+  trace running, a folder it cannot write)."""
+  try:
+    jax.profiler.start_trace(directory, create_perfetto_trace=True)
+  except (OSError, RuntimeError, ValueError) as error:
+    print(f'No profile: the profiler could not start in {directory} ({error}); training goes on.',
+          file=sys.stderr)
+    return False
+  return True
+
+
+def _stop_trace(directory):
+  """Ends the trace; False, after one printed sentence, where jax could not write it out (the
+  run goes on: a profile is never worth the training run)."""
+  try:
+    jax.profiler.stop_trace()
+  except (OSError, ValueError, EOFError) as error:
+    print(f'The profiler trace in {directory} could not be written out ({error}); training goes '
+          'on without it.', file=sys.stderr)
+    return False
+  return True
+
+
 def _summarize_profile(directory, hlo_text, first_step, steps, wall_ms):
-  """profile.md beside this host's trace (research/profiling.py; the compiled step comes from
-  jit's cache). A summary that fails is one sentence: the run goes on, its trace is there."""
+  """profile.md beside this process's trace, of its own devices (research/profiling.py; the
+  compiled step comes from jit's cache). A summary that fails is one sentence: the run goes on,
+  its trace is there."""
   try:
     path = profiling.write_summary(directory, hlo_text, steps, wall_ms)
   except (OSError, ValueError, EOFError) as error:
@@ -308,8 +342,7 @@ def _train(config, workdir, mesh, stop):
   try:
     for step in range(start_step, stop_step):
       if step == t.profile_start_step:
-        jax.profiler.start_trace(f'{workdir}/profile', create_perfetto_trace=True)
-        tracing, trace_start = True, time.perf_counter()
+        tracing, trace_start = _start_trace(_profile_dir(workdir)), time.perf_counter()
       batch = global_batch.assemble(prefetcher.rows(step), trainer.batch_shapes,
                                     trainer.batch_shardings)
       with (jax.profiler.StepTraceAnnotation('train', step_num=step) if tracing
@@ -323,12 +356,13 @@ def _train(config, workdir, mesh, stop):
         jax.block_until_ready(state)
         traced_steps = step + 1 - t.profile_start_step
         wall_ms = (time.perf_counter() - trace_start) * 1000 / traced_steps
+        # Every process summarises its own trace, all at the same step, each with its timers
+        # paused: none waits at the next collective while its watchdog counts.
         with throughput.paused(), watchdog.paused():
-          jax.profiler.stop_trace()
           tracing = False
-          if jax.process_index() == 0:  # One summary, of this host's devices, in the workdir.
+          if _stop_trace(_profile_dir(workdir)):
             hlo_text = trainer.train_step.lower(state, batch, dropout_rng).compile().as_text()
-            _summarize_profile(f'{workdir}/profile', hlo_text, t.profile_start_step,
+            _summarize_profile(_profile_dir(workdir), hlo_text, t.profile_start_step,
                                traced_steps, wall_ms)
       checkpointer.check()  # A failed asynchronous save stops the run here.
       if best is not None:
@@ -382,7 +416,7 @@ def _train(config, workdir, mesh, stop):
     watchdog.stop()
     prefetcher.close()
     if tracing:
-      jax.profiler.stop_trace()
+      _stop_trace(_profile_dir(workdir))
     if bar is not None:
       bar.close()
     writer.close()

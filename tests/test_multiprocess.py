@@ -2,7 +2,8 @@
 
 - 2 processes x 4 CPU devices train exactly like 1 process x 8 devices (the 1-process reference
   is stepped in this test process, through the same trainer; that every objective's batch is the
-  same whatever the host count is tested in test_data.py);
+  same whatever the host count is tested in test_data.py), and each process profiles its own
+  devices into a folder of its own;
 - a checkpoint written by 2 processes resumes in 1 process on another mesh;
 - SIGTERM to one process: every process saves the same step and exits 0, and the resumed run
   ends bitwise where an uninterrupted one does;
@@ -39,6 +40,8 @@ pytestmark = pytest.mark.slow
 
 STEPS = 16
 EVERY = 4  # Checkpoint interval.
+# A profiler trace of two steps, which changes no figure of the run.
+PROFILE = ('--config.train.profile_start_step=10', '--config.train.profile_num_steps=2')
 DECODER = ('configs/decoder.py:tiny', '--config.model.num_layers=2', '--config.model.emb_dim=64',
            '--config.model.mlp_dim=128', '--config.train.sample_tokens=8')
 
@@ -158,7 +161,7 @@ def decoder_runs(tmp_path_factory, corpus):
   """The uninterrupted decoder runs the tests compare with: 2 processes x 4 devices (a workdir
   and its stderr) and 1 x 8 (stepped here)."""
   two = tmp_path_factory.mktemp('decoder') / 'two'
-  said = _two_processes(two, corpus, DECODER).stderr
+  said = _two_processes(two, corpus, DECODER, *PROFILE).stderr
   return two, said, _in_this_process(corpus, DECODER)
 
 
@@ -170,7 +173,19 @@ def test_two_processes_train_like_one(decoder_runs):
   _assert_close(_params(two), params, atol=1e-4)
   # Only process 0 writes the run's records (process 1 would add dated copies and a lock).
   assert sorted(p.name for p in two.iterdir()) == [
-      'checkpoints', 'config.json', 'environment.json', 'metrics.jsonl', 'tensorboard', 'tokenizer']
+      'checkpoints', 'config.json', 'environment.json', 'metrics.jsonl', 'profile', 'tensorboard',
+      'tokenizer']
+  # Each process traces into a folder of its own (both traces are named after this one host,
+  # so in one folder the second would replace the first) and summarises its own devices.
+  assert sorted(p.name for p in (two / 'profile').iterdir()) == ['process_0', 'process_1']
+  for index in range(2):
+    folder = two / 'profile' / f'process_{index}'
+    assert len(list(folder.glob('plugins/profile/*/*.trace.json.gz'))) == 1
+    assert f'[p{index}] Profile of 2 steps from step 10: {folder / "profile.md"}' in said
+    profile = (folder / 'profile.md').read_text()
+    for row in ('| forward | Decoder/layers/', '| backward | Decoder/layers/', '| optimizer | ',
+                '| communication | all-reduce |'):
+      assert row in profile, (index, row, profile)
   # The end-of-run sample: computed by both processes (decoders), printed once.
   assert sample is not None  # The decoder samples at the end (train.sample_tokens > 0).
   assert said.count('--- sample') == 1 and '[p1] --- sample' not in said
