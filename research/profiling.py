@@ -209,9 +209,10 @@ def _executed(events, module):
 def summarize(events, program, steps):
   """Rows {pass_, scope, ms, ops} per step and device, the slowest first, from the trace events
   of `steps` steps of `program` (see _executed). A collective counts as communication, whichever
-  scopes it serves; an instruction without an op_name (a GPU command buffer, which runs many
-  kernels as one where XLA keeps command buffers on under a profiler, which it does not by
-  default) gets a row of its own. Operations that run side by side (CPU threads, GPU
+  scopes it serves; an instruction without an op_name gets a row of its own. That includes a
+  GPU command buffer, which runs many kernels as one, in a trace taken with
+  --xla_enable_command_buffers_during_profiling=true (by default XLA runs their kernels one by one
+  under a profiler). Operations that run side by side (CPU threads, GPU
   streams) each count in full, so the rows may add up to more than the wall time."""
   totals = collections.defaultdict(float)
   counts = collections.Counter()

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research import checkpoint as checkpoint_lib
@@ -118,24 +119,26 @@ def _profile_dir(workdir):
 
 def _start_trace(directory):
   """Starts a trace; False, after one printed sentence, where the profiler cannot start (another
-  trace running, a folder it cannot write)."""
+  trace already running in this process)."""
   try:
     jax.profiler.start_trace(directory, create_perfetto_trace=True)
-  except (OSError, RuntimeError, ValueError) as error:
-    print(f'No profile: the profiler could not start in {directory} ({error}); training goes on.',
-          file=sys.stderr)
+  except RuntimeError as error:
+    print(f'No profile: the profiler could not start in {directory} ({error}); training goes on '
+          '(stop the other trace to profile this run).', file=sys.stderr)
     return False
   return True
 
 
 def _stop_trace(directory):
-  """Ends the trace; False, after one printed sentence, where jax could not write it out (the
-  run goes on: a profile is never worth the training run)."""
+  """Ends the trace; False, after one printed sentence, where jax could not write it out (a
+  folder it cannot write, a full disk, a trace file left truncated): the run goes on, since a
+  profile is never worth the training run. jax then still holds the failed session, so a later
+  trace in the same process cannot start."""
   try:
     jax.profiler.stop_trace()
-  except (OSError, ValueError, EOFError) as error:
+  except (RuntimeError, OSError, ValueError, EOFError) as error:
     print(f'The profiler trace in {directory} could not be written out ({error}); training goes '
-          'on without it.', file=sys.stderr)
+          'on without it (check that the folder is writable and has room).', file=sys.stderr)
     return False
   return True
 
@@ -332,7 +335,7 @@ def _train(config, workdir, mesh, stop):
   print(f'MFU is relative to the {peak_label}', file=sys.stderr)
   bar = _progress_bar(config, start_step, stop_step)
   pending, unlogged, last = [], [], {}
-  tracing = False
+  tracing = profiling = False  # A trace running; the traced steps under way (however it went).
   w = config.watchdog
   prefetcher = prefetch.Prefetcher(
       pipeline.train_batch, global_batch.host_ranges(trainer.batch_shapes,
@@ -342,7 +345,8 @@ def _train(config, workdir, mesh, stop):
   try:
     for step in range(start_step, stop_step):
       if step == t.profile_start_step:
-        tracing, trace_start = _start_trace(_profile_dir(workdir)), time.perf_counter()
+        profiling, trace_start = True, time.perf_counter()
+        tracing = _start_trace(_profile_dir(workdir))
       batch = global_batch.assemble(prefetcher.rows(step), trainer.batch_shapes,
                                     trainer.batch_shardings)
       with (jax.profiler.StepTraceAnnotation('train', step_num=step) if tracing
@@ -352,18 +356,23 @@ def _train(config, workdir, mesh, stop):
       if len(pending) > 1:  # The step before has finished: keeps one step in flight, no more.
         jax.block_until_ready(pending[-2]['loss'])
         watchdog.beat(step - 1)
-      if tracing and step + 1 >= t.profile_start_step + t.profile_num_steps:
+      if profiling and step + 1 >= t.profile_start_step + t.profile_num_steps:
+        profiling = False
         jax.block_until_ready(state)
         traced_steps = step + 1 - t.profile_start_step
         wall_ms = (time.perf_counter() - trace_start) * 1000 / traced_steps
-        # Every process summarises its own trace, all at the same step, each with its timers
-        # paused: none waits at the next collective while its watchdog counts.
+        # Every process writes out and summarises its own trace at this step, with its timers
+        # paused, and they leave together: none waits at the next collective for another's
+        # summary (or for one whose profiler failed) while its watchdog counts.
         with throughput.paused(), watchdog.paused():
-          tracing = False
-          if _stop_trace(_profile_dir(workdir)):
-            hlo_text = trainer.train_step.lower(state, batch, dropout_rng).compile().as_text()
-            _summarize_profile(_profile_dir(workdir), hlo_text, t.profile_start_step,
-                               traced_steps, wall_ms)
+          if tracing:
+            tracing = False
+            if _stop_trace(_profile_dir(workdir)):
+              hlo_text = trainer.train_step.lower(state, batch, dropout_rng).compile().as_text()
+              _summarize_profile(_profile_dir(workdir), hlo_text, t.profile_start_step,
+                                 traced_steps, wall_ms)
+          if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f'profile_{step}')
       checkpointer.check()  # A failed asynchronous save stops the run here.
       if best is not None:
         best.check()
@@ -415,8 +424,6 @@ def _train(config, workdir, mesh, stop):
   finally:
     watchdog.stop()
     prefetcher.close()
-    if tracing:
-      _stop_trace(_profile_dir(workdir))
     if bar is not None:
       bar.close()
     writer.close()
@@ -428,6 +435,8 @@ def _train(config, workdir, mesh, stop):
       checkpointer.close()
       if best is not None:
         best.close()
+      if tracing:  # A run that ends inside the traced steps; after the saves, which come first.
+        _stop_trace(_profile_dir(workdir))
   if stopping:
     print(f'Stopped at step {done} on {stop.signal} with its checkpoint saved; rerun the same '
           'command to continue.', file=sys.stderr)

@@ -91,3 +91,28 @@ def test_default_corpus_run_beats_a_unigram_model_and_checkpoints(decoder_config
   data = json.load(open(workdir / 'environment.json'))['data']
   assert data['sources'][0]['spec'] == 'stdlib' and len(data['fingerprint']) == 64
   assert data['sources'][0]['train_documents'] > 100 and data['tokenizer'] == 'bytes'
+
+
+def test_a_trace_jax_cannot_write_out_costs_one_sentence_and_the_run_finishes(tmp_path):
+  """jax's own failure to write a trace (here the profile folder's path is a file) ends the
+  traced steps with one sentence; the run trains on to its last step and checkpoint, exit 0."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'profile').write_text('')
+  result = subprocess.run(
+      [sys.executable, '-m', 'research.train', '--config', 'configs/decoder.py:tiny',
+       '--workdir', str(workdir), '--config.data.source=markov', '--config.train.sample_tokens=0',
+       '--config.model.num_layers=1', '--config.train.num_steps=3',
+       '--config.train.eval_every=3', '--config.train.eval_batches=1',
+       '--config.train.progress_bar=False', '--config.checkpoint.every_steps=3',
+       '--config.train.profile_start_step=1', '--config.train.profile_num_steps=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  said = [line for line in result.stderr.splitlines()
+          if line.startswith(f"The profiler trace in {workdir / 'profile'} could not be written")]
+  assert len(said) == 1 and 'is not a directory' in said[0], result.stderr[-3000:]  # jax's words.
+  assert said[0].endswith('; training goes on without it (check that the folder is writable and '
+                          'has room).')
+  assert 'Traceback' not in result.stderr
+  assert [json.loads(line)['step'] for line in open(workdir / 'metrics.jsonl')][-1] == 3
+  assert os.listdir(workdir / 'checkpoints') == ['3']
