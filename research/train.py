@@ -336,6 +336,7 @@ def _train(config, workdir, mesh, stop):
   bar = _progress_bar(config, start_step, stop_step)
   pending, unlogged, last = [], [], {}
   tracing = profiling = False  # A trace running; the traced steps under way (however it went).
+  profile_dir = _profile_dir(workdir)
   w = config.watchdog
   prefetcher = prefetch.Prefetcher(
       pipeline.train_batch, global_batch.host_ranges(trainer.batch_shapes,
@@ -346,7 +347,7 @@ def _train(config, workdir, mesh, stop):
     for step in range(start_step, stop_step):
       if step == t.profile_start_step:
         profiling, trace_start = True, time.perf_counter()
-        tracing = _start_trace(_profile_dir(workdir))
+        tracing = _start_trace(profile_dir)
       batch = global_batch.assemble(prefetcher.rows(step), trainer.batch_shapes,
                                     trainer.batch_shardings)
       with (jax.profiler.StepTraceAnnotation('train', step_num=step) if tracing
@@ -367,10 +368,10 @@ def _train(config, workdir, mesh, stop):
         with throughput.paused(), watchdog.paused():
           if tracing:
             tracing = False
-            if _stop_trace(_profile_dir(workdir)):
+            if _stop_trace(profile_dir):
               hlo_text = trainer.train_step.lower(state, batch, dropout_rng).compile().as_text()
-              _summarize_profile(_profile_dir(workdir), hlo_text, t.profile_start_step,
-                                 traced_steps, wall_ms)
+              _summarize_profile(profile_dir, hlo_text, t.profile_start_step, traced_steps,
+                                 wall_ms)
           if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f'profile_{step}')
       checkpointer.check()  # A failed asynchronous save stops the run here.
@@ -436,7 +437,7 @@ def _train(config, workdir, mesh, stop):
       if best is not None:
         best.close()
       if tracing:  # A run that ends inside the traced steps; after the saves, which come first.
-        _stop_trace(_profile_dir(workdir))
+        _stop_trace(profile_dir)
   if stopping:
     print(f'Stopped at step {done} on {stop.signal} with its checkpoint saved; rerun the same '
           'command to continue.', file=sys.stderr)

@@ -175,8 +175,8 @@ def test_two_processes_train_like_one(decoder_runs):
   assert sorted(p.name for p in two.iterdir()) == [
       'checkpoints', 'config.json', 'environment.json', 'metrics.jsonl', 'profile', 'tensorboard',
       'tokenizer']
-  # Each process traces into a folder of its own (both traces are named after this one host,
-  # so in one folder the second would replace the first) and summarises its own devices.
+  # Each process traces into a folder of its own (both traces are named after this one host:
+  # in one folder they clashed, and both processes crashed) and summarises its own devices.
   assert sorted(p.name for p in (two / 'profile').iterdir()) == ['process_0', 'process_1']
   for index in range(2):
     folder = two / 'profile' / f'process_{index}'
