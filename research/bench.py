@@ -253,9 +253,10 @@ def bench_train(config, argv):
   if _PROFILE_DIR.value:
     try:
       path = ours.profile(_PROFILE_DIR.value, _PROFILE_STEPS.value)
-    except (OSError, ValueError, EOFError) as error:
+    except (RuntimeError, OSError, ValueError, EOFError) as error:  # jax's own: RuntimeError.
       raise config_lib.ConfigError(f'the figures above stand, but the profile in '
-                                   f'{_PROFILE_DIR.value} could not be summarised: {error}.')
+                                   f'{_PROFILE_DIR.value} could not be written out or '
+                                   f'summarised: {error}.')
     with open(path) as f:
       print('\n' + f.read(), end='')
   return None  # Reported above.
