@@ -253,7 +253,7 @@ def bench_train(config, argv):
   if _PROFILE_DIR.value:
     try:
       path = ours.profile(_PROFILE_DIR.value, _PROFILE_STEPS.value)
-    except (RuntimeError, OSError, ValueError, EOFError) as error:  # jax's own: RuntimeError.
+    except profiling.FAILURES as error:
       raise config_lib.ConfigError(f'the figures above stand, but the profile in '
                                    f'{_PROFILE_DIR.value} could not be written out or '
                                    f'summarised: {error}.')

@@ -24,6 +24,9 @@ import socket
 from typing import NamedTuple
 
 PASSES = ('forward', 'backward', 'recompute', 'optimizer', 'communication', 'other')
+# What writing a trace out or summarising it can raise: jax's profiler its own errors (a
+# RuntimeError), files OSError, a truncated trace EOFError, a malformed trace or program ValueError.
+FAILURES = (RuntimeError, OSError, ValueError, EOFError)
 # Op-name segments that say how the program is built, not which module ran.
 _STRUCTURE = frozenset({'while', 'body', 'cond', 'closed_call', 'checkpoint',
                         'rematted_computation', 'remat', 'scan', 'shard_map',
@@ -211,9 +214,9 @@ def summarize(events, program, steps):
   of `steps` steps of `program` (see _executed). A collective counts as communication, whichever
   scopes it serves; an instruction without an op_name gets a row of its own. That includes a
   GPU command buffer, which runs many kernels as one, in a trace taken with
-  --xla_enable_command_buffers_during_profiling=true (by default XLA runs their kernels one by one
-  under a profiler). Operations that run side by side (CPU threads, GPU
-  streams) each count in full, so the rows may add up to more than the wall time."""
+  --xla_enable_command_buffers_during_profiling=true (by default XLA runs their kernels one by
+  one under a profiler). Operations that run side by side (CPU threads, GPU streams) each count
+  in full, so the rows may add up to more than the wall time."""
   totals = collections.defaultdict(float)
   counts = collections.Counter()
   devices = set()

@@ -136,7 +136,7 @@ def _stop_trace(directory):
   trace in the same process cannot start."""
   try:
     jax.profiler.stop_trace()
-  except (RuntimeError, OSError, ValueError, EOFError) as error:
+  except profiling.FAILURES as error:
     print(f'The profiler trace in {directory} could not be written out ({error}); training goes '
           'on without it (check that the folder is writable and has room).', file=sys.stderr)
     return False
@@ -149,7 +149,7 @@ def _summarize_profile(directory, hlo_text, first_step, steps, wall_ms):
   its trace is there."""
   try:
     path = profiling.write_summary(directory, hlo_text, steps, wall_ms)
-  except (OSError, ValueError, EOFError) as error:
+  except profiling.FAILURES as error:
     print(f'The profile in {directory} was not summarised ({error}); its trace is there.',
           file=sys.stderr)
   else:
