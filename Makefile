@@ -14,7 +14,7 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt requirements-bench.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 

@@ -35,9 +35,10 @@ recompute of remat) and the peak is the published dense peak of the device in th
 temporaries - donated aliases, from XLA's memory_analysis) and, where the device keeps memory
 statistics (GPU, TPU), the peak bytes it held. Each run appends one JSON line to --results (default
 bench/results.jsonl under the working directory) with the config, the device (and the host's
-processor), the shapes, the versions and the figures; `table` turns that file into the markdown
-table of the README's Performance section: the latest run of each device (on CPU, each
-processor), model, length and per-device batch, with the ratio to the peer where one ran.
+processor), the shapes, the versions and the figures; `table` turns that file into a markdown
+table (device, model, length, batch, MFU, tokens/s, TFLOP/s, ratio to the peer, peak memory, date)
+for the README's Performance section: the latest run of each device (on CPU, each processor),
+model, length and per-device batch. `--help` lists the flags of every mode.
 With --profile_dir, `train` then (after printing and recording its figures) traces
 --profile_steps more steps with jax.profiler into that folder (a trace for Perfetto or
 TensorBoard) and writes profile.md beside it: the time of each pass (forward, backward, remat's
@@ -108,6 +109,17 @@ _PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'train: steps traced f
 _CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'checkpoint: where to save (default: '
                                       'a temporary folder).')
 
+
+# The flags of each mode (besides --config); any other is refused in one sentence.
+_MODE_FLAGS = {
+    'train': ('cpu_devices', 'warmup_steps', 'windows', 'window_steps', 'steps', 'peer',
+              'results', 'json', 'profile_dir', 'profile_steps'),
+    'decode': ('cpu_devices', 'decode_batch', 'prompt_len', 'new_tokens', 'repeats', 'json'),
+    'checkpoint': ('cpu_devices', 'repeats', 'checkpoint_dir', 'json'),
+    'data': ('cpu_devices', 'warmup_steps', 'windows', 'window_steps', 'data_steps', 'corpus_mb',
+             'json'),
+    'table': ('results', 'markdown'),
+}
 
 _NO_DATA = object()
 
@@ -247,9 +259,10 @@ def bench_train(config, argv):
     results.update(torch_tokens_per_s=peer, torch_tokens_per_s_windows=rates['torch'],
                    ratio_to_torch=tokens_per_s / peer)
   # Reported and recorded before the profile, which a time limit may cut short.
-  if _RESULTS.value:
-    _append_record(_RESULTS.value, run_record(config, argv, results))
   _report(results)
+  if _RESULTS.value:
+    _write_output('results', json.dumps(run_record(config, argv, results), sort_keys=True) + '\n',
+                  append=True)
   if _PROFILE_DIR.value:
     try:
       path = ours.profile(_PROFILE_DIR.value, _PROFILE_STEPS.value)
@@ -283,12 +296,36 @@ def run_record(config, argv, results):
   return dict(record, **results)
 
 
-def _append_record(path, record):
-  folder = os.path.dirname(path)
-  if folder:
-    os.makedirs(folder, exist_ok=True)
-  with open(path, 'a') as f:
-    f.write(json.dumps(record, sort_keys=True) + '\n')
+def _check_output(name):
+  """One sentence, before anything is timed, where the file of flag --name could not be written:
+  a folder, a path under a file, or a folder this user cannot write (a missing folder is made)."""
+  path = flags.FLAGS[name].value
+  if not path:
+    return
+  if os.path.isdir(path):
+    raise config_lib.ConfigError(f'--{name} {path} is a folder; pass the path of a file.')
+  existing = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise config_lib.ConfigError(f'--{name} {path} lies under the file {existing}; pass a path '
+                                 'in a folder.')
+  if not os.access(path if os.path.exists(path) else existing, os.W_OK):
+    raise config_lib.ConfigError(f'--{name} {path} is not writable; pass another path.')
+
+
+def _write_output(name, text, append=False):
+  """Writes `text` to the file of flag --name, making its folder; a failure (the path was checked
+  up front, so a full disk or a path changed since) is one sentence, after any printed figures."""
+  path = flags.FLAGS[name].value
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a' if append else 'w') as f:
+      f.write(text)
+  except OSError as error:
+    reason = error.strerror or error
+    raise config_lib.ConfigError(f'--{name} {path} could not be written ({reason}); check the '
+                                 'path and its disk.') from None
 
 
 # Under the table: how its MFU column is computed.
@@ -342,25 +379,47 @@ def results_table(records):
   return '\n'.join(lines + ['', MFU_FORMULA]) + '\n'
 
 
+# What a line needs to make a row of the table.
+_RECORD_KEYS = ('device_kind', 'variant', 'seq_len', 'per_device_batch', 'tokens_per_s_per_device',
+                'model_tflops_per_s_per_device', 'date')
+
+
 def read_records(path):
-  """The records of the results file `path`, in the order they were appended."""
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(f'--results {path} does not exist; run `python -m research.bench '
-                                 'train` first or pass the file it wrote.')
+  """The records of the results file `path`, in the order they were appended; a line that is not
+  one (cut short, or from another file) is one sentence naming it."""
+  if not os.path.isfile(path):
+    state = 'is a folder' if os.path.isdir(path) else 'does not exist'
+    raise config_lib.ConfigError(f'--results {path} {state}; run `python -m research.bench train` '
+                                 'first or pass the file it wrote.')
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        record = None
+      missing = ([key for key in _RECORD_KEYS if key not in record]
+                 if isinstance(record, dict) else ['a JSON object'])
+      if missing:
+        raise config_lib.ConfigError(f'Line {number} of {path} is not a results line of '
+                                     f'`research.bench train` (it lacks {", ".join(missing)}); '
+                                     'delete or mend that line.')
+      records.append(record)
+  if not records:
+    raise config_lib.ConfigError(f'--results {path} holds no results; run `python -m '
+                                 'research.bench train` first.')
+  return records
 
 
 def table(argv):
   """`table`: reads --results, prints the table or writes it to --markdown."""
-  try:
-    flags.FLAGS([argv[0]] + argv[2:])
-  except flags.Error as error:
-    raise config_lib.ConfigError(f'{error}.') from None
+  config_lib.parse_command_flags([argv[0]] + argv[2:], __doc__, _MODE_FLAGS['table'])
+  _check_output('markdown')
   text = results_table(read_records(_RESULTS.value))
   if _MARKDOWN.value:
-    with open(_MARKDOWN.value, 'w') as f:
-      f.write(text)
+    _write_output('markdown', text)
   else:
     print(text, end='')
 
@@ -473,8 +532,6 @@ def _check_flags(mode):
       raise config_lib.ConfigError(f'--{name}={flag.value} must be at least 1.')
   if _WARMUP.value < 0:
     raise config_lib.ConfigError(f'--warmup_steps={_WARMUP.value} must not be negative.')
-  if _PROFILE_DIR.value and mode != 'train':
-    raise config_lib.ConfigError(f'--profile_dir profiles `train` only, not `{mode}`; drop it.')
   if _PROFILE_DIR.value and os.path.exists(_PROFILE_DIR.value) and not os.path.isdir(
       _PROFILE_DIR.value):
     raise config_lib.ConfigError(f'--profile_dir {_PROFILE_DIR.value} is a file; pass a folder '
@@ -482,6 +539,9 @@ def _check_flags(mode):
   if _CHECKPOINT_DIR.value and not os.path.isdir(_CHECKPOINT_DIR.value):
     raise config_lib.ConfigError(f'--checkpoint_dir {_CHECKPOINT_DIR.value} is not a directory; '
                                  'pass an existing folder (its disk is the one measured).')
+  for name in ('results', 'json'):
+    if name in _MODE_FLAGS[mode]:
+      _check_output(name)
 
 
 def main(argv):
@@ -494,6 +554,11 @@ def main(argv):
   if len(argv) < 2:
     print(f'usage: {usage}', file=sys.stderr)
     return 2
+  if argv[1] in config_lib.HELP_FLAGS:
+    print(__doc__.strip())
+    for mode, names in _MODE_FLAGS.items():
+      print(f'\n{mode} ' + config_lib.help_text('', names).strip())
+    return 0
   if argv[1] not in list(modes) + ['table']:
     print(f'error: {argv[1]!r} is not a benchmark mode; run {usage}.', file=sys.stderr)
     return 2
@@ -501,17 +566,17 @@ def main(argv):
     if argv[1] == 'table':
       table(argv)
       return 0
-    config = config_lib.parse_flags([argv[0]] + argv[2:])
+    config = config_lib.parse_flags([argv[0]] + argv[2:], __doc__, _MODE_FLAGS[argv[1]])
     _check_flags(argv[1])
     mesh_lib.configure_cpu_devices()
     if argv[1] in ('train', 'decode'):  # The data and checkpoint timings keep glibc's heap.
       host_memory.reuse_freed_memory()
     results = modes[argv[1]](config)
-  except (config_lib.ConfigError, data_benchmark.DataError) as error:
+    if results is not None:  # `train` reports its own, ahead of its profile.
+      _report(results)
+  except (config_lib.ConfigError, mesh_lib.MeshError, data_benchmark.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
-  if results is not None:  # `train` reports its own, ahead of its profile.
-    _report(results)
   return 0
 
 
@@ -525,8 +590,7 @@ def _report(results):
     shown = f'{value:,.4g}' if isinstance(value, float) else value
     print(f'{key:>26}: {shown}')
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(results, f, indent=2)
+    _write_output('json', json.dumps(results, indent=2))
 
 
 if __name__ == '__main__':

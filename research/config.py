@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -88,15 +89,24 @@ def config_spec(argv):
   return spec
 
 
-def parse_flags(argv):
-  """Parses absl flags; a bad config file, variant or override becomes one ConfigError sentence."""
+HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull')
+
+
+def parse_flags(argv, usage, accepted):
+  """Parses the absl flags of a command that takes --config and the flags named in `accepted`.
+  --help prints `usage` and those flags, then exits; a bad config file, variant or override, a
+  stray argument or a flag of another command (absl holds every imported module's) becomes one
+  ConfigError sentence."""
+  names = ['config', *accepted]
+  _answer_help(argv, usage, names)
   spec = config_spec(argv)
   if spec is None:
-    raise ConfigError('No config given; pass --config configs/<family>.py:VARIANT.')
+    raise ConfigError('No config given; pass --config configs/<family>.py:VARIANT (--help lists '
+                      'the flags).')
   base = load_config_file(spec)  # Checked here: config_flags defers such errors to first use.
   try:
-    flags.FLAGS(argv)
-    return _CONFIG_FLAG.value
+    rest = flags.FLAGS(argv)
+    config = _CONFIG_FLAG.value
   except Exception as error:  # absl wraps the config's own errors in several layers.
     valid = _flat_keys(base)
     for argument in argv:
@@ -105,9 +115,60 @@ def parse_flags(argv):
         if key not in valid:
           close = ', '.join(_closest_keys(key, valid)) or 'none'
           raise ConfigError(f'Unknown config key {key!r}; closest valid keys: {close}.') from None
-    ours = [f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
-            if 'research' in module for f in defined]  # A -m module is named by its path.
-    raise _flag_error(error, sorted(set(ours))) from None
+    raise _flag_error(error, names) from None
+  _check_arguments(rest, names)
+  return config
+
+
+def parse_command_flags(argv, usage, names):
+  """Parses the absl flags of a command without --config (sample, convert), which takes the flags
+  `names`: --help prints `usage` and those flags, then exits; an unknown flag, a bad value, a
+  stray argument or a flag of another command raises one sentence."""
+  _answer_help(argv, usage, names)
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as error:
+    raise _flag_error(error, names) from None
+  _check_arguments(rest, names)
+
+
+def _answer_help(argv, usage, names):
+  if any(argument in HELP_FLAGS for argument in argv[1:]):
+    print(help_text(usage, names))
+    raise SystemExit(0)
+
+
+def help_text(usage, names):
+  """A command's --help: its usage (the module's docstring) and its flags with their help."""
+  lines = [usage.strip(), '', 'flags:']
+  for name in names:
+    if name == 'config':
+      lines.append(textwrap.fill(
+          '--config: Config file and variant, e.g. configs/decoder.py:tiny; --config.KEY=VALUE '
+          'sets one of its keys (e.g. --config.train.num_steps=100).', 100, initial_indent='  ',
+          subsequent_indent='      '))
+      continue
+    flag = flags.FLAGS[name]
+    value = ','.join(map(str, flag.default)) if isinstance(flag.default, list) else flag.default
+    default = '' if value in (None, '') else f' (default: {value})'
+    lines.append(textwrap.fill(f'--{name}: {flag.help}{default}', 100, initial_indent='  ',
+                               subsequent_indent='      '))
+  return '\n'.join(lines)
+
+
+def _check_arguments(rest, names):
+  """One sentence for a stray argument, or for a flag other than `names`, this command's."""
+  if len(rest) > 1:
+    raise ConfigError(f'Unexpected argument {rest[1]!r}; every input is a flag (--name=value).')
+  ours = {f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
+          if 'research' in module for f in defined}  # A -m module is named by its path.
+  for name in sorted(ours - set(names)):
+    if flags.FLAGS[name].present:
+      if name == 'mesh' and 'config' in names:
+        raise ConfigError('--mesh does not apply here; set the mesh with '
+                          '--config.mesh.<axis>=SIZE.')
+      raise ConfigError(f'--{name} does not apply here; drop it (the flags are --'
+                        f'{", --".join(names)}).')
 
 
 def _flag_error(error, names):
@@ -128,21 +189,6 @@ def _flag_error(error, names):
 
 _EXPECTED = (('for int()', 'an integer is expected'), ('to float', 'a number is expected'),
              ('boolean', 'true or false is expected'))
-
-
-def parse_command_flags(argv, names, foreign):
-  """Parses the absl flags of a command without --config (sample, convert): an unknown flag, a
-  bad value, a stray argument or a flag of another command (`foreign`) raises one sentence."""
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as error:
-    raise _flag_error(error, names) from None
-  if len(rest) > 1:
-    raise ConfigError(f'Unexpected argument {rest[1]!r}; every input is a flag (--name=value).')
-  for name in foreign:
-    if name in flags.FLAGS and flags.FLAGS[name].present:
-      raise ConfigError(f'--{name} does not apply here; drop it (the flags are --'
-                       f'{", --".join(names)}).')
 
 
 def mesh_sizes(config):
@@ -170,6 +216,18 @@ DATA_SOURCES = (sources.KINDS + ('markov',)
 
 # Sizes that must be positive in every family that has them.
 MODEL_SIZES = ('num_layers', 'num_heads', 'emb_dim', 'mlp_dim', 'hidden_dim')
+
+
+def _check_profile_window(t):
+  """The traced steps (train.profile_start_step >= 0) must lie inside the run."""
+  if t.profile_num_steps < 1:
+    raise ConfigError(f'config.train.profile_num_steps must be positive, got '
+                      f'{t.profile_num_steps}.')
+  if t.profile_start_step >= 0 and t.profile_start_step + t.profile_num_steps > t.num_steps:
+    raise ConfigError(f'config.train.profile_start_step={t.profile_start_step} traces '
+                      f'{t.profile_num_steps} steps, past the run\'s last step ({t.num_steps}); '
+                      f'start by step {max(t.num_steps - t.profile_num_steps, 0)}, trace fewer '
+                      'steps or raise train.num_steps.')
 
 
 def validate(config, num_devices):
@@ -215,6 +273,8 @@ def validate(config, num_devices):
   for key, value in positive.items():
     if value <= 0:
       raise ConfigError(f'config.{key} must be positive, got {value}.')
+  if 'profile_start_step' in t:
+    _check_profile_window(t)
   for key, value in {'seed': config.seed, 'optim.clip_norm': o.clip_norm}.items():
     if value < 0:
       raise ConfigError(f'config.{key} must not be negative, got {value}.')

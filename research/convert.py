@@ -267,14 +267,15 @@ def change_layout(workdir, out_dir):
 def main(argv):
   try:
     command = argv[1] if len(argv) > 1 else None
+    if command in config_lib.HELP_FLAGS:
+      print(__doc__.strip())
+      return 0
     if command not in _COMMANDS:
       raise ValueError('Pass a command first: from_hf --model_dir HF_DIR --workdir OUT, to_hf '
                        '--workdir DIR --out HF_DIR [--overwrite], or layout --workdir DIR --out '
                        'NEW_DIR.')
     names = _COMMANDS[command]
-    other = {n for c in _COMMANDS.values() for n in c} - set(names)
-    config_lib.parse_command_flags([argv[0]] + argv[2:], names,
-                                   sorted(other) + ['config', 'cpu_devices', 'mesh'])
+    config_lib.parse_command_flags([argv[0]] + argv[2:], __doc__, names)
     if command == 'from_hf':
       if not (_MODEL_DIR.value and config_lib.WORKDIR.value):
         raise ValueError('from_hf needs --model_dir and --workdir.')

@@ -36,6 +36,9 @@ class MeshError(ValueError):
 
 def configure_cpu_devices():
   """Applies --cpu_devices; call after flag parsing and before the first use of a device."""
+  if _CPU_DEVICES.value < 0:
+    raise MeshError(f'--cpu_devices={_CPU_DEVICES.value} must not be negative (0 keeps one CPU '
+                    'device).')
   if _CPU_DEVICES.value > 0:
     jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
 

@@ -196,7 +196,8 @@ def _print(report):
 
 def main(argv):
   try:
-    config = config_lib.parse_flags(argv)
+    config = config_lib.parse_flags(argv, __doc__, ('mesh', 'topology', 'plan_json',
+                                                    'cpu_devices'))
     target, hbm = mesh_lib.MESH_FLAG.value, 0
     if target and _TOPOLOGY.value:
       raise mesh_lib.MeshError('Pass --mesh or --topology, not both: a topology resolves '

@@ -76,7 +76,7 @@ def _mesh(config, family):
 
 def main(argv):
   try:
-    config_lib.parse_command_flags(argv, _FLAG_NAMES, ('config',))
+    config_lib.parse_command_flags(argv, __doc__, _FLAG_NAMES)
     mesh_lib.configure_cpu_devices()
     mesh_lib.initialize_distributed()  # A model sharded over several hosts samples on all.
     workdir = config_lib.WORKDIR.value

@@ -337,6 +337,9 @@ def _train(config, workdir, mesh, stop):
   pending, unlogged, last = [], [], {}
   tracing = profiling = False  # A trace running; the traced steps under way (however it went).
   profile_dir = _profile_dir(workdir)
+  if 0 <= t.profile_start_step < start_step:
+    print(f'No profile: this run resumes at step {start_step}, past train.profile_start_step='
+          f'{t.profile_start_step}; set a later step to trace this run.', file=sys.stderr)
   w = config.watchdog
   prefetcher = prefetch.Prefetcher(
       pipeline.train_batch, global_batch.host_ranges(trainer.batch_shapes,
@@ -436,8 +439,9 @@ def _train(config, workdir, mesh, stop):
       checkpointer.close()
       if best is not None:
         best.close()
-      if tracing:  # A run that ends inside the traced steps; after the saves, which come first.
-        _stop_trace(profile_dir)
+      if tracing and _stop_trace(profile_dir):  # Stopped inside the traced steps; after the saves.
+        print(f'The run stopped inside the traced steps, so its trace in {profile_dir} has no '
+              'profile.md.', file=sys.stderr)
   if stopping:
     print(f'Stopped at step {done} on {stop.signal} with its checkpoint saved; rerun the same '
           'command to continue.', file=sys.stderr)
@@ -450,12 +454,9 @@ def _train(config, workdir, mesh, stop):
 
 def main(argv):
   try:
-    config = config_lib.parse_flags(argv)
+    config = config_lib.parse_flags(argv, __doc__, ('workdir', 'cpu_devices'))
     if not config_lib.WORKDIR.value:
       raise config_lib.ConfigError('No workdir given; pass --workdir DIR.')
-    if mesh_lib.MESH_FLAG.value:
-      raise config_lib.ConfigError('--mesh does not apply to research.train; set the mesh with '
-                                   '--config.mesh.<axis>=SIZE.')
     mesh_lib.configure_cpu_devices()
     host_memory.reuse_freed_memory()
     mesh_lib.initialize_distributed(config.watchdog.peer_timeout_s)

@@ -121,7 +121,17 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
     ('checkpoint', '--repeats=0', '--repeats=0 must be at least 1.'),
     ('checkpoint', '--checkpoint_dir=/nonexistent',
      '--checkpoint_dir /nonexistent is not a directory'),
-    ('checkpoint', '--profile_dir=/tmp/p', '--profile_dir profiles `train` only, not `checkpoint`'),
+    ('checkpoint', '--profile_dir=/tmp/p', '--profile_dir does not apply here; drop it (the flags '
+                                           'are --config, --cpu_devices, --repeats, '
+                                           '--checkpoint_dir, --json).'),
+    ('train', '--workdir=/tmp/w', '--workdir does not apply here; drop it'),
+    ('train', 'stray', "Unexpected argument 'stray'; every input is a flag"),
+    ('train', '--cpu_devices=-2', '--cpu_devices=-2 must not be negative'),
+    ('train', '--results=/', '--results / is a folder; pass the path of a file.'),
+    ('train', f'--results={__file__}/results.jsonl',
+     f'--results {__file__}/results.jsonl lies under the file {__file__}; pass a path in a '
+     'folder.'),
+    ('decode', f'--json={__file__}/out.json', f'--json {__file__}/out.json lies under the file'),
     ('train', f'--profile_dir={__file__}', f'--profile_dir {__file__} is a file; pass a folder'),
     ('train', '--profile_steps=0', '--profile_steps=0 must be at least 1.'),
 ])
@@ -290,6 +300,70 @@ def test_the_table_shows_the_latest_run_of_each_device_model_length_and_batch(tm
 def test_the_table_of_a_missing_results_file_is_one_sentence(tmp_path):
   result = runs.in_process('research.bench', 'table', f'--results={tmp_path / "none.jsonl"}')
   runs.assert_error(result, f'--results {tmp_path / "none.jsonl"} does not exist')
+  result = runs.in_process('research.bench', 'table', f'--results={tmp_path}')
+  runs.assert_error(result, f'--results {tmp_path} is a folder')
+
+
+@pytest.mark.parametrize('line, lacks', [
+    ('{"variant": "nanogpt_cpu", "device_', 'a JSON object'),  # Cut short.
+    ('{"variant": "x"}', 'device_kind, seq_len, per_device_batch'),  # Another file's line.
+    ('[1, 2]', 'a JSON object'),
+])
+def test_a_results_line_the_table_cannot_read_is_named(tmp_path, line, lacks):
+  results = tmp_path / 'results.jsonl'
+  good = json.dumps(_record('gpt2_small_1024', '2026-01-01T10:00:00+00:00', 100_000))
+  results.write_text(f'{good}\n\n{line}\n{good}\n')
+  line = runs.error_line(runs.in_process('research.bench', 'table', f'--results={results}'))
+  assert line.startswith(f'error: Line 3 of {results} is not a results line of `research.bench '
+                         f'train` (it lacks {lacks}') and line.endswith('delete or mend that line.')
+
+
+def test_the_table_of_an_empty_results_file_or_to_an_unwritable_path_is_one_sentence(tmp_path):
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('\n')
+  runs.assert_error(runs.in_process('research.bench', 'table', f'--results={empty}'),
+                    f'--results {empty} holds no results; run `python -m research.bench train`')
+  results = tmp_path / 'results.jsonl'
+  results.write_text(json.dumps(_record('gpt2_small_1024', '2026-01-01T10:00:00+00:00', 1)) + '\n')
+  runs.assert_error(runs.in_process('research.bench', 'table', f'--results={results}',
+                                    f'--markdown={results}/table.md'),
+                    f'--markdown {results}/table.md lies under the file {results}')
+  out = tmp_path / 'new' / 'table.md'  # A missing folder is made.
+  runs.ok(runs.in_process('research.bench', 'table', f'--results={results}', f'--markdown={out}'))
+  assert out.read_text().startswith('| device | model |')
+
+
+def test_help_lists_each_modes_flags():
+  result = runs.ok(runs.command('research.bench', '--help'))
+  assert result.stdout.startswith('Benchmarks.')
+  assert 'train flags:\n  --cpu_devices:' in result.stdout
+  assert '  --profile_steps: train: steps traced for --profile_dir. (default: 3)\n' in result.stdout
+  assert 'table flags:\n  --results:' in result.stdout
+  result = runs.ok(runs.command('research.bench', 'decode', '--help'))
+  listed = [line.split(':')[0].strip() for line in result.stdout.split('flags:\n')[1].splitlines()
+            if line.startswith('  --')]
+  assert listed == ['--config', '--cpu_devices', '--decode_batch', '--prompt_len', '--new_tokens',
+                    '--repeats', '--json']
+
+
+def test_a_peer_that_is_not_installed_is_one_sentence(tmp_path):
+  """--peer=torch where PyTorch is missing (requirements.txt alone) names what to install."""
+  shadow = tmp_path / 'shadow'
+  shadow.mkdir()
+  (shadow / 'torch.py').write_text(
+      "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shadow), REPO]))
+  results = tmp_path / 'results.jsonl'
+  result = subprocess.run(
+      [sys.executable, '-m', 'research.bench', 'train', '--config', 'configs/decoder.py:tiny',
+       '--config.model.num_layers=1', '--config.train.batch_size=8',
+       '--config.train.seq_len=16', '--windows=1', '--window_steps=1', '--warmup_steps=0',
+       '--peer=torch', f'--results={results}'], cwd=REPO, env=env, capture_output=True,
+      text=True, timeout=300)
+  line = runs.error_line(result)
+  assert line == ('error: --peer=torch needs torch, which is not installed here; install the '
+                  'peers with pip install -r requirements-bench.txt.'), line
+  assert not results.exists()
 
 
 @pytest.mark.parametrize('name', sorted(bench_configs.BENCHMARKS))

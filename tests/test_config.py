@@ -102,6 +102,10 @@ def _assert_one_sentence(error, *fragments):
     (dict(data=dict(source='c4')), 1, ("data.source='c4'", 'stdlib')),
     (dict(optim=dict(name='sgd')), 1, ("optim.name='sgd'", 'adamw')),
     (dict(train=dict(sample_tokens=300)), 1, ('sample_tokens=300', 'max_len=256')),
+    (dict(train=dict(num_steps=20, profile_start_step=18)), 1,
+     ('profile_start_step=18 traces 5 steps', "last step (20)", 'start by step 15')),
+    (dict(train=dict(num_steps=20, profile_start_step=50)), 1, ('profile_start_step=50',)),
+    (dict(train=dict(profile_num_steps=0)), 1, ('train.profile_num_steps must be positive',)),
 ])
 def test_validation_errors_are_one_sentence(decoder_config, edit, num_devices, fragments):
   config = decoder_config('tiny')
@@ -176,12 +180,28 @@ def test_bad_config_file_or_variant_is_one_sentence(tmp_path, spec, fragment):
     ('--config.optim.lr=fast', '--config.optim.lr=fast is not a valid value (a number is '
                                'expected); correct that flag.'),
     ('--workdri=/tmp/x', 'Unknown flag --workdri; the closest is --workdir.'),
+    ('stray', "Unexpected argument 'stray'; every input is a flag (--name=value)."),
+    ('--writers=3', '--writers does not apply here; drop it (the flags are --config, --workdir, '
+                    '--cpu_devices).'),
+    ('--mesh=fsdp=2', '--mesh does not apply here; set the mesh with --config.mesh.<axis>=SIZE.'),
+    ('--cpu_devices=-2', '--cpu_devices=-2 must not be negative (0 keeps one CPU device).'),
 ])
 def test_bad_command_line_flags_are_one_sentence(tmp_path, argument, sentence):
   result = _train_cli('--config', 'configs/decoder.py:tiny', '--workdir', str(tmp_path), argument)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert lines == [f'error: {sentence}'], lines
+
+
+def test_help_prints_the_usage_and_the_flags_of_the_command():
+  result = _train_cli('--help')
+  assert result.returncode == 0 and result.stderr == ''
+  assert result.stdout.startswith('Training entry point: pretraining and fine-tuning')
+  flags_listed = [line.split(':')[0].strip() for line in result.stdout.split('flags:\n')[1]
+                  .splitlines() if line.startswith('  --')]
+  assert flags_listed == ['--config', '--workdir', '--cpu_devices']
+  assert '  --cpu_devices: On a CPU-only host, split the CPU into this many JAX devices' in (
+      result.stdout)
 
 
 def _schedule_config(decay, lr=1.0, warmup=10, end_lr_ratio=0.1):

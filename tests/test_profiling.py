@@ -233,28 +233,39 @@ def _profiled_run(decoder_config, traced_steps):
   return config
 
 
-@pytest.mark.parametrize('failing', ['start', 'stop_after_the_last_step'])
+def _stop_after_step_2(monkeypatch):
+  """A stop request (SIGTERM, as on preemption) that arrives after step 2."""
+  from research import preemption
+
+  def should_stop(self, step):
+    self.signal = self.signal or ('SIGTERM' if step >= 2 else None)
+    return self.signal is not None
+  monkeypatch.setattr(preemption.StopRequest, 'should_stop', should_stop)
+
+
+@pytest.mark.parametrize('failing', ['start', 'stop_when_the_run_stops_inside_the_traced_steps'])
 def test_a_profiler_that_fails_costs_one_sentence_and_the_run_finishes(
     decoder_config, tmp_path, monkeypatch, capsys, failing):
   """A profile is never worth the run: a profiler that cannot start (another trace running) or
   cannot write its trace out (two processes' traces in one folder once left a truncated file)
   is one printed sentence, and training goes on to its last step and checkpoint. The second
-  case traces past the last step, so the trace ends where the run ends, after its saves
+  case stops inside the traced steps, so the trace ends where the run ends, after its saves
   (tests/test_train_cli.py has jax's own failure to write, inside the run)."""
   from research import train  # Imported here: the tests above need no trainer.
   import runs
   folder = tmp_path / 'profile'
   if failing == 'start':
-    real, name = jax.profiler.start_trace, 'start_trace'
+    real, name, last_step = jax.profiler.start_trace, 'start_trace', 3
     error = RuntimeError('Profile has already been started. Only one profile may be run at a '
                          'time.')
     expected = (f'No profile: the profiler could not start in {folder} ({error}); training goes '
                 'on (stop the other trace to profile this run).')
   else:
-    real, name = jax.profiler.stop_trace, 'stop_trace'
+    real, name, last_step = jax.profiler.stop_trace, 'stop_trace', 2
     error = EOFError('Compressed file ended before the end-of-stream marker was reached')
     expected = (f'The profiler trace in {folder} could not be written out ({error}); training '
                 'goes on without it (check that the folder is writable and has room).')
+    _stop_after_step_2(monkeypatch)
 
   def fail(*args, **kwargs):
     real(*args, **kwargs)  # jax's state stays sound for the tests after this one.
@@ -263,9 +274,38 @@ def test_a_profiler_that_fails_costs_one_sentence_and_the_run_finishes(
     raise error
 
   monkeypatch.setattr(jax.profiler, name, fail)
-  train.run(_profiled_run(decoder_config, 1 if failing == 'start' else 5), str(tmp_path))
+  train.run(_profiled_run(decoder_config, 1 if failing == 'start' else 2), str(tmp_path))
   said = capsys.readouterr().err
-  assert expected in said
+  assert expected in said and 'has no profile.md' not in said
   assert not (folder / 'profile.md').exists()
-  assert max(r['step'] for r in runs.metrics(tmp_path)) == 3
-  assert runs.params(tmp_path, 3)  # The last step's checkpoint.
+  assert max(r['step'] for r in runs.metrics(tmp_path)) == last_step
+  assert runs.params(tmp_path, last_step)  # The last step's checkpoint.
+
+
+def test_a_run_stopped_inside_its_traced_steps_keeps_the_trace_and_says_why_no_summary(
+    decoder_config, tmp_path, monkeypatch, capsys):
+  from research import train
+  import runs
+  _stop_after_step_2(monkeypatch)
+  train.run(_profiled_run(decoder_config, 2), str(tmp_path))
+  said = capsys.readouterr().err
+  assert (f'The run stopped inside the traced steps, so its trace in {tmp_path / "profile"} has '
+          'no profile.md.') in said
+  assert 'Stopped at step 2 on SIGTERM' in said
+  assert profiling.trace_file(str(tmp_path / 'profile'))  # This host's trace, written out.
+  assert not (tmp_path / 'profile' / 'profile.md').exists()
+  assert runs.params(tmp_path, 2)
+
+
+def test_a_run_resumed_past_its_traced_steps_says_it_will_not_profile(decoder_config, tmp_path,
+                                                                       capsys):
+  from research import train
+  config = _profiled_run(decoder_config, 1)
+  config.train.profile_start_step = -1
+  train.run(config, str(tmp_path))  # Steps 0-2, checkpoint 3.
+  config = _profiled_run(decoder_config, 1)
+  config.train.num_steps = 4
+  train.run(config, str(tmp_path))
+  assert ('No profile: this run resumes at step 3, past train.profile_start_step=1; set a later '
+          'step to trace this run.') in capsys.readouterr().err
+  assert not (tmp_path / 'profile').exists()

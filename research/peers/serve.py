@@ -81,6 +81,10 @@ def main():
   except ValueError as error:
     print(f'error: {error}', file=protocol, flush=True)
     return 0
+  except ImportError as error:  # PyTorch or transformers, which training itself does not need.
+    print(f'error: --peer=torch needs {error.name or error}, which is not installed here; install '
+          'the peers with pip install -r requirements-bench.txt.', file=protocol, flush=True)
+    return 0
   print('ready', file=protocol, flush=True)
   for line in sys.stdin:
     if not line.strip():
