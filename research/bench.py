@@ -259,10 +259,11 @@ def bench_train(config, argv):
     results.update(torch_tokens_per_s=peer, torch_tokens_per_s_windows=rates['torch'],
                    ratio_to_torch=tokens_per_s / peer)
   # Reported and recorded before the profile, which a time limit may cut short.
-  _report(results)
+  _print(results)
   if _RESULTS.value:
-    _write_output('results', json.dumps(run_record(config, argv, results), sort_keys=True) + '\n',
-                  append=True)
+    config_lib.write_output('results', json.dumps(run_record(config, argv, results),
+                                                  sort_keys=True) + '\n', append=True)
+  _write_json(results)
   if _PROFILE_DIR.value:
     try:
       path = ours.profile(_PROFILE_DIR.value, _PROFILE_STEPS.value)
@@ -294,38 +295,6 @@ def run_record(config, argv, results):
       platform=jax.devices()[0].platform, processor=config_lib.host_processor(),
       jax=jax.__version__, git=config_lib.git_revision())
   return dict(record, **results)
-
-
-def _check_output(name):
-  """One sentence, before anything is timed, where the file of flag --name could not be written:
-  a folder, a path under a file, or a folder this user cannot write (a missing folder is made)."""
-  path = flags.FLAGS[name].value
-  if not path:
-    return
-  if os.path.isdir(path):
-    raise config_lib.ConfigError(f'--{name} {path} is a folder; pass the path of a file.')
-  existing = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise config_lib.ConfigError(f'--{name} {path} lies under the file {existing}; pass a path '
-                                 'in a folder.')
-  if not os.access(path if os.path.exists(path) else existing, os.W_OK):
-    raise config_lib.ConfigError(f'--{name} {path} is not writable; pass another path.')
-
-
-def _write_output(name, text, append=False):
-  """Writes `text` to the file of flag --name, making its folder; a failure (the path was checked
-  up front, so a full disk or a path changed since) is one sentence, after any printed figures."""
-  path = flags.FLAGS[name].value
-  try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'a' if append else 'w') as f:
-      f.write(text)
-  except OSError as error:
-    reason = error.strerror or error
-    raise config_lib.ConfigError(f'--{name} {path} could not be written ({reason}); check the '
-                                 'path and its disk.') from None
 
 
 # Under the table: how its MFU column is computed.
@@ -392,21 +361,26 @@ def read_records(path):
     raise config_lib.ConfigError(f'--results {path} {state}; run `python -m research.bench train` '
                                  'first or pass the file it wrote.')
   records = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        record = None
-      missing = ([key for key in _RECORD_KEYS if key not in record]
-                 if isinstance(record, dict) else ['a JSON object'])
-      if missing:
-        raise config_lib.ConfigError(f'Line {number} of {path} is not a results line of '
-                                     f'`research.bench train` (it lacks {", ".join(missing)}); '
-                                     'delete or mend that line.')
-      records.append(record)
+  try:
+    with open(path, encoding='utf-8', errors='replace') as f:  # Bytes of another file: not JSON.
+      lines = list(f)
+  except OSError as error:
+    raise config_lib.ConfigError(f'--results {path} could not be read '
+                                 f'({error.strerror or error}).') from None
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    missing = ([key for key in _RECORD_KEYS if key not in record]
+               if isinstance(record, dict) else ['a JSON object'])
+    if missing:
+      raise config_lib.ConfigError(f'Line {number} of {path} is not a results line of '
+                                   f'`research.bench train` (it lacks {", ".join(missing)}); '
+                                   'delete or mend that line.')
+    records.append(record)
   if not records:
     raise config_lib.ConfigError(f'--results {path} holds no results; run `python -m '
                                  'research.bench train` first.')
@@ -416,10 +390,10 @@ def read_records(path):
 def table(argv):
   """`table`: reads --results, prints the table or writes it to --markdown."""
   config_lib.parse_command_flags([argv[0]] + argv[2:], __doc__, _MODE_FLAGS['table'])
-  _check_output('markdown')
+  config_lib.check_output('markdown', others=('results',))
   text = results_table(read_records(_RESULTS.value))
   if _MARKDOWN.value:
-    _write_output('markdown', text)
+    config_lib.write_output('markdown', text)
   else:
     print(text, end='')
 
@@ -539,9 +513,9 @@ def _check_flags(mode):
   if _CHECKPOINT_DIR.value and not os.path.isdir(_CHECKPOINT_DIR.value):
     raise config_lib.ConfigError(f'--checkpoint_dir {_CHECKPOINT_DIR.value} is not a directory; '
                                  'pass an existing folder (its disk is the one measured).')
-  for name in ('results', 'json'):
-    if name in _MODE_FLAGS[mode]:
-      _check_output(name)
+  if 'results' in _MODE_FLAGS[mode]:
+    config_lib.check_output('results')
+  config_lib.check_output('json', others=('results',) if 'results' in _MODE_FLAGS[mode] else ())
 
 
 def main(argv):
@@ -554,9 +528,11 @@ def main(argv):
   if len(argv) < 2:
     print(f'usage: {usage}', file=sys.stderr)
     return 2
-  if argv[1] in config_lib.HELP_FLAGS:
+  if argv[1] in config_lib.HELP_FLAGS or (argv[1] not in _MODE_FLAGS
+                                          and any(a in config_lib.HELP_FLAGS for a in argv)):
     print(__doc__.strip())
     for mode, names in _MODE_FLAGS.items():
+      names = names if mode == 'table' else ('config', *names)
       print(f'\n{mode} ' + config_lib.help_text('', names).strip())
     return 0
   if argv[1] not in list(modes) + ['table']:
@@ -573,15 +549,15 @@ def main(argv):
       host_memory.reuse_freed_memory()
     results = modes[argv[1]](config)
     if results is not None:  # `train` reports its own, ahead of its profile.
-      _report(results)
+      _print(results)
+      _write_json(results)
   except (config_lib.ConfigError, mesh_lib.MeshError, data_benchmark.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
   return 0
 
 
-def _report(results):
-  """Prints the figures and writes them to --json."""
+def _print(results):
   for key, value in results.items():
     if value is None:
       continue
@@ -589,8 +565,11 @@ def _report(results):
       value = '[' + ', '.join(f'{v:,.0f}' for v in value) + ']'
     shown = f'{value:,.4g}' if isinstance(value, float) else value
     print(f'{key:>26}: {shown}')
+
+
+def _write_json(results):
   if _JSON.value:
-    _write_output('json', json.dumps(results, indent=2))
+    config_lib.write_output('json', json.dumps(results, indent=2))
 
 
 if __name__ == '__main__':

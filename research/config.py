@@ -89,7 +89,7 @@ def config_spec(argv):
   return spec
 
 
-HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull')
+HELP_FLAGS = ('-h', '-help', '--help', '--helpshort', '--helpfull')
 
 
 def parse_flags(argv, usage, accepted):
@@ -164,11 +164,50 @@ def _check_arguments(rest, names):
           if 'research' in module for f in defined}  # A -m module is named by its path.
   for name in sorted(ours - set(names)):
     if flags.FLAGS[name].present:
-      if name == 'mesh' and 'config' in names:
+      if name == 'mesh' and 'cpu_devices' in names:  # A command that lays out its own mesh.
         raise ConfigError('--mesh does not apply here; set the mesh with '
                           '--config.mesh.<axis>=SIZE.')
       raise ConfigError(f'--{name} does not apply here; drop it (the flags are --'
                         f'{", --".join(names)}).')
+
+
+def check_output(name, others=()):
+  """One sentence, before any work, where the file of flag --name could not be written: a folder
+  (or a path ending in one), a path under a file, one this user cannot write, or the file of
+  another flag in `others`, which it would overwrite (a missing folder is made)."""
+  path = flags.FLAGS[name].value
+  if not path:
+    return
+  if os.path.isdir(path) or path.endswith(os.sep):
+    raise ConfigError(f'--{name} {path} is a folder; pass the path of a file.')
+  for other in others:
+    if flags.FLAGS[other].value and (os.path.abspath(flags.FLAGS[other].value)
+                                     == os.path.abspath(path)):
+      raise ConfigError(f'--{name} {path} is also --{other}, which it would overwrite; pass '
+                        'another path.')
+  existing = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f'--{name} {path} lies under the file {existing}; pass a path in a '
+                      'folder.')
+  if not os.access(path if os.path.exists(path) else existing, os.W_OK):
+    raise ConfigError(f'--{name} {path} is not writable; pass another path.')
+
+
+def write_output(name, text, append=False):
+  """Writes `text` to the file of flag --name, making its folder. The path was checked up front,
+  so a failure (a full disk, a path changed since) comes after any printed figures, as one
+  sentence."""
+  path = flags.FLAGS[name].value
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a' if append else 'w') as f:
+      f.write(text)
+  except OSError as error:
+    reason = error.strerror or error
+    raise ConfigError(f'--{name} {path} could not be written ({reason}); check the path and '
+                      'its disk.') from None
 
 
 def _flag_error(error, names):
@@ -224,10 +263,12 @@ def _check_profile_window(t):
     raise ConfigError(f'config.train.profile_num_steps must be positive, got '
                       f'{t.profile_num_steps}.')
   if t.profile_start_step >= 0 and t.profile_start_step + t.profile_num_steps > t.num_steps:
+    longer = 'raise train.num_tokens' if t.num_tokens else 'raise train.num_steps'
+    if t.profile_num_steps <= t.num_steps:
+      longer = f'start by step {t.num_steps - t.profile_num_steps}, {longer}'
     raise ConfigError(f'config.train.profile_start_step={t.profile_start_step} traces '
                       f'{t.profile_num_steps} steps, past the run\'s last step ({t.num_steps}); '
-                      f'start by step {max(t.num_steps - t.profile_num_steps, 0)}, trace fewer '
-                      'steps or raise train.num_steps.')
+                      f'{longer} or trace fewer steps (train.profile_num_steps).')
 
 
 def validate(config, num_devices):

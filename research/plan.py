@@ -202,6 +202,10 @@ def main(argv):
     if target and _TOPOLOGY.value:
       raise mesh_lib.MeshError('Pass --mesh or --topology, not both: a topology resolves '
                                'config.mesh over its own devices.')
+    if (target or _TOPOLOGY.value) and flags.FLAGS['cpu_devices'].present:
+      raise mesh_lib.MeshError('--cpu_devices does not apply with --mesh or --topology, which '
+                               'set the device count; drop it.')
+    config_lib.check_output('plan_json')
     if _TOPOLOGY.value:
       count, hbm = topology(_TOPOLOGY.value)
       jax.config.update('jax_num_cpu_devices', count)  # Before any device is touched.
@@ -226,13 +230,12 @@ def main(argv):
     report = plan(config, devices, hbm)
     if _TOPOLOGY.value and report['platform'] == 'cpu':  # Simulated devices, not the slice's.
       report['topology'] = _TOPOLOGY.value
+    _print(report)
+    if _JSON.value:
+      config_lib.write_output('plan_json', json.dumps(report, indent=2))
   except (config_lib.ConfigError, mesh_lib.MeshError, sources.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
-  _print(report)
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(report, f, indent=2)
   return 0
 
 

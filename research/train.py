@@ -337,7 +337,8 @@ def _train(config, workdir, mesh, stop):
   pending, unlogged, last = [], [], {}
   tracing = profiling = False  # A trace running; the traced steps under way (however it went).
   profile_dir = _profile_dir(workdir)
-  if 0 <= t.profile_start_step < start_step:
+  if 0 <= t.profile_start_step < start_step and not os.path.exists(
+      os.path.join(profile_dir, 'profile.md')):  # None is made, and none from an earlier start.
     print(f'No profile: this run resumes at step {start_step}, past train.profile_start_step='
           f'{t.profile_start_step}; set a later step to trace this run.', file=sys.stderr)
   w = config.watchdog

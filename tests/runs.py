@@ -62,7 +62,10 @@ def in_process(module, *args):
   saved_argv, sys.argv = sys.argv, [module, *args]
   try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-      code = main(sys.argv)
+      try:
+        code = main(sys.argv)
+      except SystemExit as exit:  # --help, as absl's would.
+        code = exit.code
   finally:
     sys.argv = saved_argv
     flags.FLAGS.unparse_flags()

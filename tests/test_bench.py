@@ -132,6 +132,9 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
      f'--results {__file__}/results.jsonl lies under the file {__file__}; pass a path in a '
      'folder.'),
     ('decode', f'--json={__file__}/out.json', f'--json {__file__}/out.json lies under the file'),
+    ('train', '--json=/tmp/out/', '--json /tmp/out/ is a folder; pass the path of a file.'),
+    ('train', '--json=bench/results.jsonl', '--json bench/results.jsonl is also --results, which '
+                                            'it would overwrite; pass another path.'),
     ('train', f'--profile_dir={__file__}', f'--profile_dir {__file__} is a file; pass a folder'),
     ('train', '--profile_steps=0', '--profile_steps=0 must be at least 1.'),
 ])
@@ -336,7 +339,7 @@ def test_the_table_of_an_empty_results_file_or_to_an_unwritable_path_is_one_sent
 def test_help_lists_each_modes_flags():
   result = runs.ok(runs.command('research.bench', '--help'))
   assert result.stdout.startswith('Benchmarks.')
-  assert 'train flags:\n  --cpu_devices:' in result.stdout
+  assert 'train flags:\n  --config: Config file and variant' in result.stdout
   assert '  --profile_steps: train: steps traced for --profile_dir. (default: 3)\n' in result.stdout
   assert 'table flags:\n  --results:' in result.stdout
   result = runs.ok(runs.command('research.bench', 'decode', '--help'))
@@ -346,12 +349,34 @@ def test_help_lists_each_modes_flags():
                     '--repeats', '--json']
 
 
-def test_a_peer_that_is_not_installed_is_one_sentence(tmp_path):
-  """--peer=torch where PyTorch is missing (requirements.txt alone) names what to install."""
+def test_a_file_that_cannot_be_written_after_the_run_leaves_the_figures_and_the_results(
+    tmp_path):
+  """A full disk (/dev/full) under --json: the figures are printed and the results line is
+  appended first, then one sentence."""
+  results = tmp_path / 'results.jsonl'
+  result = runs.in_process(
+      'research.bench', 'train', '--config', 'configs/decoder.py:tiny',
+      '--config.model.num_layers=1', '--config.train.batch_size=8', '--config.train.seq_len=16',
+      '--windows=1', '--window_steps=1', '--warmup_steps=0', f'--results={results}',
+      '--json=/dev/full')
+  runs.assert_error(result, '--json /dev/full could not be written (No space left on device); '
+                            'check the path and its disk.')
+  assert 'tokens_per_s:' in result.stdout
+  assert json.loads(results.read_text())['variant'] == 'tiny'
+
+
+@pytest.mark.parametrize('raised, reason', [
+    ("ModuleNotFoundError(\"No module named 'torch'\", name='torch')",
+     'needs torch, which is not installed here'),
+    ("ImportError('cannot import name nn')",  # An installed PyTorch of another version.
+     'could not be imported (cannot import name nn)'),
+])
+def test_a_peer_that_is_not_installed_is_one_sentence(tmp_path, raised, reason):
+  """--peer=torch where PyTorch is missing (requirements.txt alone) or does not import names
+  what to install."""
   shadow = tmp_path / 'shadow'
   shadow.mkdir()
-  (shadow / 'torch.py').write_text(
-      "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+  (shadow / 'torch.py').write_text(f'raise {raised}\n')
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shadow), REPO]))
   results = tmp_path / 'results.jsonl'
   result = subprocess.run(
@@ -361,8 +386,8 @@ def test_a_peer_that_is_not_installed_is_one_sentence(tmp_path):
        '--peer=torch', f'--results={results}'], cwd=REPO, env=env, capture_output=True,
       text=True, timeout=300)
   line = runs.error_line(result)
-  assert line == ('error: --peer=torch needs torch, which is not installed here; install the '
-                  'peers with pip install -r requirements-bench.txt.'), line
+  assert line == (f'error: --peer=torch {reason}; install the peers with pip install -r '
+                  'requirements-bench.txt, which pins versions that work.'), line
   assert not results.exists()
 
 

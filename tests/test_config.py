@@ -106,6 +106,8 @@ def _assert_one_sentence(error, *fragments):
      ('profile_start_step=18 traces 5 steps', "last step (20)", 'start by step 15')),
     (dict(train=dict(num_steps=20, profile_start_step=50)), 1, ('profile_start_step=50',)),
     (dict(train=dict(profile_num_steps=0)), 1, ('train.profile_num_steps must be positive',)),
+    (dict(train=dict(num_steps=20, profile_start_step=0, profile_num_steps=30)), 1,
+     ('past the run\'s last step (20); raise train.num_steps or trace fewer steps',)),
 ])
 def test_validation_errors_are_one_sentence(decoder_config, edit, num_devices, fragments):
   config = decoder_config('tiny')
@@ -191,6 +193,23 @@ def test_bad_command_line_flags_are_one_sentence(tmp_path, argument, sentence):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert lines == [f'error: {sentence}'], lines
+
+
+@pytest.mark.parametrize('command, listed', [
+    (('research.plan',), ['--config', '--mesh', '--topology', '--plan_json', '--cpu_devices']),
+    (('research.data.pretokenize',), ['--config', '--writer', '--writers']),
+    (('research.sample',), ['--workdir', '--prompt', '--input', '--prompt_ids', '--max_new_tokens',
+                            '--temperature', '--top_k', '--top_p', '--seed', '--num_beams',
+                            '--length_penalty', '--mesh', '--cpu_devices']),
+    (('research.convert', 'to_hf'), ['--workdir', '--out', '--overwrite']),
+    (('research.bench', 'table'), ['--results', '--markdown']),
+])
+def test_every_command_answers_help_with_its_own_flags(command, listed):
+  import runs
+  result = runs.ok(runs.in_process(*command, '--help'))
+  flags_listed = [line.split(':')[0].strip() for line in result.stdout.split('flags:\n')[-1]
+                  .splitlines() if line.startswith('  --')]
+  assert flags_listed == listed
 
 
 def test_help_prints_the_usage_and_the_flags_of_the_command():

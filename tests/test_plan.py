@@ -102,3 +102,19 @@ def test_a_tokenizer_that_is_not_there_is_one_sentence(tmp_path, sample_tokens):
                                          f'--config.train.sample_tokens={sample_tokens}'))
   assert line == (f'error: data.tokenizer=hf:{tmp_path / "absent"} names no folder with a '
                   'tokenizer.json; point it at the Hugging Face model directory.')
+
+
+@pytest.mark.parametrize('arguments, sentence', [
+    (('--mesh=fsdp=2', '--cpu_devices=4'),
+     'error: --cpu_devices does not apply with --mesh or --topology, which set the device count; '
+     'drop it.'),
+    (('--cpu_devices=-1',), 'error: --cpu_devices=-1 must not be negative (0 keeps one CPU '
+                            'device).'),
+    ((f'--plan_json={__file__}/plan.json',),
+     f'error: --plan_json {__file__}/plan.json lies under the file {__file__}; pass a path in a '
+     'folder.'),
+])
+def test_device_counts_and_outputs_the_plan_cannot_use_are_one_sentence(arguments, sentence):
+  line = runs.error_line(runs.in_process('research.plan', '--config', 'configs/decoder.py:tiny',
+                                         *arguments))
+  assert line == sentence

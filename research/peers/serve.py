@@ -82,8 +82,12 @@ def main():
     print(f'error: {error}', file=protocol, flush=True)
     return 0
   except ImportError as error:  # PyTorch or transformers, which training itself does not need.
-    print(f'error: --peer=torch needs {error.name or error}, which is not installed here; install '
-          'the peers with pip install -r requirements-bench.txt.', file=protocol, flush=True)
+    missing = isinstance(error, ModuleNotFoundError) and (error.name or '').split('.')[0] in (
+        'torch', 'transformers')
+    reason = (f'needs {error.name}, which is not installed here' if missing
+              else f'could not be imported ({error})')
+    print(f'error: --peer=torch {reason}; install the peers with pip install -r '
+          'requirements-bench.txt, which pins versions that work.', file=protocol, flush=True)
     return 0
   print('ready', file=protocol, flush=True)
   for line in sys.stdin:
