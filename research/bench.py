@@ -530,10 +530,9 @@ def main(argv):
     return 2
   if argv[1] in config_lib.HELP_FLAGS or (argv[1] not in _MODE_FLAGS
                                           and any(a in config_lib.HELP_FLAGS for a in argv)):
-    print(__doc__.strip())
-    for mode, names in _MODE_FLAGS.items():
-      names = names if mode == 'table' else ('config', *names)
-      print(f'\n{mode} ' + config_lib.help_text('', names).strip())
+    print(config_lib.commands_help_text(__doc__, {
+        mode: names if mode == 'table' else ('config', *names)
+        for mode, names in _MODE_FLAGS.items()}))
     return 0
   if argv[1] not in list(modes) + ['table']:
     print(f'error: {argv[1]!r} is not a benchmark mode; run {usage}.', file=sys.stderr)

@@ -156,6 +156,12 @@ def help_text(usage, names):
   return '\n'.join(lines)
 
 
+def commands_help_text(usage, commands):
+  """--help of a tool with several commands: its usage, then each command's flags."""
+  return '\n\n'.join([usage.strip()] + [f'{command} ' + help_text('', names).strip()
+                                        for command, names in commands.items()])
+
+
 def _check_arguments(rest, names):
   """One sentence for a stray argument, or for a flag other than `names`, this command's."""
   if len(rest) > 1:

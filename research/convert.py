@@ -268,9 +268,7 @@ def main(argv):
   try:
     command = argv[1] if len(argv) > 1 else None
     if command not in _COMMANDS and any(a in config_lib.HELP_FLAGS for a in argv):
-      print(__doc__.strip())
-      for name, names in _COMMANDS.items():
-        print(f'\n{name} ' + config_lib.help_text('', names).strip())
+      print(config_lib.commands_help_text(__doc__, _COMMANDS))
       return 0
     if command not in _COMMANDS:
       raise ValueError('Pass a command first: from_hf --model_dir HF_DIR --workdir OUT, to_hf '

@@ -202,6 +202,7 @@ def test_bad_command_line_flags_are_one_sentence(tmp_path, argument, sentence):
                             '--temperature', '--top_k', '--top_p', '--seed', '--num_beams',
                             '--length_penalty', '--mesh', '--cpu_devices']),
     (('research.convert', 'to_hf'), ['--workdir', '--out', '--overwrite']),
+    (('research.convert',), ['--workdir', '--out']),  # Every command's; `layout` is the last.
     (('research.bench', 'table'), ['--results', '--markdown']),
 ])
 def test_every_command_answers_help_with_its_own_flags(command, listed):
