@@ -19,22 +19,26 @@
 # (a jax.profiler trace of BENCH_PROFILE_STEPS (2) more steps and profile.md, the time of each
 # pass and model scope; BENCH_PROFILE=0: none). PYTHON names the Python to use (default python3).
 #
-# Time budget of `run` (about 7.5 minutes; the limits below bound the tests and benchmarks, and a
-# process that ignores SIGTERM is killed 10 s later): installing and listing devices take under a
-# minute; the tests stop after BENCH_TEST_TIMEOUT (120 s); llama_1b_2048 after 100 s and each
-# other benchmark after BENCH_TIMEOUT (70 s): start-up, initialisation and compilation take most
-# of that, BENCH_STEPS (40) timed steps after 3 warm-up steps take 5-15 s at the expected rates,
-# and the profile's steps and its trace come last (a limit that cuts them short leaves the
-# figures in place). BENCH_CONFIGS (configs/bench.py names, or FILE:VARIANT), BENCH_OVERRIDES
-# (more flags of research.bench: --config.key=value ...), BENCH_STEPS and BENCH_WARMUP shrink a
-# run, for a check on CPU; BENCH_TESTS=0 skips the tests, BENCH_PROFILE=0 the profiles.
+# Time budget of `run`: BENCH_BUDGET (460 s) from its start to its end, the table included; every
+# part's limit below is cut to what the budget leaves (less 25 s: the 10 s in which a process
+# that ignores SIGTERM is killed, and the table), and a part with under 15 s left is skipped,
+# named. Installing and listing devices take under a minute; the tests stop after
+# BENCH_TEST_TIMEOUT (120 s); llama_1b_2048 after 100 s and each other benchmark after
+# BENCH_TIMEOUT (70 s): start-up, initialisation and compilation take most of that, BENCH_STEPS
+# (40) timed steps after 3 warm-up steps take 5-15 s at the expected rates, and the profile's
+# steps and its trace come last (a limit that cuts them short leaves the figures in place).
+# BENCH_CONFIGS (configs/bench.py names, or FILE:VARIANT), BENCH_OVERRIDES (more flags of
+# research.bench: --config.key=value ...), BENCH_STEPS and BENCH_WARMUP shrink a run, for a check
+# on CPU; BENCH_TESTS=0 skips the tests, BENCH_PROFILE=0 the profiles.
 set -euo pipefail
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
+help_text() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+usage() { help_text >&2; exit 2; }
 fail() { echo "error: $*" >&2; exit 2; }
 commands="'launch/bench_gpu.sh wheels' (with network) or 'launch/bench_gpu.sh run OUT_DIR'"
 commands+=" (on the GPU)"
 
 [[ $# -ge 1 ]] || usage
+case $1 in -h|-help|--help|help) help_text; exit 0 ;; esac
 root=$(cd "$(dirname "$0")/.." && pwd)
 wheels=$root/wheels
 # What the four need beyond the image, at the project's own ranges (requirements.txt).
@@ -84,6 +88,12 @@ case $1 in
     du -sh "$wheels" | awk '{print "wheels/: " $1}' ;;
   run)
     [[ $# -eq 2 ]] || fail "run takes one argument, the folder for the results; run $commands."
+    budget_end=$((SECONDS + ${BENCH_BUDGET:-460}))
+    within() {  # within LIMIT: LIMIT seconds, or fewer where the budget leaves fewer.
+      local left=$((budget_end - SECONDS - 25))
+      ((left > 1)) || left=1
+      echo $(($1 < left ? $1 : left))
+    }
     out=$(mkdir -p "$2" && cd "$2" && pwd)
     cd "$root"
     # Only what the image lacks, beside it (--no-deps: nothing of the image is replaced); a
@@ -110,7 +120,8 @@ for wheel in sys.argv[2:]:
       # The tests pick the CPU unless JAX_PLATFORMS names the backend (tests/conftest.py).
       platform=$("$python" -c 'import jax; print(jax.default_backend())') \
         || fail "jax does not start; see $out/environment.txt."
-      JAX_PLATFORMS=$platform timeout -k 10 "${BENCH_TEST_TIMEOUT:-120}" "$python" -m pytest -q \
+      JAX_PLATFORMS=$platform timeout -k 10 "$(within "${BENCH_TEST_TIMEOUT:-120}")" \
+        "$python" -m pytest -q \
         tests/test_attention.py -m 'not slow' -k 'not mesh' --junitxml "$out/attention.xml" \
         > "$out/attention.log" 2>&1 || echo "attention tests: failed or timed out (exit $?)"
       tail -n 3 "$out/attention.log"
@@ -123,6 +134,11 @@ for wheel in sys.argv[2:]:
       name=${config##*:}
       limit=${BENCH_TIMEOUT:-70}
       [[ $name != llama_1b_2048 ]] || limit=${BENCH_LLAMA_TIMEOUT:-100}
+      limit=$(within "$limit")
+      if ((limit < 15)); then
+        echo "$name: skipped, the ${BENCH_BUDGET:-460} s budget is spent."
+        continue
+      fi
       profile=()
       if [[ ${BENCH_PROFILE:-1} != 0 ]]; then
         profile=(--profile_dir "$out/profile_$name" --profile_steps "${BENCH_PROFILE_STEPS:-2}")

@@ -30,7 +30,7 @@ Every figure is per device: tokens/s, model TFLOP/s and
 where model FLOPs per token are the objective's flops_per_token (research/objectives: training =
 3 x forward, a multiply-add = 2 FLOPs, every matrix product where the model applies it, and no
 recompute of remat) and the peak is the published dense peak of the device in the compute dtype
-(H100 and H200 SXM: 989 TFLOP/s in bfloat16) or, on CPU, a measured one
+(H100 SXM and H200: 989 TFLOP/s in bfloat16; H100 PCIe: 756) or, on CPU, a measured one
 (research/metrics.py device_peak). Peak memory is the compiled step's (arguments + outputs +
 temporaries - donated aliases, from XLA's memory_analysis) and, where the device keeps memory
 statistics (GPU, TPU), the peak bytes it held. Each run appends one JSON line to --results (default
@@ -106,8 +106,9 @@ _PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'train: after the timed 
                                    '--profile_steps steps with jax.profiler into this folder and '
                                    'write profile.md there: time per pass and model scope.')
 _PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'train: steps traced for --profile_dir.')
-_CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'checkpoint: where to save (default: '
-                                      'a temporary folder).')
+_CHECKPOINT_DIR = flags.DEFINE_string('checkpoint_dir', None, 'checkpoint: the folder (made if '
+                                      'missing) on whose disk to save (default: a temporary '
+                                      'folder).')
 
 
 # The flags of each mode (besides --config); any other is refused in one sentence.
@@ -165,9 +166,9 @@ class _JaxTrainer:
     self.tokens_per_step = tokens / count
     return tokens
 
-  def profile(self, directory, steps):
+  def profile(self, directory, steps, command):
     """Traces `steps` steps with jax.profiler into `directory` and writes profile.md there (see
-    research/profiling.py); returns its path."""
+    research/profiling.py), titled with `command`; returns its path."""
     jax.profiler.start_trace(directory, create_perfetto_trace=True)
     start = time.perf_counter()
     try:
@@ -175,7 +176,8 @@ class _JaxTrainer:
     finally:
       wall_ms = (time.perf_counter() - start) * 1000 / steps
       jax.profiler.stop_trace()
-    return profiling.write_summary(directory, self.compiled.as_text(), steps, wall_ms)
+    return profiling.write_summary(directory, self.compiled.as_text(), steps, wall_ms,
+                                   profiling.heading(command))
 
 
 def _compiled_peak_bytes(memory):
@@ -266,7 +268,8 @@ def bench_train(config, argv):
   _write_json(results)
   if _PROFILE_DIR.value:
     try:
-      path = ours.profile(_PROFILE_DIR.value, _PROFILE_STEPS.value)
+      path = ours.profile(_PROFILE_DIR.value, _PROFILE_STEPS.value,
+                          'python -m research.bench ' + ' '.join(argv[1:]))
     except profiling.FAILURES as error:
       raise config_lib.ConfigError(f'the figures above stand, but the profile in '
                                    f'{_PROFILE_DIR.value} could not be written out or '
@@ -301,8 +304,9 @@ def run_record(config, argv, results):
 MFU_FORMULA = ('MFU = tokens/s per device x model FLOPs per token / peak FLOP/s of one device; '
                'model FLOPs per token count training as 3 x forward (2 FLOPs a multiply-add, '
                'every matrix product including attention and the output head) and no remat '
-               'recompute; the peak is the published dense peak in the compute dtype (H100 and '
-               'H200 SXM, bfloat16: 989 TFLOP/s) or, on CPU, the measured matmul peak.')
+               'recompute; the peak is the published dense peak in the compute dtype (H100 SXM '
+               'and H200, bfloat16: 989 TFLOP/s; H100 PCIe: 756) or, on CPU, the measured '
+               'matmul peak.')
 
 
 def _length(record):
@@ -356,6 +360,9 @@ _RECORD_KEYS = ('device_kind', 'variant', 'seq_len', 'per_device_batch', 'tokens
 def read_records(path):
   """The records of the results file `path`, in the order they were appended; a line that is not
   one (cut short, or from another file) is one sentence naming it."""
+  if not path:
+    raise config_lib.ConfigError('--results is empty; pass the results file (default '
+                                 f'{_RESULTS.default}).')
   if not os.path.isfile(path):
     state = 'is a folder' if os.path.isdir(path) else 'does not exist'
     raise config_lib.ConfigError(f'--results {path} {state}; run `python -m research.bench train` '
@@ -406,10 +413,18 @@ def bench_decode(config):
     raise config_lib.ConfigError(f'model.family={config.model.family!r} does not generate text; '
                                  f'benchmark decoding with a config of {", ".join(generating)}.')
   model = family.build(config.model)
+  batch, prompt_len, new = _DECODE_BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
+  try:  # The timed runs generate 1 and then `new` tokens after each prompt.
+    decode.check_inputs(model.spec, [[0] * prompt_len], decode.SamplingConfig(max_new_tokens=new),
+                        encoder_decoder=hasattr(model, 'encode'))
+  except ValueError:
+    raise config_lib.ConfigError(
+        f'--prompt_len={prompt_len} and --new_tokens={new} do not fit model.max_len='
+        f'{model.spec.max_len} (a decoder needs their sum within it, an encoder-decoder each of '
+        'them); lower them.') from None
   params = jax.jit(lambda key: model.init(key, **family.init_inputs(8), method='initialize'))(
       jax.random.key(0))['params']
   params = nn.meta.unbox(params)
-  batch, prompt_len, new = _DECODE_BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
   prompts = np.random.default_rng(0).integers(3, config.model.vocab_size, (batch, prompt_len))
   prompts = prompts.tolist()
 
@@ -486,8 +501,10 @@ def bench_data(config, argv):
   try:
     sizes = [int(size) for size in _CORPUS_MB.value]
   except ValueError:
-    raise config_lib.ConfigError(f'--corpus_mb={",".join(_CORPUS_MB.value)} must list whole '
-                                 'megabytes, e.g. 100,1000.') from None
+    sizes = [0]
+  if min(sizes, default=1) < 1:
+    raise config_lib.ConfigError(f'--corpus_mb={",".join(_CORPUS_MB.value)} must list positive '
+                                 'whole megabytes, e.g. 100,1000.')
   overrides = [a for a in argv[2:] if a.startswith('--config.')]
   spec = config_lib.config_spec(argv)
   return data_benchmark.run(config, trainer_factory, _DATA_STEPS.value, config.data.prefetch,
@@ -506,16 +523,31 @@ def _check_flags(mode):
       raise config_lib.ConfigError(f'--{name}={flag.value} must be at least 1.')
   if _WARMUP.value < 0:
     raise config_lib.ConfigError(f'--warmup_steps={_WARMUP.value} must not be negative.')
-  if _PROFILE_DIR.value and os.path.exists(_PROFILE_DIR.value) and not os.path.isdir(
-      _PROFILE_DIR.value):
-    raise config_lib.ConfigError(f'--profile_dir {_PROFILE_DIR.value} is a file; pass a folder '
-                                 '(it is made if missing).')
-  if _CHECKPOINT_DIR.value and not os.path.isdir(_CHECKPOINT_DIR.value):
-    raise config_lib.ConfigError(f'--checkpoint_dir {_CHECKPOINT_DIR.value} is not a directory; '
-                                 'pass an existing folder (its disk is the one measured).')
+  if flags.FLAGS['profile_steps'].present and not _PROFILE_DIR.value:
+    raise config_lib.ConfigError('--profile_steps applies only with --profile_dir; add '
+                                 '--profile_dir DIR or drop it.')
+  for name in ('profile_dir', 'checkpoint_dir'):
+    if flags.FLAGS[name].value:
+      _check_folder(name)
   if 'results' in _MODE_FLAGS[mode]:
     config_lib.check_output('results')
   config_lib.check_output('json', others=('results',) if 'results' in _MODE_FLAGS[mode] else ())
+
+
+def _check_folder(name):
+  """Makes the folder of flag --name and writes in it, before any work: one sentence where it is
+  a file, lies under one, or cannot be written (as root too, whom os.access never refuses)."""
+  path = flags.FLAGS[name].value
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise config_lib.ConfigError(f'--{name} {path} is a file; pass a folder (it is made if '
+                                 'missing).')
+  try:
+    os.makedirs(path, exist_ok=True)
+    tempfile.TemporaryDirectory(dir=path).cleanup()
+  except OSError as error:
+    reason = error.strerror or error
+    raise config_lib.ConfigError(f'--{name} {path} cannot be written ({reason}); pass a folder '
+                                 'you can write.') from None
 
 
 def main(argv):
@@ -556,14 +588,23 @@ def main(argv):
   return 0
 
 
+def _shown(value):
+  """A figure as a person reads it: rates and counts whole with thousands separators (23,874,
+  not 2.387e+04), smaller ones to four significant digits."""
+  if isinstance(value, list):
+    return '[' + ', '.join(_shown(v) for v in value) + ']'
+  if isinstance(value, float):
+    return f'{value:,.0f}' if abs(value) >= 1000 else f'{value:,.4g}'
+  if isinstance(value, int) and not isinstance(value, bool):
+    return f'{value:,}'
+  return str(value)
+
+
 def _print(results):
-  for key, value in results.items():
-    if value is None:
-      continue
-    if isinstance(value, list):
-      value = '[' + ', '.join(f'{v:,.0f}' for v in value) + ']'
-    shown = f'{value:,.4g}' if isinstance(value, float) else value
-    print(f'{key:>26}: {shown}')
+  shown = {key: _shown(value) for key, value in results.items() if value is not None}
+  width = max(map(len, shown), default=0)
+  for key, value in shown.items():
+    print(f'{key:>{width}}: {value}')
 
 
 def _write_json(results):

@@ -53,17 +53,57 @@ def _flat_keys(config, prefix=''):
   return keys
 
 
-def _closest_keys(bad_key, valid_keys):
-  matches = difflib.get_close_matches(bad_key, valid_keys, n=3, cutoff=0.5)
-  if not matches:  # Fall back to keys under the same parent section.
-    parent = bad_key.rsplit('.', 1)[0] + '.'
-    matches = [k for k in valid_keys if k.startswith(parent)][:6]
-  return matches
+def _sections(config, prefix=''):
+  """The dotted names of config's sections (its nested ConfigDicts), at every depth."""
+  names = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      names.append(f'{prefix}{key}')
+      names.extend(_sections(value, f'{prefix}{key}.'))
+  return names
+
+
+def _keys_of(section, prefix=''):
+  """The dotted names of a section's keys, each after `prefix`; a section's written NAME.*."""
+  return {key: f'{prefix}{key}' + ('.*' if isinstance(value, ml_collections.ConfigDict) else '')
+          for key, value in section.items()}
+
+
+def _unknown_key_error(key, config):
+  """One sentence for an override of `key`, which is no value of `config`: a section, else the
+  closest keys (a section written SECTION.*), else the keys it could have meant."""
+  sections = _sections(config)
+  if key in sections:
+    return ConfigError(f'Config key {key!r} is a section, not a value; set one of its keys '
+                       f'instead (--config.{key}.KEY=VALUE, KEY one of '
+                       f'{", ".join(_keys_of(config[key]).values())}).')
+  parent, _, name = key.rpartition('.')
+  if parent and parent not in sections:  # A misspelt section: compare whole dotted keys.
+    names = {**{k: k for k in _flat_keys(config)}, **{s: f'{s}.*' for s in sections}}
+    compared = key
+  else:  # Within its own section only: a shared prefix would make any key look close.
+    names = _keys_of(config[parent], f'{parent}.') if parent else _keys_of(config)
+    compared = name
+  close = [names[match]
+           for match in difflib.get_close_matches(compared, list(names), n=3, cutoff=0.5)]
+  # Else a key of that name in another section (--config.lr for optim.lr).
+  close = close or [k for k in _flat_keys(config) if k.rpartition('.')[2] == name]
+  if close:
+    return ConfigError(f'Unknown config key {key!r}; closest valid keys: {", ".join(close)}.')
+  if parent in sections:
+    return ConfigError(f'Unknown config key {key!r}, and section {parent!r} has none like it; '
+                       f'set one of {", ".join(names.values())}.')
+  top = ', '.join(k for k in config.keys() if k not in sections)
+  return ConfigError(f'Unknown config key {key!r} and none is close; set a key of one of the '
+                     f'sections {", ".join(s for s in sections if "." not in s)} '
+                     f'(--config.SECTION.KEY=VALUE) or one of the keys {top}.')
 
 
 def python_file(path, name):
   """The module of the Python file at `path` (a config or sweep file), imported as `name`."""
   module_spec = importlib.util.spec_from_file_location(name, path)
+  if module_spec is None:  # importlib loads only .py files: a folder or a README has no spec.
+    raise ConfigError(f'{path} is not a Python file; pass the path of a .py file.')
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module
@@ -71,11 +111,21 @@ def python_file(path, name):
 
 def load_config_file(spec):
   """Loads `path.py:variant` without absl, for programmatic use and tests."""
-  path, _, arg = spec.partition(':')
+  path, colon, arg = spec.partition(':')
   if not os.path.exists(path):
     raise ConfigError(f'Config file {path!r} does not exist; pass --config '
                       'configs/<family>.py:VARIANT.')
+  if os.path.isdir(path) or not path.endswith('.py'):
+    kind = 'a folder, not' if os.path.isdir(path) else 'not'
+    raise ConfigError(f'--config {path} is {kind} a Python config file (a .py file with '
+                      'get_config()); pass --config configs/<family>.py:VARIANT.')
+  if colon and not arg:  # absl's config_flags would fail on it with no word of why.
+    raise ConfigError(f'--config {spec} has an empty variant after its colon; name one '
+                      f'({path}:VARIANT) or drop the colon for the file\'s default.')
   module = python_file(path, '_research_config')
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'--config {path} defines no get_config(), so it is not a config file; '
+                      'pass --config configs/<family>.py:VARIANT.')
   try:
     return module.get_config(arg) if arg else module.get_config()
   except ValueError as error:  # e.g. an unknown variant: the config file says which exist.
@@ -113,8 +163,7 @@ def parse_flags(argv, usage, accepted):
       if argument.startswith('--config.'):
         key = argument[len('--config.'):].split('=', 1)[0]
         if key not in valid:
-          close = ', '.join(_closest_keys(key, valid)) or 'none'
-          raise ConfigError(f'Unknown config key {key!r}; closest valid keys: {close}.') from None
+          raise _unknown_key_error(key, base) from None
     raise _flag_error(error, names) from None
   _check_arguments(rest, names)
   return config
@@ -179,8 +228,9 @@ def _check_arguments(rest, names):
 
 def check_output(name, others=()):
   """One sentence, before any work, where the file of flag --name could not be written: a folder
-  (or a path ending in one), a path under a file, one this user cannot write, or the file of
-  another flag in `others`, which it would overwrite (a missing folder is made)."""
+  (or a path ending in one), a path under a file, one that cannot be opened for writing (tried:
+  os.access grants root everything, even /proc), or the file of another flag in `others`, which
+  it would overwrite. A missing folder is made."""
   path = flags.FLAGS[name].value
   if not path:
     return
@@ -197,8 +247,15 @@ def check_output(name, others=()):
   if not os.path.isdir(existing):
     raise ConfigError(f'--{name} {path} lies under the file {existing}; pass a path in a '
                       'folder.')
-  if not os.access(path if os.path.exists(path) else existing, os.W_OK):
-    raise ConfigError(f'--{name} {path} is not writable; pass another path.')
+  existed = os.path.exists(path)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a'):  # Appending writes nothing: a results file keeps its lines.
+      pass
+  except OSError:
+    raise ConfigError(f'--{name} {path} is not writable; pass another path.') from None
+  if not existed:
+    os.remove(path)  # Written after the work, or not at all where the work fails.
 
 
 def write_output(name, text, append=False):
@@ -410,7 +467,7 @@ def host_processor():
   except OSError:  # Not Linux: platform's answer stands.
     pass
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return f'{name}, {cores} cores'
+  return f'{name}, {cores} core{"s" if cores != 1 else ""}'
 
 
 def _package_versions():

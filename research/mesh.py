@@ -157,12 +157,16 @@ def make_mesh(shape, devices=None, dcn_shape=None):
 def parse_sizes(text):
   """'data=16,fsdp=16' -> {'data': 16, 'fsdp': 16, 'sequence': 1, 'tensor': 1} (one size may be
   -1: whatever the devices leave); a bad entry is one MeshError sentence."""
-  sizes = dict.fromkeys(MESH_AXES, 1)
+  sizes, given = dict.fromkeys(MESH_AXES, 1), set()
   for item in filter(None, text.replace(' ', '').split(',')):
     axis, _, size = item.partition('=')
     if axis not in MESH_AXES or not size.lstrip('-').isdigit():
       raise MeshError(f'--mesh entry {item!r} is not AXIS=SIZE with AXIS one of '
                       f'{list(MESH_AXES)} (e.g. --mesh=data=2,fsdp=4).')
+    if axis in given:  # Which size was meant is the user's to say: neither one wins.
+      raise MeshError(f'--mesh {text} sizes the axis {axis!r} twice; give each axis once '
+                      '(e.g. --mesh=data=2,fsdp=4).')
+    given.add(axis)
     sizes[axis] = int(size)
   return sizes
 

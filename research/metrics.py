@@ -17,8 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Published dense peaks per chip in FLOP/s, by (device-kind substring, compute dtype).
+# Published dense peaks per chip in FLOP/s, by (device-kind substring, compute dtype); the first
+# entry whose substring the device's kind holds decides. The PCIe H100 runs at three quarters of
+# the SXM part; the NVL cards' per-GPU figures differ between NVIDIA's datasheets, so they get no
+# peak (MFU "no peak known") rather than the SXM part's. Every other H100 or H200 kind
+# ("NVIDIA H100 80GB HBM3", "NVIDIA H200") is the SXM part.
 _PUBLISHED_PEAKS = (
+    ('H100 PCIe', 'bfloat16', 756e12), ('H100 PCIe', 'float32', 51e12),
+    ('NVL', 'bfloat16', None), ('NVL', 'float32', None),
     ('H200', 'bfloat16', 989e12), ('H100', 'bfloat16', 989e12),
     ('H200', 'float32', 67e12), ('H100', 'float32', 67e12),
     ('A100', 'bfloat16', 312e12), ('A100', 'float32', 19.5e12),
@@ -90,6 +96,8 @@ def device_peak(dtype_name):
             f'measured {dtype_name} matmul peak')
   for kind, dtype, peak in _PUBLISHED_PEAKS:
     if kind in device.device_kind and dtype == dtype_name:
+      if peak is None:
+        break
       return peak, f'published {dtype} dense peak of {device.device_kind}'
   return None, f'unknown peak for {device.device_kind}'
 

@@ -1,12 +1,16 @@
-"""Ahead-of-time planner: compiles the train step for a target mesh without running it, and says
+r"""Ahead-of-time planner: compiles the train step for a target mesh without running it, and says
 what each device would hold.
 
   python -m research.plan --config configs/decoder.py:llama2_7b --mesh data=16,fsdp=16 \
       [--config.model.remat=full --config.train.batch_size=256 ...] [--plan_json PATH]
-  python -m research.plan --config configs/papers.py:llama_1b --topology v5p-16
+  python -m research.plan --config configs/bench.py:llama_1b_2048 --topology h100-80gb:1
+  python -m research.plan --config configs/papers.py:llama_1b --topology v5p-16 \
+      --config.data.tokenizer=bytes
 
---topology names an accelerator slice (TOPOLOGIES below): config.mesh is resolved over its
-devices, and the plan says whether the state, activations and batch fit each device's memory.
+--topology names an accelerator slice (its forms are under flags below): config.mesh is resolved
+over its devices, and the plan says whether the state, activations and batch fit each device's
+memory. A paper preset's tokenizer files are not in the repository: plan it with
+--config.data.tokenizer=bytes, as above (the compiled program is the same).
 
 Where this machine has fewer devices than the mesh (a laptop planning a TPU pod), the step
 compiles for as many simulated CPU devices. Parameter and optimizer-state bytes per device are
@@ -38,11 +42,6 @@ from research import train_step as step_lib
 from research.data import global_batch
 from research.data import sources
 
-_JSON = flags.DEFINE_string('plan_json', '', 'Also write the plan as JSON to this file.')
-_TOPOLOGY = flags.DEFINE_string('topology', '', 'An accelerator slice (v5p-16, v4-32, v5e-8, '
-                                'h100-80gb:8, ...) whose devices config.mesh is resolved over; '
-                                'the plan then says whether each device\'s memory holds the step.')
-
 _GIB = 1 << 30
 # Accelerator slices: the pattern of a name, what its count is divided by to give JAX devices,
 # and the memory of one device. A TPU v4 or v5p chip holds two TensorCores that JAX sees as one
@@ -58,6 +57,12 @@ TOPOLOGIES = (
 )
 _FORMS = ('v4-N or v5p-N (N TensorCores, an even number: N/2 chips), v5e-N or v5litepod-N '
           '(N chips), h100-80gb:N or h200:N (N GPUs)')
+
+_JSON = flags.DEFINE_string('plan_json', '', 'Also write the plan as JSON to this file.')
+# The help lists the forms that topology() accepts, from the same text as its error.
+_TOPOLOGY = flags.DEFINE_string('topology', '', f'An accelerator slice, one of {_FORMS}, whose '
+                                'devices config.mesh is resolved over; the plan then says whether '
+                                'each device\'s memory holds the step.')
 
 
 def _bytes_per_device(abstract_tree):

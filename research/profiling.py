@@ -15,6 +15,7 @@ in the same fusion counts under the norm.
 """
 
 import collections
+import datetime
 import glob
 import gzip
 import json
@@ -22,6 +23,10 @@ import os
 import re
 import socket
 from typing import NamedTuple
+
+import jax
+
+from research import config as config_lib
 
 PASSES = ('forward', 'backward', 'recompute', 'optimizer', 'communication', 'other')
 # What writing a trace out or summarising it can raise: jax's profiler its own errors (a
@@ -240,13 +245,26 @@ def summarize(events, program, steps):
   return sorted(rows, key=lambda row: (-row['ms'], row['pass_'], row['scope']))
 
 
-def markdown(rows, steps, wall_ms):
-  """The rows as a markdown table, with each pass's total first."""
+def heading(command, note=''):
+  """profile.md's first line: what was profiled (`command`, then `note`), on which devices and
+  when (the trace itself names none of it)."""
+  device = jax.local_devices()[0]
+  where = device.device_kind
+  if device.platform == 'cpu':
+    where += f' ({config_lib.host_processor()})'
+  when = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+  return (f'Profile of `{command}`{note} on {jax.local_device_count()} x {where}, jax '
+          f'{jax.__version__}, {when}.')
+
+
+def markdown(rows, steps, wall_ms, title=''):
+  """The rows as a markdown table, with each pass's total first, under `title` (heading())."""
   total = sum(row['ms'] for row in rows)
   share = lambda ms: f'{ms / total:.1%}' if total else '-'
-  lines = [f'{steps} profiled steps, {wall_ms:.2f} ms of wall time per step; the operations '
-           f'below ran {total:.2f} ms per step and device (side by side, they may add up to '
-           'more).', '']
+  lines = [title, ''] if title else []
+  lines += [f'{steps} profiled steps, {wall_ms:.2f} ms of wall time per step; the operations '
+            f'below ran {total:.2f} ms per step and device (side by side, they may add up to '
+            'more).', '']
   if not rows:
     lines.append('No event of the trace named an operation of the compiled step.')
     return '\n'.join(lines) + '\n'
@@ -263,11 +281,11 @@ def markdown(rows, steps, wall_ms):
   return '\n'.join(lines) + '\n'
 
 
-def write_summary(directory, hlo_text, steps, wall_ms):
+def write_summary(directory, hlo_text, steps, wall_ms, title=''):
   """profile.md in `directory` from this host's newest trace there of `steps` steps of the
-  compiled program `hlo_text`; returns its path."""
+  compiled program `hlo_text`, under `title`; returns its path."""
   rows = summarize(read_events(trace_file(directory)), parse_program(hlo_text), steps)
   path = os.path.join(directory, 'profile.md')
   with open(path, 'w') as f:
-    f.write(markdown(rows, steps, wall_ms))
+    f.write(markdown(rows, steps, wall_ms, title))
   return path

@@ -148,7 +148,11 @@ def _summarize_profile(directory, hlo_text, first_step, steps, wall_ms):
   compiled step comes from jit's cache). A summary that fails is one sentence: the run goes on,
   its trace is there."""
   try:
-    path = profiling.write_summary(directory, hlo_text, steps, wall_ms)
+    title = profiling.heading(
+        'python -m research.train ' + ' '.join(sys.argv[1:]),
+        f' (steps {first_step}-{first_step + steps - 1}, process {jax.process_index()} of '
+        f'{jax.process_count()})')
+    path = profiling.write_summary(directory, hlo_text, steps, wall_ms, title)
   except profiling.FAILURES as error:
     print(f'The profile in {directory} was not summarised ({error}); its trace is there.',
           file=sys.stderr)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -34,7 +35,12 @@ def test_bench_train_reports_throughput_mfu_and_the_peer_ratio(tmp_path):
   assert results['devices'] == 2
   # The profile: every pass of a data-parallel step, each layer's products, per device.
   profile = (tmp_path / 'profile' / 'profile.md').read_text()
-  assert profile.startswith('3 profiled steps') and profile in result.stdout  # Printed, last.
+  title, blank, steps = profile.splitlines()[:3]  # What was profiled, on what, when; then steps.
+  assert title.startswith('Profile of `python -m research.bench train --config '
+                          'configs/decoder.py:nanogpt_cpu --cpu_devices=2 ')
+  assert f'` on 2 x cpu ({config_lib.host_processor()}), jax {jax.__version__}, ' in title
+  assert blank == '' and steps.startswith('3 profiled steps')
+  assert profile in result.stdout  # Printed, last.
   assert result.stdout.index('ratio_to_torch') < result.stdout.index('3 profiled steps')
   for row in ('| forward | Decoder/layers_*/mlp/fc | ', '| backward | Decoder/layers_*/mlp/fc | ',
               '| optimizer | (top level) | ', '| communication | all-reduce | '):
@@ -119,8 +125,23 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
 
 @pytest.mark.parametrize('mode, argument, sentence', [
     ('checkpoint', '--repeats=0', '--repeats=0 must be at least 1.'),
-    ('checkpoint', '--checkpoint_dir=/nonexistent',
-     '--checkpoint_dir /nonexistent is not a directory'),
+    ('checkpoint', f'--checkpoint_dir={__file__}', f'--checkpoint_dir {__file__} is a file; '
+                                                   'pass a folder (it is made if missing).'),
+    ('checkpoint', f'--checkpoint_dir={__file__}/c',
+     f'--checkpoint_dir {__file__}/c cannot be written (Not a directory); pass a folder you can '
+     'write.'),
+    ('checkpoint', '--checkpoint_dir=/proc/checkpoints', '--checkpoint_dir /proc/checkpoints '
+                                                         'cannot be written ('),
+    ('decode', '--prompt_len=250', '--prompt_len=250 and --new_tokens=64 do not fit '
+                                   'model.max_len=256 (a decoder needs their sum within it, an '
+                                   'encoder-decoder each of them); lower them.'),
+    ('data', '--corpus_mb=0', '--corpus_mb=0 must list positive whole megabytes, e.g. 100,1000.'),
+    ('data', '--corpus_mb=100,-5', '--corpus_mb=100,-5 must list positive whole megabytes'),
+    ('data', '--corpus_mb=1.5', '--corpus_mb=1.5 must list positive whole megabytes'),
+    ('train', '--profile_steps=2', '--profile_steps applies only with --profile_dir; add '
+                                   '--profile_dir DIR or drop it.'),
+    ('train', f'--profile_dir={__file__}/p', f'--profile_dir {__file__}/p cannot be written '
+                                             '(Not a directory)'),
     ('checkpoint', '--profile_dir=/tmp/p', '--profile_dir does not apply here; drop it (the flags '
                                            'are --config, --cpu_devices, --repeats, '
                                            '--checkpoint_dir, --json).'),
@@ -133,6 +154,8 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
      'folder.'),
     ('decode', f'--json={__file__}/out.json', f'--json {__file__}/out.json lies under the file'),
     ('train', '--json=/tmp/out/', '--json /tmp/out/ is a folder; pass the path of a file.'),
+    ('decode', '--json=/proc/bench.json', '--json /proc/bench.json is not writable; pass another '
+                                          'path.'),  # Tried, not asked: os.access grants root.
     ('train', '--json=bench/results.jsonl', '--json bench/results.jsonl is also --results, which '
                                             'it would overwrite; pass another path.'),
     ('train', f'--profile_dir={__file__}', f'--profile_dir {__file__} is a file; pass a folder'),
@@ -169,10 +192,12 @@ def test_a_profile_that_cannot_be_summarised_leaves_the_figures(tmp_path, monkey
 
 @pytest.mark.slow
 def test_a_trace_jax_cannot_write_out_leaves_the_figures(tmp_path):
-  """jax's own failure to write the trace (a folder under a file) is one sentence after the
-  figures, in a process of its own: jax keeps a failed profiler session."""
-  (tmp_path / 'file').write_text('')
-  folder = tmp_path / 'file' / 'profile'
+  """jax's own failure to write the trace (its plugins/ folder taken by a file, past the check of
+  --profile_dir itself) is one sentence after the figures, in a process of its own: jax keeps a
+  failed profiler session."""
+  folder = tmp_path / 'profile'
+  folder.mkdir()
+  (folder / 'plugins').write_text('')
   result = subprocess.run(
       [sys.executable, '-m', 'research.bench', 'train', '--config', 'configs/decoder.py:tiny',
        '--config.model.num_layers=1', '--config.train.batch_size=8', '--config.train.seq_len=16',
@@ -250,6 +275,52 @@ def test_a_cpu_device_gets_its_share_of_the_peak_in_the_compute_dtype(monkeypatc
   assert jax.local_device_count() == 8
   assert metrics.device_peak('bfloat16') == (2e9, 'measured bfloat16 matmul peak')
   assert metrics.device_peak('float32') == (1e9, 'measured float32 matmul peak')
+
+
+def test_each_gpu_gets_the_published_peak_of_its_own_part(monkeypatch):
+  """The PCIe H100 has its own (lower) peak; an NVL card, whose per-GPU figure NVIDIA's
+  datasheets disagree on, gets none rather than the SXM part's."""
+  def peak(kind, dtype='bfloat16'):
+    device = types.SimpleNamespace(platform='gpu', device_kind=kind)
+    monkeypatch.setattr(jax, 'local_devices', lambda: [device])
+    return metrics.device_peak(dtype)
+
+  assert peak('NVIDIA H100 80GB HBM3') == (989e12, 'published bfloat16 dense peak of NVIDIA '
+                                            'H100 80GB HBM3')
+  assert peak('NVIDIA H200')[0] == 989e12
+  assert peak('NVIDIA H100 PCIe')[0] == 756e12
+  assert peak('NVIDIA H100 PCIe', 'float32')[0] == 51e12
+  assert peak('NVIDIA H100 NVL') == (None, 'unknown peak for NVIDIA H100 NVL')
+  assert peak('NVIDIA H200 NVL')[0] is None
+  assert peak('NVIDIA B200') == (None, 'unknown peak for NVIDIA B200')
+
+
+def test_checking_an_output_leaves_no_file_and_keeps_an_old_one(tmp_path, monkeypatch):
+  new, old = tmp_path / 'new' / 'results.jsonl', tmp_path / 'old.jsonl'
+  old.write_text('a line\n')
+  for path in (new, old):
+    monkeypatch.setattr(config_lib.flags.FLAGS['results'], 'value', str(path))
+    config_lib.check_output('results')
+  assert not new.exists() and new.parent.is_dir()  # Its folder made, the file written later.
+  assert old.read_text() == 'a line\n'
+
+
+def test_one_usable_core_is_named_in_the_singular(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0})
+  assert config_lib.host_processor().endswith(', 1 core')
+
+
+def test_figures_print_whole_rates_in_one_aligned_column(capsys):
+  bench._print(dict(tokens_per_s=23874.4, tokens_per_s_windows=[23874.2, 24000.9],
+                    step_time_ms=33.81, model_tflops_per_s_per_device=0.1128,
+                    compiled_peak_bytes=55402152, bf16=True, device_peak_bytes=None))
+  assert capsys.readouterr().out.splitlines() == [
+      '                 tokens_per_s: 23,874',
+      '         tokens_per_s_windows: [23,874, 24,001]',
+      '                 step_time_ms: 33.81',
+      'model_tflops_per_s_per_device: 0.1128',
+      '          compiled_peak_bytes: 55,402,152',
+      '                         bf16: True']
 
 
 def test_steps_are_split_over_the_windows():
@@ -414,6 +485,11 @@ def test_the_gpu_script_parses_and_refuses_bad_usage():
   assert subprocess.run(['bash', '-n', script]).returncode == 0
   result = subprocess.run(['bash', script], capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and 'bench_gpu.sh wheels' in result.stderr  # The header.
+  # Run as its messages say, launch/bench_gpu.sh ...: executable, with its header as --help.
+  assert os.access(script, os.X_OK)
+  for flag in ('--help', '-h', 'help'):
+    shown = subprocess.run([script, flag], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout == result.stderr and not shown.stderr
   for args, sentence in ((['serve'], "unknown command 'serve'"),
                          (['run'], 'run takes one argument, the folder for the results'),
                          (['wheels', 'x'], 'wheels takes no arguments')):
@@ -440,6 +516,19 @@ def test_each_benchmark_config_fits_one_h100_and_one_h200(name):
   assert abs(report['total_bytes_per_device'] / GIB - planned) < 0.1 * planned, report
 
 
+def test_the_gpu_script_keeps_to_its_time_budget(tmp_path):
+  """Each part's limit is cut to what BENCH_BUDGET leaves: with 30 s in all, no benchmark gets
+  the 15 s it needs, and each is named as skipped, in well under the budget."""
+  env = dict(os.environ, PYTHON=sys.executable, BENCH_TESTS='0', BENCH_BUDGET='30',
+             BENCH_CONFIGS='configs/decoder.py:tiny configs/decoder.py:nanogpt_cpu')
+  result = subprocess.run(['bash', 'launch/bench_gpu.sh', 'run', str(tmp_path / 'out')],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[-3:] == ['tiny: skipped, the 30 s budget is spent.',
+                                             'nanogpt_cpu: skipped, the 30 s budget is spent.',
+                                             'no benchmark finished: no table.']
+
+
 @pytest.mark.slow
 def test_the_gpu_script_runs_a_tiny_config_on_cpu_into_results_and_a_table(tmp_path):
   """`run` mode end to end with the project's packages already there (nothing to install): the
@@ -457,7 +546,9 @@ def test_the_gpu_script_runs_a_tiny_config_on_cpu_into_results_and_a_table(tmp_p
   assert sorted(os.listdir(out)) == ['environment.txt', 'profile_tiny', 'results.jsonl',
                                      'table.md', 'tiny.log']
   profile = (out / 'profile_tiny' / 'profile.md').read_text()
-  assert profile.startswith('2 profiled steps') and '| backward | Decoder/layers/mlp/' in profile
+  assert profile.startswith('Profile of `python -m research.bench train --config '
+                            'configs/decoder.py:tiny ')
+  assert '\n2 profiled steps' in profile and '| backward | Decoder/layers/mlp/' in profile
   assert profile in (out / 'tiny.log').read_text()  # Printed after the figures, too.
   [line] = [json.loads(text) for text in (out / 'results.jsonl').read_text().splitlines()]
   assert line['config'] == 'configs/decoder.py:tiny' and line['variant'] == 'tiny'
@@ -465,7 +556,8 @@ def test_the_gpu_script_runs_a_tiny_config_on_cpu_into_results_and_a_table(tmp_p
   assert '--cpu_devices=1' not in line['overrides']  # Only config overrides are recorded.
   assert (line['devices'], line['device_kind'], line['platform']) == (1, 'cpu', 'cpu')
   assert line['processor'] == config_lib.host_processor()
-  assert line['processor'].endswith(f' {len(os.sched_getaffinity(0))} cores')
+  cores = len(os.sched_getaffinity(0))
+  assert line['processor'].endswith(f' {cores} core' + ('s' if cores > 1 else ''))
   assert (line['seq_len'], line['target_len'], line['batch_size'], line['per_device_batch']) == (
       16, None, 2, 2)
   assert (line['dtype'], line['param_dtype'], line['remat'], line['attention']) == (

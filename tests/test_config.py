@@ -176,6 +176,58 @@ def test_bad_config_file_or_variant_is_one_sentence(tmp_path, spec, fragment):
   assert len(lines) == 1 and lines[0].startswith(f'error: {fragment}'), result.stderr[-2000:]
 
 
+def _plan_error(*args):
+  """The one-sentence error of `research.plan args...`, run in this process (it stops before
+  compiling anything)."""
+  import runs
+  return runs.error_line(runs.in_process('research.plan', *args))
+
+
+@pytest.mark.parametrize('spec, sentence', [
+    ('README.md', '--config README.md is not a Python config file (a .py file with '
+                  'get_config()); pass --config configs/<family>.py:VARIANT.'),
+    ('configs', '--config configs is a folder, not a Python config file (a .py file with '
+                'get_config()); pass --config configs/<family>.py:VARIANT.'),
+    ('configs/__init__.py:x', '--config configs/__init__.py defines no get_config(), so it is '
+                              'not a config file; pass --config configs/<family>.py:VARIANT.'),
+    ('configs/decoder.py:', "--config configs/decoder.py: has an empty variant after its colon; "
+                            "name one (configs/decoder.py:VARIANT) or drop the colon for the "
+                            "file's default."),
+])
+def test_a_config_argument_that_names_no_config_is_one_sentence(spec, sentence):
+  assert _plan_error(f'--config={spec}') == f'error: {sentence}'
+
+
+def test_a_python_file_that_importlib_cannot_load_is_one_sentence():
+  # Sweep files come through here too, with no check of their own for the kind of file.
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.python_file(os.path.join(REPO, 'README.md'), '_not_python')
+  assert str(error.value) == (f'{os.path.join(REPO, "README.md")} is not a Python file; pass the '
+                              'path of a .py file.')
+
+
+@pytest.mark.parametrize('argument, sentence', [
+    ('--config.nonexistent=1',
+     "Unknown config key 'nonexistent' and none is close; set a key of one of the sections "
+     'checkpoint, data, mesh, model, objective, optim, train, watchdog '
+     '(--config.SECTION.KEY=VALUE) or one of the keys seed, variant.'),
+    ('--config.trian=1', "Unknown config key 'trian'; closest valid keys: train.*, variant."),
+    ('--config.model=1',
+     "Config key 'model' is a section, not a value; set one of its keys instead "
+     '(--config.model.KEY=VALUE, KEY one of attention, dropout_rate, dtype, emb_dim, family, '
+     'head_dim, max_len, mlp_dim, norm_eps, num_heads, num_kv_heads, num_labels, num_layers, '
+     'param_dtype, remat, rope_theta, scan_layers, style, tie_embeddings, vocab_size).'),
+    ('--config.optim.zzzzzzzz=1',
+     "Unknown config key 'optim.zzzzzzzz', and section 'optim' has none like it; set one of "
+     'optim.b1, optim.b2, optim.clip_norm, optim.decay, optim.decay_embeddings, '
+     'optim.decay_norms_and_biases, optim.end_lr_ratio, optim.eps, optim.grad_accum_steps, '
+     'optim.lr, optim.mu_dtype, optim.name, optim.warmup_steps, optim.weight_decay.'),
+    ('--config.lr=1', "Unknown config key 'lr'; closest valid keys: optim.lr."),
+])
+def test_an_unknown_config_key_names_what_could_be_set_instead(argument, sentence):
+  assert _plan_error('--config=configs/decoder.py:tiny', argument) == f'error: {sentence}'
+
+
 @pytest.mark.parametrize('argument, sentence', [
     ('--config.train.batch_size=many', '--config.train.batch_size=many is not a valid value (an '
                                        'integer is expected); correct that flag.'),

@@ -183,6 +183,7 @@ def test_two_processes_train_like_one(decoder_runs):
     assert len(list(folder.glob('plugins/profile/*/*.trace.json.gz'))) == 1
     assert f'[p{index}] Profile of 2 steps from step 10: {folder / "profile.md"}' in said
     profile = (folder / 'profile.md').read_text()
+    assert f'` (steps 10-11, process {index} of 2) on ' in profile.splitlines()[0], profile
     for row in ('| forward | Decoder/layers/', '| backward | Decoder/layers/', '| optimizer | ',
                 '| communication | all-reduce |'):
       assert row in profile, (index, row, profile)

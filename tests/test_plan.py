@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 
 import jax
 import pytest
@@ -110,6 +112,8 @@ def test_a_tokenizer_that_is_not_there_is_one_sentence(tmp_path, sample_tokens):
      'drop it.'),
     (('--cpu_devices=-1',), 'error: --cpu_devices=-1 must not be negative (0 keeps one CPU '
                             'device).'),
+    (('--mesh=data=2,data=2',), "error: --mesh data=2,data=2 sizes the axis 'data' twice; give "
+                                "each axis once (e.g. --mesh=data=2,fsdp=4)."),
     ((f'--plan_json={__file__}/plan.json',),
      f'error: --plan_json {__file__}/plan.json lies under the file {__file__}; pass a path in a '
      'folder.'),
@@ -118,3 +122,30 @@ def test_device_counts_and_outputs_the_plan_cannot_use_are_one_sentence(argument
   line = runs.error_line(runs.in_process('research.plan', '--config', 'configs/decoder.py:tiny',
                                          *arguments))
   assert line == sentence
+
+
+def test_help_lists_every_topology_form_the_planner_accepts():
+  text = ' '.join(runs.ok(runs.in_process('research.plan', '--help')).stdout.split())
+  forms = ('v4-N', 'v5p-N', 'v5e-N', 'v5litepod-N', 'h100-80gb:N', 'h200:N')
+  for form in forms:
+    assert f' {form} ' in text, form
+    assert plan.topology(form.replace('N', '8'))[0] > 0, form
+  for pattern, _, _ in plan.TOPOLOGIES:  # No slice the planner knows goes unlisted.
+    assert any(re.fullmatch(pattern, form.replace('N', '8')) for form in forms), pattern
+
+
+def _help_examples():
+  """The command lines of research.plan --help, without their optional [...] parts."""
+  usage = plan.__doc__.replace('\\\n', ' ')
+  lines = [re.sub(r'\[[^]]*\]', '', line) for line in usage.splitlines()]
+  return [shlex.split(line)[3:] for line in lines if line.strip().startswith('python -m')]
+
+
+@pytest.mark.slow
+def test_every_example_of_the_help_runs_as_written():
+  examples = _help_examples()
+  assert len(examples) >= 2, examples  # The parse found the usage lines.
+  for arguments in examples:  # Each in a process of its own: they set the device count.
+    result = runs.command('research.plan', *arguments)
+    assert result.returncode == 0, (arguments, result.stderr[-3000:])
+    assert result.stdout.startswith('model '), result.stdout

@@ -60,7 +60,9 @@ def test_command_line_run_learns_the_source(decoder_config, tmp_path):
   # and the collectives of the 2x2x2 mesh.
   assert f"Profile of 2 steps from step 100: {workdir / 'profile' / 'profile.md'}" in result.stderr
   profile = (workdir / 'profile' / 'profile.md').read_text()
-  assert profile.startswith('2 profiled steps')
+  assert profile.startswith('Profile of `python -m research.train ')
+  assert '` (steps 100-101, process 0 of 1) on 8 x cpu (' in profile.splitlines()[0]
+  assert profile.splitlines()[2].startswith('2 profiled steps')
   for row in ('| forward | Decoder/layers/mlp/', '| backward | Decoder/layers/attn/',
               '| recompute | Decoder/layers/', '| optimizer | ', '| communication | '):
     assert row in profile, row
