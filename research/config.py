@@ -15,8 +15,10 @@ import platform
 import re
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
+import traceback
 
 import jax
 import ml_collections
@@ -105,8 +107,26 @@ def python_file(path, name):
   if module_spec is None:  # importlib loads only .py files: a folder or a README has no spec.
     raise ConfigError(f'{path} is not a Python file; pass the path of a .py file.')
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as error:  # The file's own code: say where it failed, not how we got there.
+    raise ConfigError(failure_in_file(path, error)) from None
   return module
+
+
+def failure_in_file(path, error):
+  """One sentence locating `error`, raised while the config or sweep file `path` ran: the line
+  of the last frame outside Python's and the installed packages' own files (the user's code)."""
+  if isinstance(error, SyntaxError):
+    where = f'{error.filename}, line {error.lineno}'
+    return f'{path} is not valid Python ({where}: {error.msg}); correct that line.'
+  library = tuple(os.path.realpath(sysconfig.get_paths()[name]) + os.sep
+                  for name in ('stdlib', 'purelib', 'platlib'))
+  frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+            if not os.path.realpath(frame.filename).startswith(library)]
+  where = f' at {frames[-1].filename}, line {frames[-1].lineno}' if frames else ''
+  return (f'{path} failed while it ran{where} ({type(error).__name__}: {error}); correct the '
+          'file.')
 
 
 def load_config_file(spec):
@@ -127,9 +147,15 @@ def load_config_file(spec):
     raise ConfigError(f'--config {path} defines no get_config(), so it is not a config file; '
                       'pass --config configs/<family>.py:VARIANT.')
   try:
-    return module.get_config(arg) if arg else module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
   except ValueError as error:  # e.g. an unknown variant: the config file says which exist.
     raise ConfigError(str(error)) from None
+  except Exception as error:
+    raise ConfigError(failure_in_file(path, error)) from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'get_config() in {path} returned {type(config).__name__!r}, not an '
+                      'ml_collections.ConfigDict; return one.')
+  return config
 
 
 def config_spec(argv):

@@ -278,6 +278,10 @@ def markdown(rows, steps, wall_ms, title=''):
             '|---|---|---:|---:|---:|']
   lines += [f"| {row['pass_']} | {row['scope'] or '(top level)'} | {row['ms']:.3f} | "
             f"{share(row['ms'])} | {row['ops']:g} |" for row in rows]
+  if any(row['scope'].startswith('(') for row in rows):
+    lines += ['', 'A scope in parentheses names the HLO instructions that XLA made itself (a '
+              'layout copy, a reduction it split), where neither they, what they call nor what '
+              'reads them carries an operation of the model to name.']
   return '\n'.join(lines) + '\n'
 
 

@@ -123,7 +123,13 @@ def load(spec):
   module = config_lib.python_file(path, '_research_sweep')
   if not hasattr(module, 'get_sweep'):
     raise SweepError(f'{path} defines no get_sweep(); return the points from one.')
-  space = _space(module.get_sweep(argument) if argument else module.get_sweep())
+  try:
+    space = module.get_sweep(argument) if argument else module.get_sweep()
+  except SweepError:
+    raise
+  except Exception as error:  # The file's own code (a sweep helper's mistakes are SweepErrors).
+    raise SweepError(config_lib.failure_in_file(path, error)) from None
+  space = _space(space)
   if not len(space):
     raise SweepError(f'{path} returns no points.')
   return list(space), getattr(module, 'CONFIG', None)

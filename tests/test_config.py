@@ -206,6 +206,24 @@ def test_a_python_file_that_importlib_cannot_load_is_one_sentence():
                               'path of a .py file.')
 
 
+@pytest.mark.parametrize('source, sentence', [
+    ('def get_config(:\n', '{path} is not valid Python ({path}, line 1: invalid syntax); correct '
+                           'that line.'),
+    ('import ml_collections\n\ndef get_config():\n  return 1 / 0\n',
+     '{path} failed while it ran at {path}, line 4 (ZeroDivisionError: division by zero); '
+     'correct the file.'),
+    ('import no_such_module_here\n', "{path} failed while it ran at {path}, line 1 "
+     "(ModuleNotFoundError: No module named 'no_such_module_here'); correct the file."),
+    ('def get_config():\n  return {}\n', "get_config() in {path} returned 'dict', not an "
+     'ml_collections.ConfigDict; return one.'),
+])
+def test_a_config_file_that_fails_as_it_runs_is_one_sentence_naming_the_line(tmp_path, source,
+                                                                              sentence):
+  path = tmp_path / 'mine.py'
+  path.write_text(source)
+  assert _plan_error(f'--config={path}') == 'error: ' + sentence.format(path=path)
+
+
 @pytest.mark.parametrize('argument, sentence', [
     ('--config.nonexistent=1',
      "Unknown config key 'nonexistent' and none is close; set a key of one of the sections "

@@ -142,6 +142,11 @@ def test_events_of_the_step_are_charged_per_step_and_device():
   assert '| backward | M/layers_*/attn | 0.500 | 42.6% | 1 |' in table
   assert '| optimizer | (top level) | 0.020 | 1.7% | 1 |' in table
   assert table.index('| forward | 0.415') < table.index('| backward | 0.500')  # Passes in order.
+  assert table.rstrip().endswith('A scope in parentheses names the HLO instructions that XLA made '
+                                 'itself (a layout copy, a reduction it split), where neither '
+                                 'they, what they call nor what reads them carries an operation '
+                                 'of the model to name.')
+  assert 'scope in parentheses' not in profiling.markdown(rows[:2], steps=2, wall_ms=1.0)
 
 
 def test_on_gpus_only_the_kernels_of_the_devices_streams_count():

@@ -106,6 +106,20 @@ def test_a_sweep_file_takes_an_argument(tmp_path):
     sweeps.load(str(tmp_path / 'missing.py'))
 
 
+def test_a_sweep_file_whose_code_fails_is_one_sentence_naming_the_line(tmp_path):
+  path = tmp_path / 'x.py'
+  path.write_text('from research.sweeps import product\n\ndef get_sweep(layers):\n'
+                  '  return product(num_layers=[int(layers)])\n')
+  with pytest.raises(sweeps.SweepError) as error:
+    sweeps.load(f'{path}:two')
+  assert str(error.value) == (f"{path} failed while it ran at {path}, line 4 (ValueError: "
+                              "invalid literal for int() with base 10: 'two'); correct the file.")
+  # A sweep helper's own error keeps its sentence.
+  with pytest.raises(sweeps.SweepError, match=r'seeds\(0\) needs at least one seed'):
+    path.write_text('from research.sweeps import seeds\n\ndef get_sweep():\n  return seeds(0)\n')
+    sweeps.load(str(path))
+
+
 def test_appended_records_are_read_back_latest_first(tmp_path):
   sweeps.append_record(str(tmp_path), dict(run='a', status='running'))
   sweeps.append_record(str(tmp_path), dict(run='b', status='failed'))
