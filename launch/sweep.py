@@ -400,6 +400,7 @@ def main(argv):
     check_passthrough(passthrough)
     if options.parallel < 1:
       raise sweeps.SweepError(f'--parallel {options.parallel} must be at least 1.')
+    cli.check_folder(options.workdir, '--workdir')
     points, default = sweeps.load(options.sweep)
     runs = sweeps.expand(points, options.config or default)
     folder = options.workdir

@@ -67,6 +67,7 @@ from absl import flags
 from flax import linen as nn
 
 from research import checkpoint as checkpoint_lib
+from research import cli
 from research import config as config_lib
 from research import decode
 from research import host_memory
@@ -535,19 +536,13 @@ def _check_flags(mode):
 
 
 def _check_folder(name):
-  """Makes the folder of flag --name and writes in it, before any work: one sentence where it is
-  a file, lies under one, or cannot be written (as root too, whom os.access never refuses)."""
+  """Checks the folder of flag --name before any work (cli.check_folder), then makes it."""
   path = flags.FLAGS[name].value
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise config_lib.ConfigError(f'--{name} {path} is a file; pass a folder (it is made if '
-                                 'missing).')
   try:
-    os.makedirs(path, exist_ok=True)
-    tempfile.TemporaryDirectory(dir=path).cleanup()
-  except OSError as error:
-    reason = error.strerror or error
-    raise config_lib.ConfigError(f'--{name} {path} cannot be written ({reason}); pass a folder '
-                                 'you can write.') from None
+    cli.check_folder(path, f'--{name}')
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from None
+  os.makedirs(path, exist_ok=True)
 
 
 def main(argv):

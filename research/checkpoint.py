@@ -99,7 +99,25 @@ def _io_failures_raise(make_error):
     failure = _io_failure(error)
     if failure is None:
       raise
+    _quiet_sibling_reads()
     raise make_error(_first_line(failure)) from None
+
+
+_READ = '_read_array_index_and_device_put'  # orbax's coroutine reading one part of an array.
+
+
+def _quiet_sibling_reads():
+  """Once a read has failed, orbax's other reads of that step fail too and are never awaited: each
+  would print a traceback as the collector finds it ("Exception ignored in <coroutine ...>"),
+  which the one sentence about the step already says."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'quiets', None) == _READ:
+    return
+  def hook(unraisable):
+    if getattr(unraisable.object, '__name__', None) != _READ:
+      previous(unraisable)
+  hook.quiets = _READ
+  sys.unraisablehook = hook
 
 
 def structure(tree):
@@ -163,10 +181,10 @@ def rng_from_record(record):
   return jax.random.wrap_key_data(np.asarray(record['dropout_rng'], np.uint32))
 
 
-def _differences(saved, current, prefix):
-  """'key: A there, B here' for the settings under `prefix` that differ."""
+def _differences(saved, current, names):
+  """'key: A there, B here' for the settings that differ, of those under `names` (prefixes)."""
   keys = sorted(k for k in set(saved) | set(current)
-                if k.startswith(prefix) and saved.get(k) != current.get(k))
+                if k.startswith(names) and saved.get(k) != current.get(k))
   return ', '.join(f'{k}: {saved.get(k)!r} there, {current.get(k)!r} here' for k in keys)
 
 
@@ -179,9 +197,10 @@ def _check_structure(record, expected, current_settings, directory, params_only=
     return
   differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
   in_params = [k for k in differing if params_only or k.startswith('.params')]
-  what, section = ('a different model', 'model.') if in_params else (
-      'a different optimizer', 'optim.')
-  changed = _differences(record['settings'], current_settings, section)
+  from research import optim  # Imported here: optim -> config -> objectives -> this module.
+  what, names = ('a different model', 'model.') if in_params else (
+      'a different optimizer', optim.STATE_SETTINGS)
+  changed = _differences(record['settings'], current_settings, names)
   if not changed:
     name = (in_params or differing)[0]
     changed = f'array {name} is {saved.get(name)} there but {expected.get(name)} here'

@@ -360,6 +360,15 @@ def _check_profile_window(t):
                       f'{longer} or trace fewer steps (train.profile_num_steps).')
 
 
+def _float_settings(tree, prefix=''):
+  """(dotted key, value) of every float in a config's nested dict."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _float_settings(value, f'{prefix}{key}.')
+    elif isinstance(value, float):
+      yield prefix + key, value
+
+
 def validate(config, num_devices):
   """Checks a config against itself and the device count; returns the resolved mesh shape."""
   m, o, t = config.model, config.optim, config.train
@@ -381,6 +390,9 @@ def validate(config, num_devices):
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f'config.{key}={value!r} is not one of {list(allowed)}.')
+  for key, value in _float_settings(config.to_dict()):
+    if not math.isfinite(value):  # nan passes every comparison below, inf most of them.
+      raise ConfigError(f'config.{key}={value} is not a finite number; give one.')
   from research import optim  # Imported here: research.optim imports this module.
   optim.mu_dtype(o)
   try:
@@ -508,19 +520,21 @@ def _package_versions():
   return versions
 
 
-def record_run(config, workdir, data=None):
+def record_run(config, workdir, data=None, resumed=True):
   """Writes the resolved config, package versions, git revision and data record to the workdir.
 
   Called once a run has started (so a failed start leaves the workdir as it was), by process 0
-  only. A resumed run with a different config keeps the original config.json and adds a dated
-  copy.
+  only. A run resumed (from a checkpoint of the workdir) with a different config keeps the
+  original config.json and adds a dated copy; a run that is not (`resumed` false: the workdir
+  holds no checkpoint, e.g. after a run that diverged before its first save) writes config.json
+  anew, since its checkpoints will be of this config.
   """
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   resolved = config.to_json_best_effort(indent=2, sort_keys=True)
   path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
+  if resumed and os.path.exists(path):
     with open(path) as f:
       if f.read() != resolved:
         path = os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json')

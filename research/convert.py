@@ -1,5 +1,5 @@
 """Hugging Face interop (safetensors + config.json) for every family with a converter: GPT-2 and
-Llama (decoder), BERT, RoBERTa and ALBERT (encoder).
+Llama (decoder), BERT, RoBERTa and ALBERT (encoder), T5 v1.0, T5 v1.1 and ByT5 (encoder-decoder).
 
   python -m research.convert from_hf --model_dir HF_DIR --workdir OUT
       writes a workdir of ours (config.json + an orbax checkpoint at step 0 with a fresh optimizer
@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 
 from research import checkpoint as checkpoint_lib
+from research import cli
 from research import config as config_lib
 from research import hf
 from research import layout
@@ -82,8 +83,7 @@ def from_hf(model_dir, workdir):
   if os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise checkpoint_lib.CheckpointError(f'{workdir} already holds checkpoints; pass an empty '
                                          '--workdir so that nothing saved is overwritten.')
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise hf.ConversionError(f'--workdir {workdir} is a file; pass a new folder.')
+  cli.check_folder(workdir, '--workdir')
   if os.path.realpath(workdir) == os.path.realpath(model_dir):
     raise hf.ConversionError(f'--workdir {workdir} is the model directory, whose config.json it '
                              'would shadow; pass a new folder.')
@@ -135,7 +135,7 @@ def write_workdir(config, params, workdir, data):
                         state.params, shardings.params)
   state = state.replace(params=params)
 
-  config_lib.record_run(config, workdir, data=data)
+  config_lib.record_run(config, workdir, data=data, resumed=False)  # A new state.
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None)
   checkpointer.save(0, state, checkpoint_lib.make_record(
       0, jax.random.key(config.seed), dict(next_step=0, rows_consumed=0), config))
@@ -162,8 +162,7 @@ def _check_out(workdir, out_dir, overwrite):
   if os.path.commonpath([run, out]) == run:
     raise hf.ConversionError(f'--out {out_dir} lies in the run\'s own --workdir {workdir}, whose '
                              'files it would overwrite; pass a folder outside it.')
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise hf.ConversionError(f'--out {out_dir} is a file; pass a folder.')
+  cli.check_folder(out_dir, '--out')
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
     raise hf.ConversionError(f'--out {out_dir} is not empty; pass a new or empty folder, or '
                              '--overwrite to replace its config.json, generation_config.json '

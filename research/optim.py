@@ -19,6 +19,10 @@ _NO_DECAY_LEAVES = ('scale', 'bias')  # Norm scales and biases.
 _EMBEDDING_LEAVES = ('embedding',)
 MU_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _HAVE_MU = ('adamw', 'lion')  # The optimizers with a first moment whose dtype optax sets.
+# The settings that shape the state's arrays (which optimizer, the first moment's dtype, a
+# clipping stage or none); the others (the schedule, betas, weight decay) may change on resume,
+# so a checkpoint of another state names only these.
+STATE_SETTINGS = ('optim.name', 'optim.mu_dtype', 'optim.clip_norm')
 
 
 def learning_rate_schedule(optim, num_steps):

@@ -495,6 +495,7 @@ def sweep_report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
       raise ValueError(f'A power law needs positive {fit_axis} values and a positive {metric}; '
                        'fit another axis or metric.')
   out = out or os.path.join(paths[0], REPORT_DIR)
+  cli.check_folder(out, '--out')
   os.makedirs(out, exist_ok=True)
   title = ' vs '.join(names) if len(paths) > 1 else os.path.basename(os.path.normpath(paths[0]))
   lines = [f'# Sweep report: {title}', '',
@@ -548,6 +549,7 @@ def run_report(workdir, metric='eval_loss', mode=None, out=None):
                      f'{", ".join(sorted(curves)) or "(none yet)"}.')
   mode = _mode(metric, mode)
   out = out or os.path.join(workdir, REPORT_DIR)
+  cli.check_folder(out, '--out')
   os.makedirs(out, exist_ok=True)
   name = os.path.basename(os.path.normpath(workdir))
   steps, values = curves[metric]

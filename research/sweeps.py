@@ -158,8 +158,13 @@ def full_key(key, config):
   # A short key is compared with the keys' last parts, a dotted one with whole keys.
   names = {k: k if '.' in key else k.rsplit('.', 1)[-1] for k in keys}
   close = difflib.get_close_matches(key, set(names.values()), n=3, cutoff=0.6)
-  close = ', '.join(k for k in keys if names[k] in close) or 'none'
-  raise SweepError(f'Sweep key {key!r} is not a config key; closest: {close}.')
+  close = ', '.join(k for k in keys if names[k] in close)
+  if close:
+    raise SweepError(f'Sweep key {key!r} is not a config key; closest: {close}.')
+  sections = sorted({k.split('.')[0] for k in keys if '.' in k})
+  raise SweepError(f'Sweep key {key!r} is not a config key and none is close; write a key of '
+                   f'the config, dotted (SECTION.KEY, SECTION one of {", ".join(sections)}) or '
+                   'its last part alone.')
 
 
 class Run:
@@ -199,11 +204,18 @@ def resolve(point, default_spec):
     if isinstance(value, (list, tuple, dict)) or value is None:
       raise SweepError(f'Sweep value {key}={value!r} is not a number, string or boolean.')
     overrides[full_key(key, config)] = value
-  try:
-    config.update_from_flattened_dict(overrides)
-  except (TypeError, ValueError) as error:
-    raise SweepError(f'A point of the sweep cannot set {overrides}: {error}') from None
+  flat = _flat(config)
+  for key, value in overrides.items():
+    try:
+      config.update_from_flattened_dict({key: value})
+    except (TypeError, ValueError):
+      expected = _EXPECTED.get(type(flat[key]), f'a {type(flat[key]).__name__}')
+      raise SweepError(f'Sweep value {key}={value!r} is not a valid value of that key '
+                       f'({expected} is expected); correct the sweep file.') from None
   return spec, overrides, config
+
+
+_EXPECTED = {int: 'an integer', float: 'a number', bool: 'true or false', str: 'a string'}
 
 
 def _values(rows, key):

@@ -304,6 +304,7 @@ def _train(config, workdir, mesh, stop):
   # Start-up: resume, warm start or fresh. Nothing is written to the workdir before it succeeds.
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                              config.checkpoint.keep)
+  resumed = checkpointer.latest_step() is not None
   state, dropout_rng, origin = _start_up(config, trainer, checkpointer)
   start_step = int(state.step)
   stop_step = t.num_steps if t.stop_at_step < 0 else min(t.stop_at_step, t.num_steps)
@@ -319,7 +320,7 @@ def _train(config, workdir, mesh, stop):
           file=sys.stderr)
     checkpointer.close()
     return {}
-  config_lib.record_run(config, workdir, data=pipeline.record)
+  config_lib.record_run(config, workdir, data=pipeline.record, resumed=resumed)
   if jax.process_index() == 0 and hasattr(pipeline.tokenizer, 'fingerprint'):
     folder = os.path.join(workdir, tokenizer_lib.SAVED_DIR)
     if not os.path.exists(folder):
@@ -426,10 +427,12 @@ def _train(config, workdir, mesh, stop):
         break
   except NonFiniteError as error:
     checkpointer.wait()
-    raise NonFiniteError(f'Training diverged: {error}, so nothing after step '
-                         f'{checkpointer.latest_step() or 0} was saved; lower optim.lr or raise '
-                         'optim.warmup_steps (or enable optim.clip_norm), then rerun to resume '
-                         'from the last checkpoint.') from None
+    last = checkpointer.latest_step()
+    kept, rerun = ((f'nothing after step {last} was saved', 'resume from the last checkpoint')
+                   if last is not None else ('no checkpoint had been saved', 'start afresh'))
+    raise NonFiniteError(f'Training diverged: {error}, so {kept}; lower optim.lr or raise '
+                         'optim.warmup_steps (or enable optim.clip_norm), then rerun to '
+                         f'{rerun}.') from None
   finally:
     watchdog.stop()
     prefetcher.close()

@@ -128,8 +128,7 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
     ('checkpoint', f'--checkpoint_dir={__file__}', f'--checkpoint_dir {__file__} is a file; '
                                                    'pass a folder (it is made if missing).'),
     ('checkpoint', f'--checkpoint_dir={__file__}/c',
-     f'--checkpoint_dir {__file__}/c cannot be written (Not a directory); pass a folder you can '
-     'write.'),
+     f'--checkpoint_dir {__file__}/c lies under the file {__file__}; pass a path in a folder.'),
     ('checkpoint', '--checkpoint_dir=/proc/checkpoints', '--checkpoint_dir /proc/checkpoints '
                                                          'cannot be written ('),
     ('decode', '--prompt_len=250', '--prompt_len=250 and --new_tokens=64 do not fit '
@@ -140,8 +139,7 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
     ('data', '--corpus_mb=1.5', '--corpus_mb=1.5 must list positive whole megabytes'),
     ('train', '--profile_steps=2', '--profile_steps applies only with --profile_dir; add '
                                    '--profile_dir DIR or drop it.'),
-    ('train', f'--profile_dir={__file__}/p', f'--profile_dir {__file__}/p cannot be written '
-                                             '(Not a directory)'),
+    ('train', f'--profile_dir={__file__}/p', f'--profile_dir {__file__}/p lies under the file '),
     ('checkpoint', '--profile_dir=/tmp/p', '--profile_dir does not apply here; drop it (the flags '
                                            'are --config, --cpu_devices, --repeats, '
                                            '--checkpoint_dir, --json).'),

@@ -96,6 +96,9 @@ def _assert_one_sentence(error, *fragments):
     (dict(train=dict(eval_batches=0)), 1, ('train.eval_batches must be positive',)),
     (dict(optim=dict(lr=0.0)), 1, ('optim.lr must be positive',)),
     (dict(optim=dict(clip_norm=-1.0)), 1, ('optim.clip_norm must not be negative',)),
+    (dict(optim=dict(lr=float('nan'))), 1, ('optim.lr=nan is not a finite number',)),
+    (dict(optim=dict(lr=float('inf'))), 1, ('optim.lr=inf is not a finite number',)),
+    (dict(optim=dict(clip_norm=float('nan'))), 1, ('optim.clip_norm=nan is not a finite number',)),
     (dict(model=dict(dropout_rate=1.0)), 1, ('dropout_rate=1.0 must lie in [0, 1)',)),
     (dict(model=dict(dropout_rate=-0.1)), 1, ('dropout_rate=-0.1 must lie in [0, 1)',)),
     (dict(data=dict(tokenizer='sentencepiece')), 1, ("data.tokenizer='sentencepiece'", 'bytes')),
@@ -281,6 +284,15 @@ def test_every_command_answers_help_with_its_own_flags(command, listed):
   flags_listed = [line.split(':')[0].strip() for line in result.stdout.split('flags:\n')[-1]
                   .splitlines() if line.startswith('  --')]
   assert flags_listed == listed
+
+
+def test_convert_help_names_every_hugging_face_model_type_it_converts():
+  from research import convert
+  from research import models
+  usage = convert.__doc__.split('\n\n')[0].lower().replace('-', '')
+  for name in models.FAMILIES:
+    for model_type in getattr(models.get(name), 'HF_MODEL_TYPES', ()):
+      assert model_type in usage, model_type
 
 
 def test_help_prints_the_usage_and_the_flags_of_the_command():

@@ -122,3 +122,34 @@ def test_a_resumed_run_restores_its_bfloat16_first_moment_and_frees_its_fresh_st
     checkpointer.restore(abstract, shardings, checkpoint_lib.settings(other))
   assert "optim.mu_dtype: 'bfloat16' there, 'float32' here" in str(error.value), str(error.value)
   checkpointer.close()
+
+
+# Another value for every optim setting, to see whether it changes the state's arrays.
+_OTHER_VALUES = dict(name=['lion', 'adafactor'], mu_dtype=['bfloat16'], clip_norm=[0.0, 0.5],
+                     lr=[1e-4], warmup_steps=[0], decay=['constant', 'linear', 'rsqrt'],
+                     end_lr_ratio=[0.0], b1=[0.8], b2=[0.9], eps=[1e-6], weight_decay=[0.0],
+                     decay_embeddings=[True], decay_norms_and_biases=[True],
+                     grad_accum_steps=[2])
+
+
+def _state_arrays(optim_config):
+  params = {'layer': {'kernel': jnp.zeros((4, 8)), 'bias': jnp.zeros(8)},
+            'embedding': jnp.zeros((16, 4))}
+  tx, _ = optim.make_optimizer(optim_config, num_steps=10)
+  state = jax.eval_shape(tx.init, params)
+  return {jax.tree_util.keystr(path): (leaf.shape, leaf.dtype)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def test_the_settings_named_as_shaping_the_optimizer_state_are_exactly_those_that_do(
+    decoder_config):
+  base = decoder_config('tiny').optim
+  assert sorted(_OTHER_VALUES) == sorted(base.keys())  # A new setting needs a value here.
+  shaping = set()
+  for key, values in _OTHER_VALUES.items():
+    for value in values:
+      other = base.copy_and_resolve_references()
+      other[key] = value
+      if _state_arrays(other) != _state_arrays(base):
+        shaping.add(f'optim.{key}')
+  assert shaping == set(optim.STATE_SETTINGS)

@@ -73,6 +73,26 @@ def test_divergence_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path
   assert max(r['step'] for r in records) < diverged
 
 
+def test_a_run_that_diverged_before_its_first_checkpoint_gives_way_to_the_next_start(tmp_path,
+                                                                                      corpus):
+  workdir = tmp_path / 'run'
+  result = runs.train(workdir, corpus, '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
+                      '--config.model.mlp_dim=96', '--config.checkpoint.every_steps=1000')
+  line = runs.error_line(result, code=1)
+  assert 'so no checkpoint had been saved; lower optim.lr' in line, line
+  assert line.endswith('then rerun to start afresh.'), line
+  assert not (workdir / 'checkpoints').exists()
+  runs.ok(runs.train(workdir, corpus, '--config.train.num_steps=2'))
+  # config.json is the record of the run whose checkpoints the workdir now holds.
+  assert [name for name in os.listdir(workdir) if name.startswith('config')] == ['config.json']
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert (saved['model']['mlp_dim'], saved['optim']['lr']) == (128, 3e-3)
+  # A resume with another setting keeps config.json and adds a dated copy, as before.
+  runs.ok(runs.train(workdir, corpus, '--config.train.num_steps=3', '--config.optim.lr=1e-3'))
+  assert json.loads((workdir / 'config.json').read_text())['optim']['lr'] == 3e-3
+  assert len([name for name in os.listdir(workdir) if name.startswith('config.')]) == 2
+
+
 def _rows_tokens(corpus, start, stop):
   """Target tokens in rows [start, stop) of the training stream `runs.train_command` reads."""
   config = config_lib.load_config_file(os.path.join(runs.REPO, 'configs/decoder.py:tiny'))

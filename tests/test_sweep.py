@@ -77,7 +77,12 @@ def test_points_may_name_their_own_config():
 @pytest.mark.parametrize('point, message', [
     (dict(lrr=1e-3), "Sweep key 'lrr' is not a config key; closest: optim.lr"),
     (dict(name='lion'), r"Sweep key 'name' could name \['objective.name', 'optim.name'\]"),
-    (dict(num_layers=2.5), 'cannot set'),
+    (dict(num_layers=2.5), r"^Sweep value model.num_layers=2.5 is not a valid value of that key "
+                           r"\(an integer is expected\); correct the sweep file.$"),
+    (dict(num_layers='a'), r"^Sweep value model.num_layers='a' is not a valid value"),
+    (dict(bogus_key=1), r"^Sweep key 'bogus_key' is not a config key and none is close; write a "
+                        r"key of the config, dotted \(SECTION.KEY, SECTION one of checkpoint, "
+                        r"data, .*model, .*optim.*\) or its last part alone.$"),
     (dict(lr=[1e-3]), 'is not a number, string or boolean'),
 ])
 def test_bad_points_are_one_sentence(point, message):

@@ -88,6 +88,7 @@ def main(argv):
     options = parser.parse_args(argv[1:])
     if options.examples < 2 or options.length < 3:
       raise ValueError('--examples needs at least 2 and --length at least 3.')
+    cli.check_folder(options.out, '--out')
     written = write(options.out, options.examples, options.length, options.seed,
                     options.validation_percent)
   except ValueError as error:  # DataError included.

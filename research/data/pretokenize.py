@@ -57,8 +57,8 @@ def ensure(spec, data, tokenizer, writer=0, writers=1):
       return folder, manifest
   source = sources.build(spec, data, 'data.mixture' if data.mixture else 'data.paths')
   folder = directory(spec, source, data, tokenizer)
-  setting = 'data.tokenized_dir' if data.tokenized_dir else 'data.tokens_dir'
-  manifest = shards.prepare(source, spec, tokenizer, folder, writer, writers, setting)
+  setting = next((key for key in ('tokenized_dir', 'tokens_dir') if data[key]), 'data_dir')
+  manifest = shards.prepare(source, spec, tokenizer, folder, writer, writers, f'data.{setting}')
   # The folder is named by fingerprints, so another spelling of the same source may have made it.
   shards.check_manifest(manifest, folder, tokenizer, source_fingerprint=source.fingerprint())
   return folder, manifest

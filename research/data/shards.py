@@ -30,6 +30,7 @@ import uuid
 import numpy as np
 from absl import logging
 
+from research import cli
 from research.data.sources import DataError
 
 CHUNK = 4096
@@ -216,6 +217,10 @@ def prepare(source, spec, tokenizer, directory, writer=0, writers=1, setting='da
     if not split_parts:
       raise DataError(f'The {split} split of data source {spec} is empty; add data or change '
                       'data.validation_percent (or the TFDS split).')
+  try:
+    cli.check_folder(directory, f"{setting}'s shard folder")
+  except ValueError as error:
+    raise DataError(str(error)) from None
   os.makedirs(directory, exist_ok=True)
   jobs = [(split, part) for split in parts for part in parts[split]]
   jobs = jobs[writer::writers] + [j for i, j in enumerate(jobs) if i % writers != writer]
