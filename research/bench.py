@@ -508,8 +508,11 @@ def bench_data(config, argv):
                                  'whole megabytes, e.g. 100,1000.')
   overrides = [a for a in argv[2:] if a.startswith('--config.')]
   spec = config_lib.config_spec(argv)
-  return data_benchmark.run(config, trainer_factory, _DATA_STEPS.value, config.data.prefetch,
-                            sizes, spec, overrides)
+  results = data_benchmark.run(config, trainer_factory, _DATA_STEPS.value, config.data.prefetch,
+                               sizes, spec, overrides)
+  # Its figures are of this host's processor and cores as much as of the train step's device.
+  return dict(results, device_kind=jax.devices()[0].device_kind,
+              processor=config_lib.host_processor())
 
 
 def _check_flags(mode):

@@ -76,6 +76,7 @@ def test_bench_data_reports_the_pipeline_against_the_step_and_start_memory(tmp_p
   assert results['pipeline_over_train_step'] == (results['pipeline_tokens_per_s']
                                                  / results['train_step_tokens_per_s'])
   assert results['fed_tokens_per_s'] > 0 and 0 <= results['input_wait_share'] < 1
+  assert results['device_kind'] == 'cpu' and results['processor'] == config_lib.host_processor()
 
 
 def test_bench_data_measures_the_peak_memory_of_a_fresh_process(tmp_path):
