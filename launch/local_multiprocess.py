@@ -3,15 +3,18 @@
   python launch/local_multiprocess.py [--processes 2] [--local_devices 4] \
       configs/decoder.py:tiny /tmp/tiny [--config.key=value ...]
 
-Each process sees `--local_devices` CPU devices and joins the others through jax.distributed on
-a free local port (gloo collectives). Its output is streamed with a `[pN]` prefix; when one
-process fails, the others are stopped and its exit code is returned. SIGTERM or Ctrl-C to the
-launcher is passed on once to every process, which then stop together after saving a checkpoint.
+Each process runs `python -m research.train` in the launcher's working folder (relative paths
+mean what they mean to research.train), sees `--local_devices` CPU devices and joins the others
+through jax.distributed on a free local port (gloo collectives). Its output is streamed with a
+`[pN]` prefix; when one process fails, the others are stopped and its exit code is returned.
+SIGTERM or Ctrl-C to the launcher is passed on once to every process, which then stop together
+after saving a checkpoint.
 """
 
 import argparse
 import codecs
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +40,8 @@ def process_env(base, index, processes, local_devices, port):
   flags = [f for f in base.get('XLA_FLAGS', '').split()
            if not f.startswith('--xla_force_host_platform_device_count')]
   env['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={local_devices}'])
+  # `-m research.train` from any working folder (the launcher's, where relative paths start).
+  env['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in [base.get('PYTHONPATH')] if p])
   return env
 
 
@@ -71,26 +76,49 @@ def _ending(code):
   return f'exited with code {code}'
 
 
+class _Parser(argparse.ArgumentParser):
+  """Errors as one sentence (`error: ...`, exit 2), as the project's other commands give them."""
+
+  def error(self, message):
+    raise ValueError(f'{message[:1].upper()}{message[1:].rstrip(".")}; see --help.')
+
+
 def _parse(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--processes', type=int, default=2)
-  parser.add_argument('--local_devices', type=int, default=1)
-  parser.add_argument('--python', default=sys.executable)
-  parser.add_argument('config')
-  parser.add_argument('workdir')
+  parser = _Parser(prog='python launch/local_multiprocess.py',
+                   description=__doc__.split('\n\n')[0],
+                   epilog='Arguments after WORKDIR are --config.KEY=VALUE overrides, given to '
+                          'every process.')
+  parser.add_argument('--processes', type=int, default=2,
+                      help='How many processes (default: 2).')
+  parser.add_argument('--local_devices', type=int, default=1,
+                      help='CPU devices per process (default: 1).')
+  parser.add_argument('--python', default=sys.executable,
+                      help='The Python that runs them (default: this one).')
+  parser.add_argument('config', help='Config file and variant, e.g. configs/decoder.py:tiny.')
+  parser.add_argument('workdir', help="The run's workdir, shared by the processes.")
   args, overrides = parser.parse_known_args(argv)
   if args.processes < 1 or args.local_devices < 1:
-    parser.error('--processes and --local_devices must be at least 1.')
+    parser.error('--processes and --local_devices must be at least 1')
+  unknown = [a for a in overrides if not a.startswith('--config.')]
+  if unknown:  # A mistyped option would reach research.train as a config or a workdir.
+    parser.error(f'unknown argument {unknown[0]} (after the options, CONFIG, WORKDIR and '
+                 '--config.KEY=VALUE overrides only)')
+  if shutil.which(args.python) is None:
+    parser.error(f'--python {args.python} is not a Python to run')
   return args, overrides
 
 
 def main(argv):
-  args, overrides = _parse(argv)
+  try:
+    args, overrides = _parse(argv)
+  except ValueError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 2
   port = free_port()
   children = []
   for index in range(args.processes):
     child = subprocess.Popen(
-        train_command(args.python, index, args.config, args.workdir, overrides), cwd=REPO,
+        train_command(args.python, index, args.config, args.workdir, overrides),
         env=process_env(os.environ, index, args.processes, args.local_devices, port),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True)  # Ctrl-C reaches the children once, through the launcher.

@@ -14,10 +14,12 @@
 # Every worker runs `python -m research.train` with RESEARCH_CLUSTER=tpu_pod, which joins them
 # through jax.distributed; SIGTERM (preemption, maintenance) saves a checkpoint on all of them.
 set -euo pipefail
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
+header() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+usage() { header >&2; exit 2; }
 fail() { echo "error: $*" >&2; exit 2; }
 
 [[ $# -ge 1 ]] || usage
+case $1 in -h|-help|--help|help) header; exit 0 ;; esac
 action=$1; shift
 name='' zone='' type='v5p-8' version='v2-alpha-tpuv5' spot=0 queued=0 project='' bucket=''
 config='' run='' dry_run=0 overrides=()
@@ -29,7 +31,12 @@ while [[ $# -gt 0 ]]; do
     --spot) spot=1; shift ;;
     --queued) queued=1; shift ;;
     --dry_run) dry_run=1; shift ;;
-    --) shift; overrides=("$@"); break ;;
+    --) shift; overrides=("$@")
+        for override in "${overrides[@]}"; do  # It would reach research.train, and gcloud run.
+          [[ $override != --dry_run ]] || fail "--dry_run goes before --; what follows -- is \
+passed to research.train."
+        done
+        break ;;
     *) fail "unknown option $1; see launch/tpu_pod.sh with no arguments for the options." ;;
   esac
 done

@@ -34,3 +34,11 @@ def check_folder(path, what):
   except OSError as error:
     raise ValueError(f'{what} {path} cannot be written ({error.strerror or error}); pass a '
                      'folder you can write.') from None
+
+
+def check_file(path, what):
+  """As check_folder, for the file `path` (given as `what`) that a command will write: a folder
+  (or a path ending in a separator) is one sentence too. Makes nothing."""
+  if os.path.isdir(path) or path.endswith(os.sep):
+    raise ValueError(f'{what} {path} is a folder; pass the path of a file.')
+  check_folder(os.path.dirname(os.path.abspath(path)), f'{what} {path}: its folder')

@@ -9,8 +9,9 @@ validation batches by the objective's own metrics, so its eval_loss (nats per to
 eval_bits_per_byte sit in one table with the neural runs'.
 
 <workdir>/ngram/counts.npz keeps the fitted counts with the settings they were counted under; a
-rerun with the same settings only evaluates, other data or step counts count afresh and replace
-it, and other model settings are refused (one workdir, one model).
+rerun with the same settings only evaluates, and one with more steps counts afresh over the rows
+of those steps (which hold the saved ones). Fewer steps, other data or other model settings are
+refused, as a neural run's resume refuses them: nothing saved is replaced.
 metrics.jsonl gets one line at step train.num_steps, as a neural run's final evaluation.
 """
 
@@ -44,8 +45,7 @@ def _settings(config, pipeline):
 
 def _check_same_model(saved, config, path):
   """A workdir holds one model, as a neural run's checkpoints do: counts made for other model
-  settings are refused, so that its metrics never mix two models; more data (train.num_steps)
-  or another data mix counts afresh."""
+  settings are refused, so that its metrics never mix two models."""
   if saved is None:
     return
   there, here = saved['model'], json.loads(json.dumps(config.model.to_dict(), sort_keys=True))
@@ -55,6 +55,30 @@ def _check_same_model(saved, config, path):
     raise config_lib.ConfigError(f'The counts in {path} were made for a different model '
                                  f'({changed}); rerun with the settings they were made with, or '
                                  'pass another --workdir.')
+
+
+# The settings of _settings by the config keys that set them.
+_SETTING_KEYS = dict(objective='objective.*', data='the data (data.*)', tokenizer='data.tokenizer',
+                     batch_size='train.batch_size', seq_len='train.seq_len', seed='seed')
+
+
+def _check_same_counts(saved, settings, path):
+  """Counts made over the same rows are reused, and over fewer rows of the same stream recounted
+  (as a neural run continues to more steps); any other difference is refused in one sentence."""
+  if saved is None or saved == settings:
+    return
+  other = [key for key in sorted(set(saved) | set(settings))
+           if key not in ('model', 'num_steps') and saved.get(key) != settings.get(key)]
+  if other:
+    raise config_lib.ConfigError(
+        f'The counts in {path} were made under other settings '
+        f'({", ".join(_SETTING_KEYS.get(key, key) for key in other)} differ); rerun with the '
+        'settings they were made with, or pass another --workdir.')
+  if saved['num_steps'] > settings['num_steps']:
+    raise config_lib.ConfigError(
+        f'The counts in {path} cover train.num_steps={saved["num_steps"]}, more than the '
+        f'{settings["num_steps"]} asked for; rerun with --config.train.num_steps='
+        f'{saved["num_steps"]} (or more, to count further), or pass another --workdir.')
 
 
 def _progress_bar(config, total):
@@ -105,15 +129,16 @@ def run(config, workdir):
   _check_same_model(saved, config, path)
   pipeline = pipeline_lib.build(config)
   objective = objectives.build(config)
-  config_lib.record_run(config, workdir, data=pipeline.record)
   settings = _settings(config, pipeline)
+  _check_same_counts(saved, settings, path)
+  config_lib.record_run(config, workdir, data=pipeline.record)
   if saved == settings:
     model = family.Model.load(path, spec)
     print(f'Reusing the counts in {path}.', file=sys.stderr)
   else:
     if saved is not None:
-      print(f'The counts in {path} were made under other settings; counting afresh.',
-            file=sys.stderr)
+      print(f'The counts in {path} cover train.num_steps={saved["num_steps"]}; counting afresh '
+            f'over {settings["num_steps"]}.', file=sys.stderr)
     start, bar = time.perf_counter(), _progress_bar(config, config.train.num_steps)
     try:
       model = count(family, spec, pipeline, config.train.num_steps, bar)

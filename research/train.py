@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research import checkpoint as checkpoint_lib
+from research import cli
 from research import config as config_lib
 from research import counting
 from research import decode
@@ -465,6 +466,10 @@ def main(argv):
     config = config_lib.parse_flags(argv, __doc__, ('workdir', 'cpu_devices'))
     if not config_lib.WORKDIR.value:
       raise config_lib.ConfigError('No workdir given; pass --workdir DIR.')
+    try:  # In every process, before they wait on each other: not only process 0 writes there.
+      cli.check_folder(config_lib.WORKDIR.value, '--workdir')
+    except ValueError as error:
+      raise workdir_lib.WorkdirError(str(error)) from None
     mesh_lib.configure_cpu_devices()
     host_memory.reuse_freed_memory()
     mesh_lib.initialize_distributed(config.watchdog.peer_timeout_s)

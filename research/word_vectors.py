@@ -227,6 +227,7 @@ def main(argv):
       if args.vocab_size < len(SPECIAL_TOKENS) + 1 or args.min_count < 1:
         raise ValueError('--vocab_size must exceed the 2 special tokens and --min_count must be '
                          'positive.')
+      cli.check_folder(args.out, '--out')
       texts = tokenizer_lib.source_texts(args.source, args.data_dir, args.text_field,
                                          args.validation_percent)
       out = train_vocabulary(texts, args.out, args.vocab_size, args.min_count)
@@ -249,7 +250,9 @@ def main(argv):
       neighbours = [w for w in args.neighbours.split(',') if w]
       print('\n'.join(report(vectors, args.analogies, neighbours)))
     else:
+      cli.check_file(args.out, '--out')
       vectors, step = from_workdir(args.workdir)
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
       write_text(args.out, vectors)
       print(f'wrote {args.out} ({len(vectors.words)} words of step {step})')
   except ValueError as error:  # Includes CheckpointError and DataError.

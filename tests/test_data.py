@@ -140,6 +140,13 @@ def test_bad_sources_are_one_sentence(tmp_path):
                            ('stdlib', r'is not SOURCE=WEIGHT')):
     with pytest.raises(sources.DataError, match=message):
       sources.specs(_data_settings(tmp_path, mixture=mixture))
+  # Paths where the source reads none would train on other data without a word.
+  for reader, settings in (("data.source='stdlib'", dict(source='stdlib')),
+                           ("data.source='tfds'", dict(source='tfds', tfds_name='lm_text/en')),
+                           ('data.mixture', dict(mixture='stdlib=1'))):
+    with pytest.raises(sources.DataError, match=rf'^data.paths is set, but {reader} reads no '
+                       r'paths; set data.source to text, jsonl or parquet'):
+      sources.specs(_data_settings(tmp_path, paths=str(tmp_path), **settings))
   for setting in ('data_dir', 'tokens_dir', 'tokenized_dir'):
     remote = _data_settings(tmp_path, **{setting: 'gs://bucket/x'})
     with pytest.raises(sources.DataError, match=rf'^data.{setting}=gs://bucket/x is not a local '

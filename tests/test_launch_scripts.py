@@ -42,6 +42,9 @@ def test_tpu_pod_dry_runs_print_the_gcloud_commands():
     (['run', '--name', 'p', '--zone', 'z', '--dry_run'], 'run needs --config, --run and --bucket.'),
     (['setup', '--name', 'p', '--zone', 'z', '--dry_run'], 'setup needs --bucket'),
     (['create', '--name'], '--name needs a value.'),
+    (['run', '--name', 'p', '--zone', 'z', '--bucket', 'b', '--run', 'r', '--config', 'c.py:x',
+      '--', '--config.mesh.fsdp=-1', '--dry_run'],  # Not a dry run: refused before gcloud.
+     '--dry_run goes before --; what follows -- is passed to research.train.'),
 ])
 def test_tpu_pod_bad_arguments_are_one_line(args, message):
   result = _run('tpu_pod.sh', *args)
@@ -60,3 +63,29 @@ def test_slurm_dry_run_prints_the_srun_command_and_bad_arguments_are_refused():
       '--config.train.progress_bar=False', '--config.mesh.fsdp=-1']
   missing = _run('slurm.sbatch', 'configs/decoder.py:llama_1b')
   assert missing.returncode == 2 and missing.stderr.startswith('usage: sbatch')
+
+
+def test_slurm_finds_the_checkout_wherever_the_job_was_submitted_from(tmp_path):
+  # sbatch runs a spooled copy of the script: a submit folder outside the checkout must not
+  # become the project's root.
+  python = tmp_path / 'stand-in-python'
+  python.write_text('#!/bin/sh\n')
+  python.chmod(0o755)
+  arguments = ('configs/decoder.py:tiny', '/shared/runs/a')
+  env = dict(SLURM_SUBMIT_DIR=str(tmp_path), DRY_RUN='1')
+  result = _run('slurm.sbatch', *arguments, PYTHON=str(python), **env)
+  assert result.returncode == 0 and result.stdout.split()[3] == str(python), result.stderr
+  for bad_env, sentence in (
+      (dict(REPO=str(tmp_path)), f'error: no checkout of the project (research/train.py) in '
+                                 f'{tmp_path}; submit from the repository root or set REPO=PATH.'),
+      (dict(PYTHON=str(tmp_path / 'python')), f'error: {tmp_path}/python is not a Python to run; '
+                                              f'run make setup in {REPO} or set PYTHON=PATH.')):
+    result = _run('slurm.sbatch', *arguments, **env, **bad_env)
+    assert (result.returncode, result.stdout, result.stderr.strip()) == (2, '', sentence)
+
+
+def test_tpu_pod_help_prints_its_usage():
+  result = _run('tpu_pod.sh', '--help')
+  assert result.returncode == 0 and result.stderr == ''
+  assert result.stdout.startswith('A TPU VM slice through `gcloud compute tpus`')
+  assert '--dry_run              print the commands instead of running them' in result.stdout

@@ -53,10 +53,18 @@ def test_each_launched_process_gets_its_place_and_devices():
       'python', 0, 'c.py:tiny', '/w', [])
 
 
-def test_the_launcher_refuses_an_empty_job(capsys):
-  with pytest.raises(SystemExit):
-    local_multiprocess.main(['--processes=0', 'configs/decoder.py:tiny', '/tmp/w'])
-  assert '--processes and --local_devices must be at least 1' in capsys.readouterr().err
+@pytest.mark.parametrize('arguments, sentence', [
+    (['--proceses=3', 'configs/decoder.py:tiny', '/tmp/run'],
+     'Unknown argument --proceses=3 (after the options, CONFIG, WORKDIR and --config.KEY=VALUE '
+     'overrides only); see --help.'),
+    (['--python=/no/python', 'configs/decoder.py:tiny', '/tmp/run'],
+     '--python /no/python is not a Python to run; see --help.'),
+    (['--processes=0', 'configs/decoder.py:tiny', '/tmp/run'],
+     '--processes and --local_devices must be at least 1; see --help.'),
+])
+def test_the_launchers_bad_arguments_are_one_sentence(capsys, arguments, sentence):
+  assert local_multiprocess.main(arguments) == 2
+  assert capsys.readouterr().err == f'error: {sentence}\n'
 
 
 def test_hybrid_meshes_put_each_process_on_its_own_slice_of_the_dcn_axis(monkeypatch):

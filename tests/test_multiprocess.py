@@ -273,3 +273,19 @@ def test_a_silent_peer_ends_the_survivor_within_the_heartbeat_bound_naming_it(tm
   # The runtime's own words, which name the silent process (task 1).
   named = re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b', said)
   assert named, said[-3000:]
+
+
+def test_a_bad_workdir_stops_every_process_at_once_from_the_launchers_folder(tmp_path):
+  # Relative paths start in the launcher's working folder, as for research.train itself, and
+  # every process checks the workdir before they wait on each other.
+  (tmp_path / 'a_file').write_text('not a folder')
+  started = time.monotonic()
+  result = subprocess.run(
+      [sys.executable, os.path.join(runs.REPO, 'launch', 'local_multiprocess.py'),
+       '--processes=2', os.path.join(runs.REPO, 'configs/decoder.py:tiny'), 'a_file/run'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and time.monotonic() - started < 25, result.stderr[-3000:]
+  sentence = (f'error: --workdir a_file/run lies under the file {tmp_path}/a_file; pass a path '
+              'in a folder.')
+  assert f'[p0] {sentence}' in result.stderr and f'[p1] {sentence}' in result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]

@@ -213,11 +213,11 @@ def test_check_config_refuses_orders_outside_one_to_five():
   assert ngram.sharded_heads(_model()) == {}
 
 
-def _train(workdir, data_dir, order):
+def _train(workdir, data_dir, order, *overrides):
   return subprocess.run(
       [sys.executable, '-m', 'research.train', '--config', 'configs/ngram.py:kn3',
        '--workdir', str(workdir), f'--config.data.data_dir={data_dir}',
-       f'--config.model.order={order}', '--config.train.num_steps=30',
+       f'--config.model.order={order}', '--config.train.num_steps=30', *overrides,
        '--config.train.progress_bar=False', '--config.train.tensorboard=False', '--cpu_devices=1'],
       cwd=REPO, capture_output=True, text=True, timeout=600)
 
@@ -263,6 +263,22 @@ def test_counted_runs_on_the_default_corpus(tmp_path):
       'here); rerun with the settings they were made with, or pass another --workdir.')
   assert os.stat(store).st_mtime_ns == saved and _final(trigram) == (final, 2)
   assert sorted(os.listdir(trigram)) == sorted(before)
+  # Nor are counts over more rows replaced by counts over fewer, or over other rows.
+  for overrides, sentence in (
+      (['--config.train.num_steps=20'], f'error: The counts in {store} cover '
+       'train.num_steps=30, more than the 20 asked for; rerun with --config.train.num_steps=30 '
+       '(or more, to count further), or pass another --workdir.'),
+      (['--config.train.batch_size=4', '--config.seed=1'], f'error: The counts in {store} were '
+       'made under other settings (train.batch_size, seed differ); rerun with the settings they '
+       'were made with, or pass another --workdir.')):
+    refused = _train(trigram, data_dir, 3, *overrides)
+    assert (refused.returncode, refused.stderr.strip().splitlines()[-1]) == (2, sentence)
+    assert os.stat(store).st_mtime_ns == saved and sorted(os.listdir(trigram)) == sorted(before)
+  more = _train(trigram, data_dir, 3, '--config.train.num_steps=40')
+  assert more.returncode == 0, more.stderr[-3000:]
+  assert (f'The counts in {store} cover train.num_steps=30; counting afresh over 40.'
+          in more.stderr)
+  assert _final(trigram)[0]['step'] == 40
 
   # A counted run has no network to write as a Hugging Face model.
   line = runs.error_line(runs.command('research.convert', 'to_hf', '--workdir', str(trigram),

@@ -30,14 +30,19 @@ def _commands(tmp_path, bad):
                       f'--config.data.data_dir={bad}'),
       'sweep': ('launch.sweep', '--sweep', str(sweep), '--config', 'configs/decoder.py:tiny',
                 '--workdir', bad),
+      'planted': ('research.data.planted', '--out', bad),
+      'vocab': ('research.word_vectors', 'vocab', '--source', f'text:{tmp_path}', '--out', bad),
+      'export': ('research.word_vectors', 'export', '--workdir', str(run), '--out',
+                 f'{bad}/vectors.txt'),
   }
 
 
-_FLAG = dict(coherence='--out', tokenizer='--out', report='--out', to_hf='--out', layout='--out',
-             from_hf='--workdir', sweep='--workdir')
+_FLAG = dict(coherence='--out', report='--out', to_hf='--out', layout='--out',
+             from_hf='--workdir', sweep='--workdir', planted='--out', vocab='--out')
+_FILE = dict(tokenizer='spm', export='vectors.txt')  # Commands that write a file in the folder.
 
 
-@pytest.mark.parametrize('command', sorted(_FLAG) + ['pretokenize'])
+@pytest.mark.parametrize('command', sorted(_FLAG) + sorted(_FILE) + ['pretokenize'])
 @pytest.mark.parametrize('kind', ['unwritable', 'under_a_file'])
 def test_a_folder_a_command_cannot_write_is_one_sentence(tmp_path, command, kind):
   a_file = tmp_path / 'a_file'
@@ -53,8 +58,14 @@ def test_a_folder_a_command_cannot_write_is_one_sentence(tmp_path, command, kind
     assert line.endswith(f'lies under the file {a_file}; pass a path in a folder.'), line
   if command == 'pretokenize':
     assert line.startswith(f"error: data.data_dir's shard folder {bad}/tokens/"), line
-  elif command == 'tokenizer':
-    assert line.startswith(f'error: --out {bad}/spm: its folder {bad} '), line
+  elif command in _FILE:
+    assert line.startswith(f'error: --out {bad}/{_FILE[command]}: its folder {bad} '), line
   else:
     assert line.startswith(f'error: {_FLAG[command]} {bad} '), line
   assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file', 'run', 'sweep.py']
+
+
+def test_a_file_output_that_is_a_folder_is_one_sentence(tmp_path):
+  line = runs.error_line(runs.in_process('research.word_vectors', 'export', '--workdir',
+                                         str(tmp_path), '--out', str(tmp_path)))
+  assert line == f'error: --out {tmp_path} is a folder; pass the path of a file.'

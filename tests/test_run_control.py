@@ -46,10 +46,10 @@ def test_a_workdir_that_cannot_be_used_is_one_sentence(tmp_path, corpus, kind):
   if kind == 'file':
     workdir = tmp_path / 'a_file'
     workdir.write_text('not a directory')
-    expected = f'error: --workdir {workdir} is a file; pass a directory.'
+    expected = f'error: --workdir {workdir} is a file; pass a folder (it is made if missing).'
   else:
     workdir = '/sys/research-test-workdir'  # Refused even to root.
-    expected = f'error: --workdir {workdir} is not writable ('
+    expected = f'error: --workdir {workdir} cannot be written ('
   line = runs.error_line(runs.train(workdir, corpus))
   assert line.startswith(expected), line
 

@@ -106,6 +106,7 @@ def main(argv):
   parser.add_argument('--seed', type=int, default=0)
   try:
     args = parser.parse_args(argv[1:])
+    cli.check_folder(args.out, '--out')
     corpus, analogies = generate(args.out, args.entities, args.sentences, args.files, args.seed)
   except ValueError as error:
     print(f'error: {error}', file=sys.stderr)

@@ -386,6 +386,11 @@ def build(spec, data, setting='data.paths'):
 
 def specs(data):
   """[(spec, weight)] of config.data: its mixture, or its one source."""
+  if data.paths and (data.mixture or data.source in ('stdlib', 'tfds')):
+    reader = 'data.mixture' if data.mixture else f'data.source={data.source!r}'
+    raise DataError(f'data.paths is set, but {reader} reads no paths; set data.source to text, '
+                    'jsonl or parquet to read them (and leave data.mixture empty), or drop '
+                    'data.paths.')
   if data.mixture:
     if data.tokenized_dir:
       raise DataError('data.tokenized_dir names the shards of one source; leave it empty for a '

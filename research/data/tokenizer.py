@@ -577,7 +577,7 @@ def main(argv):
       raise ValueError(f'--model_type={args.model_type} is not one of {list(MODEL_TYPES)}.')
     if args.max_bytes < 1 or args.extra_ids < 0:
       raise ValueError('--max_bytes must be positive and --extra_ids not negative.')
-    cli.check_folder(os.path.dirname(os.path.abspath(args.out)), f'--out {args.out}: its folder')
+    cli.check_file(args.out, '--out')  # A prefix: PREFIX.model is written.
     if os.path.exists(args.out + '.model') and not args.overwrite:
       raise ValueError(f'{args.out}.model exists; pass --overwrite to replace it, or another '
                        '--out.')
