@@ -37,7 +37,7 @@ while [[ $# -gt 0 ]]; do
 passed to research.train."
         done
         break ;;
-    *) fail "unknown option $1; see launch/tpu_pod.sh with no arguments for the options." ;;
+    *) fail "unknown option $1; launch/tpu_pod.sh --help lists the options." ;;
   esac
 done
 [[ -n $name && -n $zone ]] || fail "pass --name and --zone."
