@@ -70,6 +70,7 @@ from research import checkpoint as checkpoint_lib
 from research import cli
 from research import config as config_lib
 from research import decode
+from research import device_memory
 from research import host_memory
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
@@ -580,9 +581,16 @@ def main(argv):
     if results is not None:  # `train` reports its own, ahead of its profile.
       _print(results)
       _write_json(results)
-  except (config_lib.ConfigError, mesh_lib.MeshError, data_benchmark.DataError) as error:
+  except (config_lib.ConfigError, mesh_lib.MeshError, data_benchmark.DataError,
+          device_memory.MemoryShortage) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
+  except jax.errors.JaxRuntimeError as error:
+    sentence = device_memory.out_of_memory(error)
+    if sentence is None:
+      raise
+    print(f'error: {sentence}', file=sys.stderr)
+    return 1
   return 0
 
 

@@ -32,6 +32,7 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from research import config as config_lib
+from research import device_memory
 from research import mesh as mesh_lib
 from research import models
 from research import objectives
@@ -164,15 +165,8 @@ def _devices(count):
   return jax.devices('cpu')[:count]
 
 
-def _human(count):
-  for unit in ('B', 'KiB', 'MiB', 'GiB'):
-    if count < 1024 or unit == 'GiB':
-      return f'{count:.4g} {unit}'
-    count /= 1024
-
-
 def _print(report):
-  size = lambda key: _human(report[f'{key}_bytes_per_device'])
+  size = lambda key: device_memory.human_bytes(report[f'{key}_bytes_per_device'])
   layout = ''.join(f', {key}={report[key]}' for key in ('remat', 'scan_layers')
                    if report[key] is not None)
   rows = [

@@ -28,6 +28,7 @@ from research import cli
 from research import config as config_lib
 from research import counting
 from research import decode
+from research import device_memory
 from research import host_memory
 from research import mesh as mesh_lib
 from research import metrics as metrics_lib
@@ -475,11 +476,17 @@ def main(argv):
     mesh_lib.initialize_distributed(config.watchdog.peer_timeout_s)
     final = run(config, config_lib.WORKDIR.value)
   except (config_lib.ConfigError, pipeline_lib.DataError, checkpoint_lib.CheckpointError,
-          workdir_lib.WorkdirError, mesh_lib.MeshError) as error:
+          workdir_lib.WorkdirError, mesh_lib.MeshError, device_memory.MemoryShortage) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1 if isinstance(error, checkpoint_lib.SaveError) else 2
   except NonFiniteError as error:
     print(f'error: {error}', file=sys.stderr)
+    return 1
+  except jax.errors.JaxRuntimeError as error:
+    sentence = device_memory.out_of_memory(error)
+    if sentence is None:
+      raise
+    print(f'error: {sentence}', file=sys.stderr)
     return 1
   except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save.
     print('Interrupted before training started; nothing was saved.', file=sys.stderr)

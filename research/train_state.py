@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from research import device_memory
 from research import partitioning
 
 
@@ -70,9 +71,11 @@ def create(model, tx, mesh, init_inputs, rng):
 
   `init_inputs`: keyword arguments of the model's `initialize` method, which creates every
   parameter (see research/models). Returns (state, state_shardings); `state_shardings` is what
-  the train step is jitted with.
+  the train step is jitted with. A state larger than the memory of the devices that would hold
+  it raises device_memory.MemoryShortage first.
   """
-  init_params, _, state_shardings = _plan(model, tx, mesh, init_inputs)
+  init_params, abstract_state, state_shardings = _plan(model, tx, mesh, init_inputs)
+  device_memory.check_state(abstract_state)  # Before the init: see research/device_memory.py.
 
   def init_state(key):
     params = nn.meta.unbox(init_params(key))

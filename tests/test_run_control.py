@@ -1,5 +1,6 @@
-"""The trainer's command line under misuse: a second trainer, bad workdirs, divergence, a changed
-batch size or sequence length on resume, and evaluation on its own cadence."""
+"""The trainer's command line under misuse: a second trainer, bad workdirs, divergence, a step out
+of memory, a changed batch size or sequence length on resume, and evaluation on its own
+cadence."""
 
 import json
 import os
@@ -71,6 +72,20 @@ def test_divergence_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path
   records = runs.metrics(workdir)  # Strict JSON throughout.
   assert all(np.isfinite(r['loss']) for r in records if 'loss' in r)
   assert max(r['step'] for r in records) < diverged
+
+
+def test_a_step_that_runs_out_of_memory_is_one_sentence(tmp_path):
+  # The state fits; attention over a million positions needs terabytes for its temporaries.
+  length = 1 << 20
+  result = runs.command('research.train', '--config', 'configs/decoder.py:tiny', '--workdir',
+                        str(tmp_path / 'run'), f'--config.model.max_len={length}',
+                        f'--config.train.seq_len={length}', '--config.train.batch_size=1',
+                        '--config.mesh.data=1', '--config.mesh.sequence=-1',
+                        '--config.train.progress_bar=False')
+  line = runs.error_line(result, code=1)
+  assert line.startswith('error: A compiled step ran out of cpu memory (Out of memory '
+                         'allocating '), line
+  assert 'lower train.batch_size' in line and 'python -m research.plan' in line, line
 
 
 def test_a_run_that_diverged_before_its_first_checkpoint_gives_way_to_the_next_start(tmp_path,

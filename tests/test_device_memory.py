@@ -1,0 +1,91 @@
+"""A state larger than the devices' memory is refused before it is allocated, and a step that
+runs out of memory is one sentence (research/device_memory.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+import runs
+from research import device_memory
+from research import mesh as mesh_lib
+from research import models
+from research import optim
+from research import partitioning
+from research import train_state
+from research.config import load_config_file
+
+_HUGE_MLP = 4_000_000_000  # The tiny decoder's state is then some 8 TiB.
+
+
+def test_bytes_on_counts_a_shard_on_every_device_that_holds_it():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ('data',))
+  split = NamedSharding(mesh, PartitionSpec('data'))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  tree = {'split': jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=split),
+          'replicated': jax.ShapeDtypeStruct((8, 4), jnp.bfloat16, sharding=replicated)}
+  assert device_memory.bytes_on(jax.devices(), tree) == 8 * 4 * 4 + 8 * (8 * 4 * 2)
+  assert device_memory.bytes_on(jax.devices()[:2], tree) == 2 * 4 * 4 + 2 * (8 * 4 * 2)
+
+
+def _tiny_state(mlp_dim=None):
+  """(model, optimizer, mesh, init inputs) of the tiny decoder on all 8 devices."""
+  config = load_config_file('configs/decoder.py:tiny')
+  if mlp_dim:
+    config.model.mlp_dim = mlp_dim
+  mesh = mesh_lib.make_mesh({'data': 8, 'fsdp': 1, 'sequence': 1, 'tensor': 1})
+  family = models.get(config.model.family)
+  model = family.build(config.model, partitioning.ActivationSharding(mesh))
+  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+  return model, tx, mesh, family.init_inputs(config.train.seq_len)
+
+
+def test_a_state_larger_than_the_host_memory_is_refused_before_it_is_allocated():
+  # XLA:CPU would wait forever on the failed allocation of the initialised state.
+  with pytest.raises(device_memory.MemoryShortage) as error:
+    train_state.create(*_tiny_state(_HUGE_MLP), jax.random.key(0))
+  message = str(error.value)
+  assert message.startswith('The parameters and optimizer state need ')
+  assert " TiB on this host's 8 cpu device(s), more than the " in message
+  assert message.endswith('shows what each device holds.')
+
+
+def test_the_limit_is_what_the_host_has_available(monkeypatch):
+  model, tx, mesh, inputs = _tiny_state()
+  abstract, _ = train_state.abstract(model, tx, mesh, inputs)
+  needed = device_memory.bytes_on(jax.devices(), abstract)
+  monkeypatch.setattr(device_memory, '_cpu_bytes_available', lambda: needed - 1)
+  with pytest.raises(device_memory.MemoryShortage, match='of host memory available'):
+    train_state.create(model, tx, mesh, inputs, jax.random.key(0))
+  monkeypatch.setattr(device_memory, '_cpu_bytes_available', lambda: needed)
+  state, _ = train_state.create(model, tx, mesh, inputs, jax.random.key(0))
+  assert int(state.step) == 0
+  monkeypatch.setattr(device_memory, '_cpu_bytes_available', lambda: None)  # Unknown: no check.
+  train_state.create(model, tx, mesh, inputs, jax.random.key(0))
+
+
+def test_an_out_of_memory_error_is_one_sentence_and_other_errors_are_not_taken_for_one():
+  with pytest.raises(jax.errors.JaxRuntimeError) as error:
+    jax.jit(lambda: jnp.ones((1 << 40,), jnp.float32))().block_until_ready()  # 4 TiB.
+  sentence = device_memory.out_of_memory(error.value)
+  assert sentence.startswith('A compiled step ran out of cpu memory (Out of memory allocating '
+                             '4398046511104 bytes); lower train.batch_size')
+  assert sentence.endswith('Checkpoints saved before it are kept.') and '\n' not in sentence
+  assert device_memory.out_of_memory(jax.errors.JaxRuntimeError('INVALID_ARGUMENT: x')) is None
+
+
+def test_human_bytes():
+  assert device_memory.human_bytes(512) == '512 B'
+  assert device_memory.human_bytes(119.1 * 2**20) == '119.1 MiB'
+  assert device_memory.human_bytes(8.5 * 2**40) == '8.5 TiB'
+
+
+def test_training_a_state_that_cannot_fit_stops_with_one_sentence_and_makes_no_workdir(
+    tmp_path):
+  workdir = tmp_path / 'run'
+  result = runs.in_process('research.train', '--config', 'configs/decoder.py:tiny', '--workdir',
+                           str(workdir), f'--config.model.mlp_dim={_HUGE_MLP}')
+  line = runs.error_line(result)
+  assert line.startswith('error: The parameters and optimizer state need '), line
+  assert not workdir.exists()
