@@ -200,6 +200,12 @@ def _check_structure(record, expected, current_settings, directory, params_only=
   from research import optim  # Imported here: optim -> config -> objectives -> this module.
   what, names = ('a different model', 'model.') if in_params else (
       'a different optimizer', optim.STATE_SETTINGS)
+  family = record['settings'].get('model.family'), current_settings.get('model.family')
+  if in_params and family[0] != family[1]:  # Every setting would differ: the family says it all.
+    raise CheckpointError(f'The checkpoint in {directory} was written for a model of '
+                          f'model.family={family[0]} and this config builds one of model.family='
+                          f'{family[1]}; resume with the {family[0]} config it was written with, '
+                          'or pass another --workdir.')
   changed = _differences(record['settings'], current_settings, names)
   if not changed:
     name = (in_params or differing)[0]
@@ -368,6 +374,12 @@ def read_params(directory, abstract_params):
   is not read. `abstract_params` may instead be a function of the checkpoint's record that returns
   the part of the parameters to read."""
   if not os.path.isdir(directory):
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if os.path.isfile(existing):
+      raise CheckpointError(f'{existing} is a file, not a run\'s workdir; point at the workdir '
+                            'of a finished run.')
     raise CheckpointError(f'{directory} does not exist; point at the workdir of a finished run.')
   source = Checkpointer(directory, keep=None)
   try:

@@ -369,6 +369,12 @@ def _float_settings(tree, prefix=''):
       yield prefix + key, value
 
 
+# Which way an evaluation metric improves, by the last word of its name (eval_mlm_loss,
+# eval_nsp_accuracy); a metric not named here may be kept either way.
+_BETTER = {'loss': 'min', 'perplexity': 'min', 'entropy': 'min', 'byte': 'min', 'kl': 'min',
+           'mse': 'min', 'accuracy': 'max', 'f1': 'max', 'match': 'max'}
+
+
 def validate(config, num_devices):
   """Checks a config against itself and the device count; returns the resolved mesh shape."""
   m, o, t = config.model, config.optim, config.train
@@ -431,6 +437,14 @@ def validate(config, num_devices):
     raise ConfigError(f'config.model.dropout_rate={m.get("dropout_rate")} must lie in [0, 1).')
   try:
     family.check_config(m)
+  except (AttributeError, KeyError) as error:  # A setting of another family's model section.
+    raise ConfigError(
+        f'model.family={m.family} needs model settings this config does not have (model.'
+        f'{re.findall(r"[A-Za-z_]+", str(error))[0]}): another family\'s config cannot be '
+        f'switched over; start from a variant of configs/{m.family}.py.') from None
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  try:
     objective.check_config(config, family)
   except ValueError as error:
     raise ConfigError(str(error)) from None
@@ -442,6 +456,11 @@ def validate(config, num_devices):
                         f'objective.name={config.objective.name!r}; choose one of {names}.')
     if c.best_mode not in ('max', 'min'):
       raise ConfigError(f"checkpoint.best_mode={c.best_mode!r} is not one of ['max', 'min'].")
+    better = _BETTER.get(c.best_metric.rsplit('_', 1)[-1])
+    if better and better != c.best_mode:
+      raise ConfigError(f'checkpoint.best_metric={c.best_metric} is better when '
+                        f'{"lower" if better == "min" else "higher"}, and best_mode={c.best_mode} '
+                        f'would keep the worst checkpoint; set checkpoint.best_mode={better}.')
   if t.seq_len > m.max_len:
     raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={m.max_len}; shorten the '
                       'sequences or raise max_len.')

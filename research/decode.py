@@ -81,6 +81,13 @@ def check_inputs(spec, prompts, sampling, encoder_decoder=False):
     raise ValueError(f'Beam search is deterministic: temperature={s.temperature}, top_k={s.top_k} '
                      f'and top_p={s.top_p} have no use with num_beams={s.num_beams}; leave them '
                      'at 0, 0 and 1, or set num_beams to 0.')
+  if not s.num_beams and s.length_penalty != 1:
+    raise ValueError(f'length_penalty={s.length_penalty} scores beams and has no use without '
+                     'num_beams; set num_beams (e.g. 4), or leave length_penalty at 1.')
+  if s.temperature == 0 and not s.num_beams and (s.top_k or s.top_p < 1):
+    raise ValueError(f'Greedy decoding (temperature=0) takes the most likely token: top_k='
+                     f'{s.top_k} and top_p={s.top_p} have no use with it; set a temperature '
+                     '(e.g. 0.8) to sample, or leave them at 0 and 1.')
   if not prompts:
     raise ValueError('No prompt given; pass at least one prompt.')
   for row, prompt in enumerate(prompts):

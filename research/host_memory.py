@@ -55,3 +55,22 @@ def reuse_freed_memory():
   applied = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_MAX, 0),
              libc.mallopt(_M_TRIM_THRESHOLD, _LARGEST)]
   return all(applied)
+
+
+class _MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
+      'fordblks', 'keepcost')]
+
+
+def heap_free_bytes():
+  """Bytes glibc's heap holds free for this process's next allocations: the kernel counts them as
+  taken, so they add to what it reports as available. 0 where that cannot be read (another C
+  library, a glibc older than 2.33)."""
+  if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+    return 0
+  libc = ctypes.CDLL('libc.so.6')
+  if not hasattr(libc, 'mallinfo2'):
+    return 0
+  libc.mallinfo2.restype = _MallInfo2
+  return int(libc.mallinfo2().fordblks)

@@ -117,10 +117,8 @@ def plan(config, devices, hbm_bytes=0):
   frozen, frozen_shardings = objectives.frozen(objective, mesh, abstract=True)
   frozen_args, frozen_in = ((), ()) if frozen is None else ((frozen,), (frozen_shardings,))
   fields = objective.fields(t.seq_len)
-  shapes = global_batch.batch_shapes(fields, t.batch_size)
   shardings = global_batch.batch_shardings(fields, t.batch_size, mesh)
-  batch = {name: jax.ShapeDtypeStruct(shapes[name], field.dtype, sharding=shardings[name])
-           for name, field in fields.items()}
+  batch = global_batch.abstract(fields, t.batch_size, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=replicated)

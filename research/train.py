@@ -13,6 +13,7 @@ optimizer, step 0); else initialise afresh.
 
 import contextlib
 import functools
+import json
 import os
 import sys
 import time
@@ -195,6 +196,20 @@ def _released(state):
   return template
 
 
+def _changed_data_settings(checkpoints, config):
+  """'data.KEY: A there, B here, ...' of the data settings that differ from those the run's
+  config.json (beside its checkpoints) recorded; '' where it cannot be read."""
+  try:
+    with open(os.path.join(os.path.dirname(checkpoints), 'config.json')) as f:
+      recorded = json.load(f)['data']
+    current = json.loads(config.data.to_json_best_effort())  # As config.json holds it.
+    return ', '.join(f'data.{k}: {recorded.get(k)!r} there, {current.get(k)!r} here'
+                     for k in sorted(set(recorded) | set(current))
+                     if recorded.get(k) != current.get(k))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return ''
+
+
 def _start_up(config, trainer, checkpointer):
   """Applies the start-up precedence; returns (state, dropout_rng, description).
 
@@ -203,7 +218,8 @@ def _start_up(config, trainer, checkpointer):
   if checkpointer.latest_step() is not None:
     state, record = checkpointer.restore(_released(trainer.state), trainer.state_shardings,
                                          checkpoint_lib.settings(config))
-    trainer.pipeline.check_position(record['data'])
+    trainer.pipeline.check_position(record['data'],
+                                    _changed_data_settings(checkpointer.directory, config))
     trainer.pipeline.resume_at(record['data']['next_step'], record['data']['rows_consumed'])
     rng = checkpoint_lib.rng_from_record(record)
     return state, rng, f'resumed from step {int(state.step)} in {checkpointer.directory}'
@@ -279,10 +295,17 @@ def _check_tokenizer(workdir, config):
       name, fingerprint = tokenizer.name, tokenizer.fingerprint
   except ValueError as error:  # A damaged saved copy, or a configured one that cannot load.
     raise pipeline_lib.DataError(str(error)) from None
-  if saved.fingerprint != fingerprint:
+  if saved.fingerprint == fingerprint:
+    return
+  if saved.name == name:  # The same tokenizer with another number of sentinels.
+    kept = len(saved.sentinel_ids)
     raise pipeline_lib.DataError(
-        f'{workdir} was trained with the tokenizer {saved.name} and this run would use {name}; '
-        f'resume with --config.data.tokenizer={saved.name}, or start a new --workdir.')
+        f'{workdir} was trained with the tokenizer {name} and {kept} sentinel ids, and this run '
+        f'would add {config.data.extra_ids}; resume with --config.data.extra_ids={kept}, or start '
+        'a new --workdir.')
+  raise pipeline_lib.DataError(
+      f'{workdir} was trained with the tokenizer {saved.name} and this run would use {name}; '
+      f'resume with --config.data.tokenizer={saved.name}, or start a new --workdir.')
 
 
 def run(config, workdir):
@@ -317,6 +340,15 @@ def _train(config, workdir, mesh, stop):
     checkpointer.close()
     return {}
   print(f'{origin}; mesh {dict(mesh.shape)}', file=sys.stderr)
+  if config.optim.warmup_steps >= t.num_steps and jax.process_index() == 0:
+    print(f'Note: optim.warmup_steps={config.optim.warmup_steps} is not shorter than '
+          f'train.num_steps={t.num_steps}, so the learning rate never reaches optim.lr='
+          f'{config.optim.lr:g}; shorten the warm-up for a run this short.', file=sys.stderr)
+  # Compiled now rather than at the first step (which then finds it in jit's cache), so that a
+  # step that cannot fit stops before anything is written to the workdir.
+  device_memory.check_step(trainer.train_step.lower(
+      state, global_batch.abstract(trainer.objective.fields(t.seq_len), t.batch_size, mesh),
+      dropout_rng).compile())
   if stop.stopped_before_start() is not None:
     print(f'Stopped on {stop.signal} before training started; nothing new to save.',
           file=sys.stderr)
@@ -339,7 +371,8 @@ def _train(config, workdir, mesh, stop):
   if config.checkpoint.best_metric:
     best = checkpoint_lib.BestKeeper(os.path.join(workdir, 'best'),
                                      config.checkpoint.best_metric, config.checkpoint.best_mode)
-  print(f'MFU is relative to the {peak_label}', file=sys.stderr)
+  print(f'MFU is relative to the {peak_label}'
+        + (f' ({peak / 1e9:,.0f} GFLOP/s per device)' if peak else ''), file=sys.stderr)
   bar = _progress_bar(config, start_step, stop_step)
   pending, unlogged, last = [], [], {}
   tracing = profiling = False  # A trace running; the traced steps under way (however it went).
@@ -455,6 +488,11 @@ def _train(config, workdir, mesh, stop):
   if stopping:
     print(f'Stopped at step {done} on {stop.signal} with its checkpoint saved; rerun the same '
           'command to continue.', file=sys.stderr)
+    return last
+  if stop_step < t.num_steps:
+    print(f'Stopped at step {stop_step} (train.stop_at_step) with its checkpoint saved; rerun '
+          f'without train.stop_at_step, or with a later one, to continue to train.num_steps='
+          f'{t.num_steps}.', file=sys.stderr)
     return last
   sample = _sample(trainer, state.params, config)
   if sample is not None and jax.process_index() == 0:

@@ -222,6 +222,19 @@ def test_a_changed_structure_is_named_and_nothing_is_moved(stopped_at_5, corpus,
   assert os.listdir(stopped_at_5 / 'checkpoints') == ['5']  # Nothing moved aside.
 
 
+def test_a_checkpoint_of_another_family_is_named_by_its_family(stopped_at_5, corpus):
+  # Not every model setting that differs: the family says it.
+  line = runs.error_line(runs.command(
+      'research.train', '--config', 'configs/encoder.py:bert_tiny', '--workdir',
+      str(stopped_at_5), '--config.data.source=text', f'--config.data.paths={corpus}',
+      f'--config.data.data_dir={corpus.parent / "tfds"}'))
+  assert line == (f'error: The checkpoint in {stopped_at_5}/checkpoints was written for a model '
+                  'of model.family=decoder and this config builds one of model.family=encoder; '
+                  'resume with the decoder config it was written with, or pass another '
+                  '--workdir.'), line
+  assert os.listdir(stopped_at_5 / 'checkpoints') == ['5']
+
+
 def test_keep_one_retains_only_the_final_checkpoint(tmp_path, corpus):
   workdir = tmp_path / 'run'
   runs.ok(runs.train(workdir, corpus, '--config.train.num_steps=6',

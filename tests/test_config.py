@@ -367,6 +367,41 @@ def test_every_command_module_imports_together():
   import research.train  # noqa: F401
 
 
+@pytest.mark.parametrize('spec, family, missing', [
+    ('encoder.py:bert_tiny', 'encoder_decoder', 'activation'),
+    ('encoder_decoder.py:t5_tiny', 'decoder', 'style'),
+    ('encoder.py:bert_tiny', 'rnn', 'cell'),
+    ('decoder.py:tiny', 'ngram', 'order'),
+])
+def test_another_familys_config_cannot_be_switched_over(spec, family, missing):
+  config = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                                    spec))
+  config.model.family = family
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, 1)
+  assert str(error.value) == (
+      f'model.family={family} needs model settings this config does not have (model.{missing}): '
+      f"another family's config cannot be switched over; start from a variant of "
+      f'configs/{family}.py.')
+
+
+@pytest.mark.parametrize('spec, metric, mode, better', [
+    ('encoder.py:bert_tiny', 'eval_loss', 'max', 'min'),
+    ('encoder.py:bert_tiny', 'eval_nsp_accuracy', 'min', 'max'),
+    ('decoder.py:tiny', 'eval_perplexity', 'max', 'min')])
+def test_a_best_mode_that_would_keep_the_worst_checkpoint_is_refused(spec, metric, mode, better):
+  config = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                                    spec))
+  config.checkpoint.best_metric, config.checkpoint.best_mode = metric, mode
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, 1)
+  assert str(error.value).startswith(f'checkpoint.best_metric={metric} is better when ')
+  assert str(error.value).endswith(f'would keep the worst checkpoint; set '
+                                   f'checkpoint.best_mode={better}.')
+  config.checkpoint.best_mode = better
+  config_lib.validate(config, 1)
+
+
 @pytest.mark.parametrize('spec', ['encoder_decoder.py:t5_tiny',
                                   'rnn_seq2seq.py:gru_attention_tiny', 'encoder.py:bert_tiny'])
 def test_causal_lm_refuses_a_family_that_does_not_predict_the_next_token(spec):
@@ -374,6 +409,6 @@ def test_causal_lm_refuses_a_family_that_does_not_predict_the_next_token(spec):
                                                     spec))
   config.objective.name = 'causal_lm'
   with pytest.raises(config_lib.ConfigError, match=r'^objective.name=causal_lm needs a family '
-                     r'that predicts the next token; model.family=.* does not \(use '
-                     r'model.family=decoder\)\.$'):
+                     r'that predicts the next token; model.family=.* does not \(start from '
+                     r'a variant of configs/decoder.py\)\.$'):
     config_lib.validate(config, 1)

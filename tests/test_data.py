@@ -579,6 +579,12 @@ def test_resuming_with_another_tokenizer_is_one_sentence(tmp_path):
   config = ml_collections.ConfigDict(dict(data=dict(source='text', tokenizer='bytes',
                                                     extra_ids=0)))
   train._check_tokenizer(str(tmp_path / 'run'), config)  # The same one: accepted.
+  config.data.extra_ids = 100  # The same tokenizer with T5's sentinels is another one.
+  with pytest.raises(pipeline_lib.DataError, match=r'^.*run was trained with the tokenizer bytes '
+                     r'and 0 sentinel ids, and this run would add 100; resume with '
+                     r'--config.data.extra_ids=0, or start a new --workdir\.$'):
+    train._check_tokenizer(str(tmp_path / 'run'), config)
+  config.data.extra_ids = 0
   config.data.source = 'markov'
   with pytest.raises(pipeline_lib.DataError, match=r'^.*run was trained with the tokenizer bytes '
                      r'and this run would use synthetic tokens \(data.source=markov\); resume '

@@ -104,6 +104,12 @@ def test_generation_uses_every_position_up_to_max_len_and_no_more(decoder_config
     ([[1]], dict(temperature=1.0, top_p=1.5), 'top_p=1.5 must lie in (0, 1]'),
     ([[1]], dict(temperature=1.0, top_k=257), 'top_k=257 must lie in [0, 256]'),
     ([[1]], dict(temperature=1.0, top_k=-1), 'top_k=-1 must lie in [0, 256]'),
+    ([[1]], dict(top_k=40), 'Greedy decoding (temperature=0) takes the most likely token: '
+                            'top_k=40 and top_p=1.0 have no use with it'),
+    ([[1]], dict(top_p=0.5), 'Greedy decoding (temperature=0) takes the most likely token: '
+                             'top_k=0 and top_p=0.5 have no use'),
+    ([[1]], dict(length_penalty=2.0), 'length_penalty=2.0 scores beams and has no use without '
+                                      'num_beams'),
     ([[1], [3, 256]], {}, 'Prompt 1 holds token id 256, outside the vocabulary of 256 ids'),
     ([[-1]], {}, 'Prompt 0 holds token id -1, outside the vocabulary'),
     ([[1, 2.0]], {}, 'Prompt 0 holds token id 2.0, outside the vocabulary'),

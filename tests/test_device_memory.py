@@ -89,3 +89,18 @@ def test_training_a_state_that_cannot_fit_stops_with_one_sentence_and_makes_no_w
   line = runs.error_line(result)
   assert line.startswith('error: The parameters and optimizer state need '), line
   assert not workdir.exists()
+
+
+def test_a_step_that_cannot_fit_what_the_state_leaves_stops_before_the_workdir_is_written(
+    tmp_path, monkeypatch):
+  left = iter([1 << 40, 1 << 20])  # The state fits; then 1 MiB is left for the step.
+  monkeypatch.setattr(device_memory, '_cpu_bytes_available', lambda: next(left))
+  monkeypatch.setattr(device_memory.host_memory, 'heap_free_bytes', lambda: 0)
+  workdir = tmp_path / 'run'
+  result = runs.in_process('research.train', '--config', 'configs/decoder.py:tiny', '--workdir',
+                           str(workdir))
+  line = runs.error_line(result)
+  assert line.startswith("error: A train step needs "), line
+  assert " beyond the state on this host's 8 cpu device(s), more than the 1 MiB of host memory " \
+      'left; lower train.batch_size' in line, line
+  assert not (workdir / 'config.json').exists()

@@ -251,8 +251,10 @@ def test_a_bfloat16_teacher_is_cast_once(decoder_config, teacher):
 
 
 def test_config_errors_are_one_sentence(decoder_config, teacher, tmp_path):
+  (tmp_path / 'a_file').write_text('')
   cases = [
       (dict(teacher=str(tmp_path / 'nowhere')), 'does not exist'),
+      (dict(teacher=str(tmp_path / 'a_file')), 'a_file is a file; point it at the workdir'),
       (dict(teacher=str(tmp_path)), 'holds no finished checkpoint'),
       (dict(alpha=1.5), 'objective.alpha=1.5 must lie in [0, 1]'),
       (dict(temperature=0.0), 'objective.temperature=0.0 must be positive'),

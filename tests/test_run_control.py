@@ -11,6 +11,7 @@ import pytest
 
 import runs
 from research import config as config_lib
+from research import device_memory
 from research.data import pipeline as pipeline_lib
 
 pytestmark = pytest.mark.slow
@@ -57,8 +58,14 @@ def test_a_workdir_that_cannot_be_used_is_one_sentence(tmp_path, corpus, kind):
 
 def test_divergence_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, corpus):
   workdir = tmp_path / 'run'
-  runs.ok(runs.train(workdir, corpus, '--config.train.stop_at_step=4',
-                     '--config.checkpoint.every_steps=2', '--config.checkpoint.keep=1'))
+  stopped = runs.ok(runs.train(workdir, corpus, '--config.train.stop_at_step=4',
+                               '--config.checkpoint.every_steps=2', '--config.checkpoint.keep=1'))
+  assert ('Stopped at step 4 (train.stop_at_step) with its checkpoint saved; rerun without '
+          'train.stop_at_step, or with a later one, to continue to train.num_steps=20.'
+          in stopped.stderr), stopped.stderr[-2000:]
+  assert ('Note: optim.warmup_steps=100 is not shorter than train.num_steps=20, so the learning '
+          'rate never reaches optim.lr=0.003; shorten the warm-up for a run this short.'
+          in stopped.stderr), stopped.stderr[-2000:]
   assert os.listdir(workdir / 'checkpoints') == ['4']
   # An absurd learning rate makes the parameters overflow within a few steps.
   result = runs.train(workdir, corpus, '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
@@ -74,14 +81,27 @@ def test_divergence_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path
   assert max(r['step'] for r in records) < diverged
 
 
-def test_a_step_that_runs_out_of_memory_is_one_sentence(tmp_path):
-  # The state fits; attention over a million positions needs terabytes for its temporaries.
+def _a_million_positions(workdir):
+  """A run whose state fits and whose attention over a million positions needs terabytes."""
   length = 1 << 20
-  result = runs.command('research.train', '--config', 'configs/decoder.py:tiny', '--workdir',
-                        str(tmp_path / 'run'), f'--config.model.max_len={length}',
-                        f'--config.train.seq_len={length}', '--config.train.batch_size=1',
-                        '--config.mesh.data=1', '--config.mesh.sequence=-1',
-                        '--config.train.progress_bar=False')
+  return ('--config', 'configs/decoder.py:tiny', '--workdir', str(workdir),
+          f'--config.model.max_len={length}', f'--config.train.seq_len={length}',
+          '--config.train.batch_size=1', '--config.mesh.data=1', '--config.mesh.sequence=-1',
+          '--config.train.progress_bar=False')
+
+
+def test_a_step_that_cannot_fit_is_refused_before_it_runs(tmp_path):
+  workdir = tmp_path / 'run'
+  line = runs.error_line(runs.command('research.train', *_a_million_positions(workdir)))
+  assert line.startswith('error: A train step needs '), line
+  assert 'TiB beyond the state on this host' in line and 'lower train.batch_size' in line, line
+  assert not (workdir / 'config.json').exists()
+
+
+def test_a_step_that_runs_out_of_memory_is_one_sentence(tmp_path, monkeypatch):
+  # Where the memory left is not known, the check passes and XLA's allocation fails.
+  monkeypatch.setattr(device_memory, '_left', lambda devices: None)
+  result = runs.in_process('research.train', *_a_million_positions(tmp_path / 'run'))
   line = runs.error_line(result, code=1)
   assert line.startswith('error: A compiled step ran out of cpu memory (Out of memory '
                          'allocating '), line
@@ -163,3 +183,13 @@ def test_evaluation_runs_on_its_own_cadence(tmp_path, corpus):
   assert [r['step'] for r in records if 'loss' in r] == [3, 6, 7]
   environment = json.load(open(workdir / 'environment.json'))
   assert environment['data']['sources'][0]['spec'] == f'text:{corpus}'
+
+
+def test_resuming_on_other_data_names_the_settings_that_differ(tmp_path, corpus):
+  workdir = tmp_path / 'run'
+  runs.ok(runs.train(workdir, corpus, '--config.train.stop_at_step=2'))
+  line = runs.error_line(runs.train(workdir, corpus, '--config.data.validation_percent=20'))
+  assert line == ('error: The checkpoint was trained on other data (the run recorded other data '
+                  'settings: data.validation_percent: 5 there, 20 here); resume with the '
+                  'same data settings, or warm start a new --workdir with '
+                  '--config.checkpoint.init_from.'), line

@@ -143,6 +143,11 @@ def test_a_target_that_is_not_a_text_is_one_sentence(tmp_path):
      ('--config.data.validation_path=/nonexistent/dev.jsonl',),
      '/nonexistent/dev.jsonl does not exist; fix data.train_path or data.validation_path'),
     (['input,target', 'abc,cba'], (), 'Line 1 of'),  # A CSV file given as JSON lines.
+    (['{"input": "abc", "target": "cba"}'],
+     (f'--config.data.validation_path={runs.REPO}/configs',),
+     f'{runs.REPO}/configs is a folder, not a jsonl file; point data.train_path and '
+     f'data.validation_path at files (a glob such as {runs.REPO}/configs/*.jsonl reads those in '
+     'it).'),
 ])
 def test_bad_pairs_stop_the_command_with_one_sentence(tmp_path, lines, overrides, fragment):
   path = tmp_path / 'pairs.jsonl'

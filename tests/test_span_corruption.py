@@ -179,3 +179,21 @@ def test_resuming_with_another_target_length_is_refused():
   with pytest.raises(pipeline_lib.DataError, match=r'rows of train.target_len=32 but this run has '
                                                    r'64; resume with --config.train.target_len=32'):
     data.check_position(position)
+
+
+def test_a_mean_span_longer_than_an_example_is_refused():
+  # T5's counts would make all the noise one span, of another length than the one asked for.
+  config = _config(mean_span_length=500)
+  with pytest.raises(config_lib.ConfigError, match=r'^objective.mean_span_length=500 is longer '
+                     r'than an example \(the 148 tokens that train.seq_len=128 and '
+                     r'train.target_len=32 hold\); lower it'):
+    config_lib.validate(config, 1)
+  config.objective.mean_span_length = 20
+  config_lib.validate(config, 1)
+  config = _config(name='ul2', denoisers='R:3:0.15=1;X:64:0.5=1;S=1')
+  with pytest.raises(ValueError, match=r"^A UL2 denoiser's mean span of 64 tokens is longer than "
+                     r'an example \(the 61 tokens that train.seq_len=128 and train.target_len=32 '
+                     r'hold\); lower it in objective.denoisers or raise the lengths\.$'):
+    ul2.Objective(config).transform(TOKENIZER)
+  config.train.target_len = 128
+  ul2.Objective(config).transform(TOKENIZER)

@@ -73,6 +73,20 @@ def test_warm_start_from_another_width_is_one_sentence(tmp_path):
   assert message.startswith('Parameter [') and 'has shape [' in message and '\n' not in message
 
 
+def test_warm_start_from_a_file_or_a_missing_folder_is_one_sentence(tmp_path):
+  target = _trainer(_config('nsp'))
+  (tmp_path / 'train.csv').write_text('text,label\n')
+  for source, message in [
+      (tmp_path / 'train.csv', f'{tmp_path / "train.csv"} is a file, not a run\'s workdir; point '
+                               'at the workdir of a finished run.'),
+      (tmp_path / 'nowhere', f'{tmp_path / "nowhere" / "checkpoints"} does not exist; point at '
+                             'the workdir of a finished run.')]:
+    with pytest.raises(checkpoint_lib.CheckpointError) as error:
+      checkpoint_lib.restore_params(str(source), target.state, target.state_shardings,
+                                    checkpoint_lib.settings(_config('nsp')))
+    assert str(error.value) == message
+
+
 def test_warm_start_from_another_family_or_layer_layout_is_one_sentence(tmp_path):
   source_config = _config('none')
   _save(_trainer(source_config), source_config, str(tmp_path / 'source'))

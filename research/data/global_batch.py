@@ -23,6 +23,14 @@ def batch_shardings(fields, batch_size, mesh):
           for (name, f), shape in zip(fields.items(), batch_shapes(fields, batch_size).values())}
 
 
+def abstract(fields, batch_size, mesh):
+  """The batch as ShapeDtypeStructs with their shardings, for compiling a step ahead of time."""
+  shapes = batch_shapes(fields, batch_size)
+  shardings = batch_shardings(fields, batch_size, mesh)
+  return {name: jax.ShapeDtypeStruct(shapes[name], field.dtype, sharding=shardings[name])
+          for name, field in fields.items()}
+
+
 def assemble(rows, shapes, shardings):
   """Global arrays of `shapes` from rows(lo, hi) -> dict of [hi - lo, ...] numpy arrays."""
   batch_size = next(iter(shapes.values()))[0]

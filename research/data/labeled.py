@@ -132,6 +132,11 @@ def _local_split(path, d, num_labels, targets='classes'):
   matches = sorted(glob.glob(os.path.expanduser(path)))
   if not matches:
     raise DataError(f'{path} does not exist; fix data.train_path or data.validation_path.')
+  folders = [file for file in matches if os.path.isdir(file)]
+  if folders:
+    raise DataError(f'{folders[0]} is a folder, not a {d.source} file; point data.train_path and '
+                    f'data.validation_path at files (a glob such as '
+                    f'{os.path.join(folders[0], "*." + d.source)} reads those in it).')
   examples, digest = [], hashlib.sha256()
   for file in matches:
     with open(file, 'rb') as f:

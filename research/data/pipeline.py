@@ -61,8 +61,9 @@ class Pipeline:
                 target_len=self.target_len, seed=self.seed,
                 fingerprint=self.record['fingerprint'], objective=self.objective)
 
-  def check_position(self, position):
-    """Refuses, in one sentence, a position whose rows mean something else in this run."""
+  def check_position(self, position, changed_settings=''):
+    """Refuses, in one sentence, a position whose rows mean something else in this run
+    (`changed_settings`: the data settings that differ from the run's recorded ones, if known)."""
     if position['rows_consumed'] == 0:  # Nothing consumed yet: any data may follow.
       return
     for key, name in (('seq_len', 'train.seq_len'), ('target_len', 'train.target_len'),
@@ -74,10 +75,12 @@ class Pipeline:
                         f'{saved}, or warm start a new --workdir with '
                         '--config.checkpoint.init_from.')
     if position['fingerprint'] != self.record['fingerprint']:
-      raise DataError('The checkpoint was trained on other data (fingerprint '
-                      f"{position['fingerprint'][:16]} there, {self.record['fingerprint'][:16]} "
-                      'here); resume with the same data settings, or warm start a new --workdir '
-                      'with --config.checkpoint.init_from.')
+      what = (f'the run recorded other data settings: {changed_settings}' if changed_settings
+              else f"fingerprint {position['fingerprint'][:16]} there, "
+                   f"{self.record['fingerprint'][:16]} here")
+      raise DataError(f'The checkpoint was trained on other data ({what}); resume with the same '
+                      'data settings, or warm start a new --workdir with '
+                      '--config.checkpoint.init_from.')
     saved = position.get('objective')  # Absent from checkpoints of earlier versions.
     # Settings a later version added are not in an earlier checkpoint's record: only those it
     # recorded can differ.

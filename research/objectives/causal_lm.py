@@ -35,7 +35,7 @@ def check_config(config, family):
                    and not getattr(family, 'IS_ENCODER_DECODER', False))
   if not (predicts_next or getattr(family, 'COUNTED', False)):
     raise ValueError(f'objective.name=causal_lm needs a family that predicts the next token; '
-                     f'model.family={config.model.family!r} does not (use model.family=decoder).')
+                     f'model.family={config.model.family!r} does not (start from a variant of configs/decoder.py).')
   if config.data.source not in SOURCES:
     raise ValueError(f'objective.name=causal_lm reads documents; set data.source to one of '
                      f'{list(SOURCES)} (it is {config.data.source!r}).')

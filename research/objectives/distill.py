@@ -121,8 +121,9 @@ def teacher_config(workdir):
     raise ValueError('objective.name=distill needs objective.teacher, the workdir of a trained '
                      'run.')
   if not os.path.isdir(workdir):
-    raise ValueError(f'objective.teacher={workdir} does not exist; point it at the workdir of a '
-                     'trained run.')
+    what = 'is a file' if os.path.isfile(workdir) else 'does not exist'
+    raise ValueError(f'objective.teacher={workdir} {what}; point it at the workdir of a trained '
+                     'run.')
   if os.path.exists(os.path.join(workdir, 'config.json')):
     family = workdir_lib.load_config(workdir).model.family
     if getattr(models.get(family), 'COUNTED', False):  # It saves counts, never a checkpoint.

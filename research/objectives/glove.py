@@ -33,8 +33,8 @@ def check_config(config, family):
   del family
   o = config.objective
   if config.model.family != 'word_vectors':
-    raise ValueError('objective.name=glove trains word vectors; set model.family=word_vectors '
-                     f'(it is {config.model.family!r}).')
+    raise ValueError('objective.name=glove trains word vectors, which model.family='
+                     f'{config.model.family!r} does not; start from configs/word_vectors.py:glove_tiny.')
   objectives.check_word_documents(config, reads='counts words in documents')
   if not config.model.biases:
     raise ValueError('objective.name=glove fits a bias per word and table; set '

@@ -40,7 +40,7 @@ def check_config(config, family):
   o, m, t = config.objective, config.model, config.train
   if not hasattr(family.build(m), 'mlm_logits'):
     raise ValueError(f'objective.name=mlm needs a family with a masked-LM head; '
-                     f'model.family={m.family!r} has none (use model.family=encoder).')
+                     f'model.family={m.family!r} has none (start from a variant of configs/encoder.py).')
   if config.data.source not in sources.KINDS:
     raise ValueError('objective.name=mlm needs documents of text with special tokens; set '
                      f'data.source to one of {list(sources.KINDS)} (it is '

@@ -39,7 +39,7 @@ def check_config(config, family, name, reads=sources.KINDS):
   o, t = config.objective, config.train
   if not getattr(family, 'IS_ENCODER_DECODER', False):
     raise ValueError(f'objective.name={name} trains an encoder-decoder; model.family='
-                     f'{config.model.family!r} is not one (use model.family=encoder_decoder).')
+                     f'{config.model.family!r} is not one (start from a variant of configs/encoder_decoder.py).')
   if 'target_len' not in t or t.target_len < 2:
     raise ValueError(f'objective.name={name} needs train.target_len (decoder positions per row, '
                      'at least 2); start from --config configs/encoder_decoder.py:VARIANT.')

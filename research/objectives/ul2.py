@@ -89,6 +89,11 @@ class Transform(text_to_text.Transform):
                        f'{self.target_len} hold no example of every UL2 denoiser; raise '
                        'train.target_len (UL2 trains with target_len = seq_len).')
     for denoiser in self.denoisers:
+      if isinstance(denoiser, _Denoiser) and denoiser.mean > size:
+        raise ValueError(f'A UL2 denoiser\'s mean span of {denoiser.mean:g} tokens is longer than '
+                         f'an example (the {size} tokens that train.seq_len='
+                         f'{config.train.seq_len} and train.target_len={self.target_len} hold); '
+                         'lower it in objective.denoisers or raise the lengths.')
       if isinstance(denoiser, _Denoiser):
         spans = span_corruption.noise_counts(max(size, 2), denoiser.density, denoiser.mean)[1]
         if spans > len(tokenizer.sentinel_ids):

@@ -49,8 +49,9 @@ def check_config(config, family):
   del family
   o = config.objective
   if config.model.family != 'word_vectors':
-    raise ValueError(f'objective.name={o.name} trains word vectors; set model.family=word_vectors '
-                     f'(it is {config.model.family!r}).')
+    raise ValueError(f'objective.name={o.name} trains word vectors, which model.family='
+                     f'{config.model.family!r} does not; start from a variant of '
+                     'configs/word_vectors.py.')
   objectives.check_word_documents(config, reads='reads documents of words')
   if config.model.biases:
     raise ValueError(f'objective.name={o.name} uses no biases; set model.biases=False.')
