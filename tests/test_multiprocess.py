@@ -289,3 +289,20 @@ def test_a_bad_workdir_stops_every_process_at_once_from_the_launchers_folder(tmp
               'in a folder.')
   assert f'[p0] {sentence}' in result.stderr and f'[p1] {sentence}' in result.stderr
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_state_too_large_for_the_hosts_stops_every_process_with_one_sentence(tmp_path):
+  # Agreed before any process allocates: one that stopped alone would leave the other waiting.
+  result = subprocess.run(
+      [sys.executable, os.path.join(runs.REPO, 'launch', 'local_multiprocess.py'),
+       '--processes=2', os.path.join(runs.REPO, 'configs/decoder.py:tiny'), 'run',
+       '--config.model.mlp_dim=4000000000'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  for process in (0, 1):
+    line = [l for l in result.stderr.splitlines() if l.startswith(f'[p{process}] error: ')]
+    assert len(line) == 1 and line[0].startswith(
+        f"[p{process}] error: The parameters and optimizer state need "), result.stderr[-3000:]
+    assert " TiB on process 0's 1 cpu device(s), more than the " in line[0], line[0]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert not (tmp_path / 'run' / 'config.json').exists()
