@@ -168,11 +168,12 @@ def config_spec(argv):
 HELP_FLAGS = ('-h', '-help', '--help', '--helpshort', '--helpfull')
 
 
-def parse_flags(argv, usage, accepted):
+def parse_flags(argv, usage, accepted, trains=True):
   """Parses the absl flags of a command that takes --config and the flags named in `accepted`.
   --help prints `usage` and those flags, then exits; a bad config file, variant or override, a
   stray argument or a flag of another command (absl holds every imported module's) becomes one
-  ConfigError sentence."""
+  ConfigError sentence, and so does, where the command `trains` (or plans or benchmarks
+  training), an objective.* override that the configured objective does not read."""
   names = ['config', *accepted]
   _answer_help(argv, usage, names)
   spec = config_spec(argv)
@@ -192,6 +193,14 @@ def parse_flags(argv, usage, accepted):
           raise _unknown_key_error(key, base) from None
     raise _flag_error(error, names) from None
   _check_arguments(rest, names)
+  if not trains:
+    return config
+  try:
+    objectives.check_overrides(config, [argument[len('--config.objective.'):].split('=', 1)[0]
+                                        for argument in argv
+                                        if argument.startswith('--config.objective.')])
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   return config
 
 

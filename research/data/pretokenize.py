@@ -66,7 +66,8 @@ def ensure(spec, data, tokenizer, writer=0, writers=1):
 
 def main(argv):
   try:
-    config = config_lib.parse_flags(argv, __doc__, ('writer', 'writers'))
+    # Its objective is not trained here (and importing one would import this module anew).
+    config = config_lib.parse_flags(argv, __doc__, ('writer', 'writers'), trains=False)
     if not 0 <= _WRITER.value < _WRITERS.value:
       raise config_lib.ConfigError(f'--writer={_WRITER.value} must lie in [0, --writers='
                                    f'{_WRITERS.value}).')

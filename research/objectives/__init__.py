@@ -78,6 +78,33 @@ def data_module(config):
   return module.wraps(config) if hasattr(module, 'wraps') else module
 
 
+def settings_read(config):
+  """The objective.* keys the configured objective reads (each module's SETTINGS, and those of
+  the objective it wraps), name included."""
+  module = get(config.objective.name)
+  read = {'name', *module.SETTINGS}
+  if hasattr(module, 'wraps') and config.objective.get('base') in OBJECTIVES:
+    read.update(module.wraps(config).SETTINGS)
+  return read
+
+
+def check_overrides(config, keys):
+  """One sentence where a command line sets an objective.* key (of `keys`) that the configured
+  objective does not read: a family's objective section holds the settings of all its
+  objectives, and one set for another objective would change nothing."""
+  if not keys or config.objective.name not in OBJECTIVES:
+    return  # An unknown name is named by validation.
+  read = settings_read(config)
+  for key in keys:
+    if key in config.objective and key not in read:
+      readers = sorted(name for name in OBJECTIVES if key in get(name).SETTINGS)
+      others = ', '.join(f'objective.{k}' for k in sorted(read - {'name'}))
+      raise ValueError(
+          f'objective.{key} is not read by objective.name={config.objective.name}, which reads '
+          f'{others or "no objective setting besides its name"}; drop it, or set '
+          f'objective.name to one that reads it ({", ".join(readers)}).')
+
+
 def build(config):
   """The configured objective of `config`."""
   return get(config.objective.name).Objective(config)

@@ -26,6 +26,7 @@ token_losses = objectives.token_losses
 
 
 DATA = 'documents'  # Reads document sources (research/data/sources.py), or synthetic tokens.
+SETTINGS = ()  # The objective.* keys it reads, besides name: none.
 SOURCES = sources.KINDS + ('markov',)
 
 
@@ -35,7 +36,8 @@ def check_config(config, family):
                    and not getattr(family, 'IS_ENCODER_DECODER', False))
   if not (predicts_next or getattr(family, 'COUNTED', False)):
     raise ValueError(f'objective.name=causal_lm needs a family that predicts the next token; '
-                     f'model.family={config.model.family!r} does not (start from a variant of configs/decoder.py).')
+                     f'model.family={config.model.family!r} does not (start from a variant of '
+                     'configs/decoder.py).')
   if config.data.source not in SOURCES:
     raise ValueError(f'objective.name=causal_lm reads documents; set data.source to one of '
                      f'{list(SOURCES)} (it is {config.data.source!r}).')

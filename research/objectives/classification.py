@@ -16,6 +16,7 @@ from research.data import pipeline
 from research.data import tokenizer as tokenizer_lib
 
 DATA = 'labeled'  # Reads labelled examples (research/data/labeled.py)...
+SETTINGS = ()  # The objective.* keys it reads, besides name: none.
 TARGETS = 'classes'  # ...whose labels are class ids.
 TERM = 'label'
 _TOKEN_FIELDS = ('tokens', 'positions', 'segment_ids', 'token_types')

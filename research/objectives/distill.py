@@ -50,9 +50,14 @@ SCORED = {'causal_lm': 'weights', 'mlm': 'mlm_weights', 'span_corruption': 'deco
           'prefix_lm': 'decoder_weights', 'ul2': 'decoder_weights', 'seq2seq': 'decoder_weights'}
 
 
+# The objective.* keys it reads, besides name; the base objective's (wraps) are read too.
+SETTINGS = ('base',) + objectives.LOSS_SETTINGS
+
+
 def wraps(config):
   """The base objective's module: the run reads its data (documents, or seq2seq's pairs)."""
   return objectives.get(config.objective.base)
+
 # The positions whose hidden states are matched (those > 0): the scored ones, except for the
 # masked LM, which scores a few gathered positions: there every real token.
 HIDDEN_POSITIONS = dict(SCORED, mlm='segment_ids')

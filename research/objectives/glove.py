@@ -26,6 +26,7 @@ from research.data import sources
 TERM = 'entries'
 FIELDS = ('rows', 'cols', 'counts', 'weights')
 DATA = 'cooccurrence'  # Documents, counted into co-occurrence entries when the pipeline is built.
+SETTINGS = ('window', 'xmax', 'alpha')  # The objective.* keys it reads, besides name.
 CHUNK = 1 << 20  # Words read and paired at a time.
 
 
@@ -34,7 +35,8 @@ def check_config(config, family):
   o = config.objective
   if config.model.family != 'word_vectors':
     raise ValueError('objective.name=glove trains word vectors, which model.family='
-                     f'{config.model.family!r} does not; start from configs/word_vectors.py:glove_tiny.')
+                     f'{config.model.family!r} does not; start from '
+                     'configs/word_vectors.py:glove_tiny.')
   objectives.check_word_documents(config, reads='counts words in documents')
   if not config.model.biases:
     raise ValueError('objective.name=glove fits a bias per word and table; set '

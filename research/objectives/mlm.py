@@ -32,6 +32,9 @@ from research.data import sources
 from research.data import tokenizer as tokenizer_lib
 
 DATA = 'documents'
+# The objective.* keys it reads, besides name.
+SETTINGS = ('mask_rate', 'mask_token_rate', 'random_token_rate', 'max_predictions', 'pair',
+            'whole_word', 'dynamic_masking')
 PAIRS = ('none', 'nsp', 'sop')
 _SALT = 0x4D4C4D  # Separates this objective's random streams from the data order's.
 
@@ -40,7 +43,8 @@ def check_config(config, family):
   o, m, t = config.objective, config.model, config.train
   if not hasattr(family.build(m), 'mlm_logits'):
     raise ValueError(f'objective.name=mlm needs a family with a masked-LM head; '
-                     f'model.family={m.family!r} has none (start from a variant of configs/encoder.py).')
+                     f'model.family={m.family!r} has none (start from a variant of '
+                     'configs/encoder.py).')
   if config.data.source not in sources.KINDS:
     raise ValueError('objective.name=mlm needs documents of text with special tokens; set '
                      f'data.source to one of {list(sources.KINDS)} (it is '

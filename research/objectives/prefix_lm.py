@@ -15,6 +15,7 @@ import numpy as np
 from research.objectives import text_to_text
 
 DATA = 'documents'
+SETTINGS = ('prefix',) + text_to_text.LOSS_SETTINGS  # The objective.* keys it reads, besides name.
 PREFIXES = ('random', 'none')
 
 

@@ -17,6 +17,7 @@ from research.data import tokenizer as tokenizer_lib
 from research.objectives import text_to_text
 
 DATA = 'labeled'  # Reads labelled examples (research/data/labeled.py)...
+SETTINGS = text_to_text.LOSS_SETTINGS  # The objective.* keys it reads, besides name.
 TARGETS = 'text'  # ...whose labels are target texts (data.target_field), not class ids.
 _DATA_SETTINGS = ('train_path', 'validation_path', 'tfds_name', 'validation_split', 'text_field',
                   'target_field')

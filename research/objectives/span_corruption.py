@@ -17,6 +17,8 @@ import numpy as np
 from research.objectives import text_to_text
 
 DATA = 'documents'
+# The objective.* keys it reads, besides name.
+SETTINGS = ('noise_density', 'mean_span_length') + text_to_text.LOSS_SETTINGS
 
 
 def noise_counts(length, density, mean_span_length):
@@ -105,8 +107,8 @@ def check_config(config, family):
                      'room for a corrupted example; raise them.')
   if o.mean_span_length > window:  # T5's count would make the whole noise one span.
     raise ValueError(f'objective.mean_span_length={o.mean_span_length:g} is longer than an '
-                     f'example (the {window} tokens that train.seq_len={t.seq_len} and train.target_len='
-                     f'{t.target_len} hold); lower it (T5: 3).')
+                     f'example (the {window} tokens that train.seq_len={t.seq_len} and '
+                     f'train.target_len={t.target_len} hold); lower it (T5: 3).')
   wanted = lengths(longest_window(lengths, (t.seq_len, 1 << 30)))[1]
   if wanted > t.target_len:
     raise ValueError(f'train.target_len={t.target_len} holds the targets of only {window} '

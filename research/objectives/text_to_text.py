@@ -29,6 +29,7 @@ from research.data import sources
 from research.data import tokenizer as tokenizer_lib
 
 TERM = 'lm'
+LOSS_SETTINGS = ('z_loss', 'label_smoothing')  # objective.* keys of every text-to-text loss.
 ENCODER_FIELDS = ('encoder_tokens', 'encoder_positions', 'encoder_segment_ids')
 DECODER_FIELDS = ('decoder_tokens', 'decoder_targets', 'decoder_weights', 'decoder_positions',
                   'decoder_segment_ids')
@@ -39,7 +40,8 @@ def check_config(config, family, name, reads=sources.KINDS):
   o, t = config.objective, config.train
   if not getattr(family, 'IS_ENCODER_DECODER', False):
     raise ValueError(f'objective.name={name} trains an encoder-decoder; model.family='
-                     f'{config.model.family!r} is not one (start from a variant of configs/encoder_decoder.py).')
+                     f'{config.model.family!r} is not one (start from a variant of '
+                     'configs/encoder_decoder.py).')
   if 'target_len' not in t or t.target_len < 2:
     raise ValueError(f'objective.name={name} needs train.target_len (decoder positions per row, '
                      'at least 2); start from --config configs/encoder_decoder.py:VARIANT.')

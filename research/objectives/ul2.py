@@ -18,6 +18,8 @@ from research.objectives import span_corruption
 from research.objectives import text_to_text
 
 DATA = 'documents'
+# The objective.* keys it reads, besides name.
+SETTINGS = ('denoisers',) + text_to_text.LOSS_SETTINGS
 MODES = {'R': '[NLU]', 'X': '[NLG]', 'S': '[S2S]'}
 
 

@@ -40,6 +40,7 @@ from research.data import sources
 TERM = 'pairs'
 FIELDS = ('tokens', 'weights', 'noise', 'positions', 'segment_ids')
 DATA = 'documents'
+SETTINGS = ('window', 'negatives', 'subsample')  # The objective.* keys it reads, besides name.
 NAMES = ('skipgram', 'cbow')
 NOISE_POWER = 0.75
 _SALT = 0x77327663  # Separates these draws from other objectives' on the same windows.
