@@ -568,6 +568,7 @@ def main(argv):
   if argv[1] not in list(modes) + ['table']:
     print(f'error: {argv[1]!r} is not a benchmark mode; run {usage}.', file=sys.stderr)
     return 2
+  config = None
   try:
     if argv[1] == 'table':
       table(argv)
@@ -586,7 +587,7 @@ def main(argv):
     print(f'error: {error}', file=sys.stderr)
     return 2
   except jax.errors.JaxRuntimeError as error:
-    sentence = device_memory.out_of_memory(error)
+    sentence = device_memory.out_of_memory(error, config and config.model)
     if sentence is None:
       raise
     print(f'error: {sentence}', file=sys.stderr)

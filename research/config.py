@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from research import mesh as mesh_lib
 from research import models
 from research import objectives
+from research import report
 from research.data import labeled
 from research.data import sources
 from research.data import tokenizer as tokenizer_lib
@@ -378,12 +379,6 @@ def _float_settings(tree, prefix=''):
       yield prefix + key, value
 
 
-# Which way an evaluation metric improves, by the last word of its name (eval_mlm_loss,
-# eval_nsp_accuracy); a metric not named here may be kept either way.
-_BETTER = {'loss': 'min', 'perplexity': 'min', 'entropy': 'min', 'byte': 'min', 'kl': 'min',
-           'mse': 'min', 'accuracy': 'max', 'f1': 'max', 'match': 'max'}
-
-
 def validate(config, num_devices):
   """Checks a config against itself and the device count; returns the resolved mesh shape."""
   m, o, t = config.model, config.optim, config.train
@@ -444,19 +439,19 @@ def validate(config, num_devices):
                       "which needs a GPU or TPU; use 'dots' or 'full' on CPU.")
   if not 0 <= m.get('dropout_rate', 0.0) < 1:
     raise ConfigError(f'config.model.dropout_rate={m.get("dropout_rate")} must lie in [0, 1).')
-  try:
-    family.check_config(m)
-  except (AttributeError, KeyError) as error:  # A setting of another family's model section.
-    raise ConfigError(
-        f'model.family={m.family} needs model settings this config does not have (model.'
-        f'{re.findall(r"[A-Za-z_]+", str(error))[0]}): another family\'s config cannot be '
-        f'switched over; start from a variant of configs/{m.family}.py.') from None
-  except ValueError as error:
-    raise ConfigError(str(error)) from None
-  try:
-    objective.check_config(config, family)
-  except ValueError as error:
-    raise ConfigError(str(error)) from None
+  for check in (lambda: family.check_config(m), lambda: objective.check_config(config, family)):
+    try:
+      check()
+    except (AttributeError, KeyError) as error:
+      missing = (re.findall(r'[A-Za-z_]\w*', str(error)) or [''])[0]
+      if not missing or missing in m:  # Not a missing model setting: a fault to show as is.
+        raise
+      raise ConfigError(
+          f'model.family={m.family} needs model settings this config does not have (model.'
+          f'{missing}): another family\'s config cannot be switched over, nor a config of an '
+          f'earlier version; start from a variant of configs/{m.family}.py.') from None
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
   c = config.checkpoint
   if c.best_metric:
     names = [f'eval_{name}' for name in objectives.build(config).metric_names()]
@@ -465,7 +460,7 @@ def validate(config, num_devices):
                         f'objective.name={config.objective.name!r}; choose one of {names}.')
     if c.best_mode not in ('max', 'min'):
       raise ConfigError(f"checkpoint.best_mode={c.best_mode!r} is not one of ['max', 'min'].")
-    better = _BETTER.get(c.best_metric.rsplit('_', 1)[-1])
+    better = report.direction(c.best_metric)  # None for a metric it does not know.
     if better and better != c.best_mode:
       raise ConfigError(f'checkpoint.best_metric={c.best_metric} is better when '
                         f'{"lower" if better == "min" else "higher"}, and best_mode={c.best_mode} '

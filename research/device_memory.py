@@ -7,27 +7,74 @@ program (the initialised parameters and optimizer state) cannot be allocated, re
 forever instead of raising (jax 0.10), and memory the kernel grants beyond what is there ends the
 process at its first touch. A step whose temporaries cannot be allocated at all raises
 RESOURCE_EXHAUSTED, on every backend; `out_of_memory` turns that into a sentence.
+
+CPU devices share the host's memory, so their needs add up against what the host has available
+(and what the process's control group leaves it); an accelerator's need is its fullest device's
+against its emptiest device's room.
 """
 
 import math
+import os
 
 import jax
 import numpy as np
 
 from research import host_memory
 
-_PLAN = 'python -m research.plan with the same flags shows what each device holds'
-_STEP_ADVICE = ('lower train.batch_size (optim.grad_accum_steps keeps the batch a step learns '
-                f'from), set model.remat=full or shard over more devices; {_PLAN}')
+_PLAN = ('python -m research.plan with the same --config flags (without --workdir) shows what '
+         'each device holds')
 
 
 class MemoryShortage(ValueError):
   """The run's state or step cannot fit the memory of the devices that would hold it."""
 
 
+def _read_number(path):
+  with open(path) as f:
+    text = f.read().strip()
+  return None if text == 'max' else int(text)
+
+
+def _cgroup_room(membership='/proc/self/cgroup', mount='/sys/fs/cgroup'):
+  """Bytes the memory limits of this process's control groups (v1 or v2, its own and those
+  above it) still leave it, counting reclaimable page cache as free; None where no limit is
+  set or readable. Containers and SLURM jobs hold their limit there, not in /proc/meminfo."""
+  rooms = []
+  try:
+    with open(membership) as f:
+      lines = [line.strip().split(':', 2) for line in f if line.count(':') >= 2]
+  except OSError:
+    return None
+  for _, controllers, path in lines:
+    if controllers == '':  # v2: memory.max, memory.current, memory.stat's inactive_file.
+      root, names = mount, ('memory.max', 'memory.current', 'inactive_file')
+    elif 'memory' in controllers.split(','):  # v1.
+      root = os.path.join(mount, 'memory')
+      names = ('memory.limit_in_bytes', 'memory.usage_in_bytes', 'total_inactive_file')
+    else:
+      continue
+    folder = os.path.join(root, path.lstrip('/'))
+    if not os.path.isdir(folder):  # A namespaced group sees itself at the root.
+      folder = root
+    while folder.startswith(root):
+      try:
+        limit = _read_number(os.path.join(folder, names[0]))
+        if limit is not None and limit < 1 << 60:  # v1 writes "no limit" as about 2**63.
+          used = _read_number(os.path.join(folder, names[1]))
+          with open(os.path.join(folder, 'memory.stat')) as f:
+            stat = dict(line.split() for line in f if len(line.split()) == 2)
+          rooms.append(limit - used + int(stat.get(names[2], 0)))
+      except (OSError, ValueError, TypeError):
+        pass
+      if folder == root:
+        break
+      folder = os.path.dirname(folder)
+  return min(rooms) if rooms else None
+
+
 def _cpu_bytes_available():
   """Host memory this process may still take: the kernel's MemAvailable, lowered to what the
-  process's control group leaves (containers, SLURM); None where neither can be read."""
+  process's control groups leave; None where neither can be read."""
   limits = []
   try:
     with open('/proc/meminfo') as meminfo:
@@ -36,37 +83,59 @@ def _cpu_bytes_available():
           limits.append(int(line.split()[1]) * 1024)
   except (OSError, ValueError, IndexError):
     pass
-  try:
-    with open('/sys/fs/cgroup/memory.max') as maximum, \
-        open('/sys/fs/cgroup/memory.current') as current:
-      cap = maximum.read().strip()
-      if cap != 'max':
-        limits.append(int(cap) - int(current.read().strip()))
-  except (OSError, ValueError):
-    pass
+  room = _cgroup_room()
+  if room is not None:
+    limits.append(room)
   return min(limits) if limits else None
 
 
-def capacity(devices):
-  """(bytes the local `devices` can hold together, what that is) where it is known; None where
-  not. Accelerators report each device's limit; CPU devices share the host's memory."""
-  if devices[0].platform == 'cpu':
-    available = _cpu_bytes_available()
-    return None if available is None else (available, 'host memory available')
-  stats = devices[0].memory_stats() or {}
-  if 'bytes_limit' not in stats:
-    return None
-  return stats['bytes_limit'] * len(devices), f'{devices[0].device_kind} memory'
+def _per_device(devices, abstract_tree):
+  """{device: bytes it holds} of a tree of ShapeDtypeStructs with shardings, for the local
+  `devices`."""
+  held = {device: 0 for device in devices}
+  for leaf in jax.tree.leaves(abstract_tree):
+    size = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    for device in leaf.sharding.device_set:
+      if device in held:
+        held[device] += size
+  return held
+
+
+def largest_share(devices, abstract_tree):
+  """Bytes the fullest of `devices` holds of a tree of ShapeDtypeStructs with shardings."""
+  return max(_per_device(devices, abstract_tree).values())
 
 
 def bytes_on(devices, abstract_tree):
   """Bytes the local `devices` hold together of a tree of ShapeDtypeStructs with shardings."""
-  local = set(devices)
-  total = 0
-  for leaf in jax.tree.leaves(abstract_tree):
-    held = sum(1 for device in leaf.sharding.device_set if device in local)
-    total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize * held
-  return total
+  return sum(_per_device(devices, abstract_tree).values())
+
+
+def _room(devices, in_use):
+  """(bytes there, what that is) for needs compared as `_need` makes them, or None where
+  unknown: on CPU the host's available memory (and, with `in_use`, the free part of this
+  process's heap, which research/host_memory.py keeps for reuse); on accelerators the emptiest
+  device's limit (less its use, with `in_use`)."""
+  if devices[0].platform == 'cpu':
+    available = _cpu_bytes_available()
+    if available is None:
+      return None
+    if in_use:
+      return available + host_memory.heap_free_bytes(), 'host memory left'
+    return available, 'host memory available'
+  stats = [device.memory_stats() or {} for device in devices]
+  keys = ('bytes_limit', 'bytes_in_use') if in_use else ('bytes_limit',)
+  if not all(key in s for s in stats for key in keys):
+    return None
+  room = min(s['bytes_limit'] - (s['bytes_in_use'] if in_use else 0) for s in stats)
+  return room, f'{devices[0].device_kind} memory{" left" if in_use else ""} on one device'
+
+
+def _need(devices, per_device):
+  """What `per_device` ({device: bytes}) asks of the memory `_room` measures."""
+  if devices[0].platform == 'cpu':
+    return sum(per_device.values())
+  return max(per_device.values())
 
 
 def _first_short(needed, known):
@@ -95,32 +164,26 @@ def check_state(abstract_state, what='The parameters and optimizer state'):
   """One sentence, before anything is allocated, where `abstract_state` (ShapeDtypeStructs with
   shardings) is larger than the memory of the devices that would hold it."""
   devices = jax.local_devices()
-  short = _first_short(bytes_on(devices, abstract_state), capacity(devices))
+  needed = _need(devices, _per_device(devices, abstract_state))
+  short = _first_short(needed, _room(devices, in_use=False))
   if short:
     process, needed, limit, kind = short
     raise MemoryShortage(
         f'{what} need {human_bytes(needed)} on {_where(process, devices)}, more than the '
-        f'{human_bytes(limit)} of {kind}; shrink the model, shard it over more devices (mesh '
-        f'fsdp) or keep the first moment in bfloat16 (optim.mu_dtype); {_PLAN}.')
+        f'{human_bytes(limit)} of {kind}; shrink the model, or shard it over more devices '
+        f'(config.mesh.fsdp); {_PLAN}.')
 
 
-def _left(devices):
-  """(bytes the local `devices` can still take together, what that is), or None where unknown:
-  on CPU the host's available memory and the free part of this process's heap (which
-  research/host_memory.py keeps for reuse); on accelerators each device's limit less its use."""
-  if devices[0].platform == 'cpu':
-    available = _cpu_bytes_available()
-    if available is None:
-      return None
-    return available + host_memory.heap_free_bytes(), 'host memory left'
-  stats = [device.memory_stats() or {} for device in devices]
-  if not all('bytes_limit' in s and 'bytes_in_use' in s for s in stats):
-    return None
-  return (sum(s['bytes_limit'] - s['bytes_in_use'] for s in stats),
-          f'{devices[0].device_kind} memory left')
+def _step_advice(model_config):
+  """What lowers a step's memory: recomputation only where the family has it and it is not on."""
+  remat = ''
+  if model_config is not None and model_config.get('remat') not in (None, 'full'):
+    remat = ', set model.remat=full'
+  return (f'lower train.batch_size (optim.grad_accum_steps keeps the batch a step learns from)'
+          f'{remat} or shard over more devices; {_PLAN}')
 
 
-def check_step(compiled, what='A train step'):
+def check_step(compiled, model_config=None, what='A train step'):
   """One sentence, before the first step, where what the `compiled` step allocates as it runs
   (its temporaries, and outputs that do not overwrite donated arguments) is more than the
   devices have left beside what they already hold. On CPU the alternative is no error at all:
@@ -130,24 +193,26 @@ def check_step(compiled, what='A train step'):
   if memory is None:
     return
   devices = jax.local_devices()
-  per_device = (memory.temp_size_in_bytes + memory.output_size_in_bytes
-                - memory.alias_size_in_bytes)
-  short = _first_short(per_device * len(devices), _left(devices))
+  each = (memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  short = _first_short(_need(devices, {device: each for device in devices}),
+                       _room(devices, in_use=True))
   if short:
     process, needed, left, kind = short
     raise MemoryShortage(
         f'{what} needs {human_bytes(needed)} beyond the state on {_where(process, devices)}, '
-        f'more than the {human_bytes(left)} of {kind}; {_STEP_ADVICE}.')
+        f'more than the {human_bytes(left)} of {kind}; {_step_advice(model_config)}.')
 
 
-def out_of_memory(error):
-  """The sentence for a jax runtime error that is an out-of-memory one; None for any other."""
+def out_of_memory(error, model_config=None):
+  """The sentence for a jax runtime error that is an out-of-memory one; None for any other
+  (RESOURCE_EXHAUSTED also names other exhausted resources, e.g. a coordination message)."""
   text = str(error)
-  if 'RESOURCE_EXHAUSTED' not in text:
+  if 'RESOURCE_EXHAUSTED' not in text or 'memory' not in text.lower():
     return None
-  detail = text.split('RESOURCE_EXHAUSTED:', 1)[-1].strip().splitlines()[0].rstrip('.')
+  detail = (text.split('RESOURCE_EXHAUSTED:', 1)[-1].strip().splitlines() or [''])[0]
+  detail = detail.rstrip('.') or 'out of memory'
   return (f'A compiled step ran out of {jax.devices()[0].platform} memory ({detail}); '
-          f'{_STEP_ADVICE}. Checkpoints saved before it are kept.')
+          f'{_step_advice(model_config)}. Checkpoints saved before it are kept.')
 
 
 def human_bytes(count):

@@ -66,15 +66,6 @@ _TOPOLOGY = flags.DEFINE_string('topology', '', f'An accelerator slice, one of {
                                 'each device\'s memory holds the step.')
 
 
-def _bytes_per_device(abstract_tree):
-  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-  total = 0
-  for leaf in jax.tree.leaves(abstract_tree):
-    shard = leaf.sharding.shard_shape(leaf.shape)
-    total += math.prod(shard) * leaf.dtype.itemsize
-  return total
-
-
 def _compiler_flops(compiled):
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older jax: one dict per computation.
@@ -140,9 +131,9 @@ def plan(config, devices, hbm_bytes=0):
       remat=config.model.get('remat'), scan_layers=config.model.get('scan_layers'),
       batch_size=t.batch_size, seq_len=t.seq_len,
       params=models.size(state.params),
-      params_bytes_per_device=_bytes_per_device(state.params),
-      optimizer_bytes_per_device=_bytes_per_device(state.opt_state),
-      batch_bytes_per_device=_bytes_per_device(batch),
+      params_bytes_per_device=device_memory.largest_share(devices, state.params),
+      optimizer_bytes_per_device=device_memory.largest_share(devices, state.opt_state),
+      batch_bytes_per_device=device_memory.largest_share(devices, batch),
       activations_bytes_per_device=int(memory.temp_size_in_bytes),
       model_tflops_per_step_per_device=(objective.flops_per_token(family, spec) * tokens
                                         / len(devices) / 1e12),

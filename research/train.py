@@ -196,16 +196,21 @@ def _released(state):
   return template
 
 
+# Data settings that say where data is kept or how it is fetched, not what it is.
+_PLACES = ('data_dir', 'tokens_dir', 'tokenized_dir', 'prefetch')
+
+
 def _changed_data_settings(checkpoints, config):
-  """'data.KEY: A there, B here, ...' of the data settings that differ from those the run's
-  config.json (beside its checkpoints) recorded; '' where it cannot be read."""
+  """'data.KEY: A there, B here, ...' of the settings of what the data is that differ from those
+  the run's config.json (beside its checkpoints) recorded (of those it recorded: an earlier
+  version's has fewer); '' where it cannot be read."""
   try:
     with open(os.path.join(os.path.dirname(checkpoints), 'config.json')) as f:
       recorded = json.load(f)['data']
     current = json.loads(config.data.to_json_best_effort())  # As config.json holds it.
-    return ', '.join(f'data.{k}: {recorded.get(k)!r} there, {current.get(k)!r} here'
-                     for k in sorted(set(recorded) | set(current))
-                     if recorded.get(k) != current.get(k))
+    return ', '.join(f'data.{k}: {recorded[k]!r} there, {current.get(k)!r} here'
+                     for k in sorted(recorded)
+                     if k not in _PLACES and recorded[k] != current.get(k))
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
     return ''
 
@@ -297,9 +302,14 @@ def _check_tokenizer(workdir, config):
     raise pipeline_lib.DataError(str(error)) from None
   if saved.fingerprint == fingerprint:
     return
-  if saved.name == name:  # The same tokenizer with another number of sentinels.
-    kept = len(saved.sentinel_ids)
-    raise pipeline_lib.DataError(
+  kept = len(saved.sentinel_ids)
+  try:
+    same_vocabulary = fingerprint is not None and tokenizer_lib.get(
+        config.data.tokenizer, extra_ids=kept).fingerprint == saved.fingerprint
+  except ValueError:
+    same_vocabulary = False
+  if same_vocabulary:
+    raise pipeline_lib.DataError(  # The same vocabulary with another number of sentinels.
         f'{workdir} was trained with the tokenizer {name} and {kept} sentinel ids, and this run '
         f'would add {config.data.extra_ids}; resume with --config.data.extra_ids={kept}, or start '
         'a new --workdir.')
@@ -334,9 +344,10 @@ def _train(config, workdir, mesh, stop):
   start_step = int(state.step)
   stop_step = t.num_steps if t.stop_at_step < 0 else min(t.stop_at_step, t.num_steps)
   if start_step >= stop_step:
-    print(f'The run in {workdir} is already at step {start_step}; raise --config.train.num_steps '
-          'to continue it, or delete that folder or pass another --workdir to start afresh.',
-          file=sys.stderr)
+    limit = ('raise or drop --config.train.stop_at_step' if stop_step < t.num_steps
+             else 'raise --config.train.num_steps')
+    print(f'The run in {workdir} is already at step {start_step}; {limit} to continue it, or '
+          'delete that folder or pass another --workdir to start afresh.', file=sys.stderr)
     checkpointer.close()
     return {}
   print(f'{origin}; mesh {dict(mesh.shape)}', file=sys.stderr)
@@ -348,7 +359,7 @@ def _train(config, workdir, mesh, stop):
   # step that cannot fit stops before anything is written to the workdir.
   device_memory.check_step(trainer.train_step.lower(
       state, global_batch.abstract(trainer.objective.fields(t.seq_len), t.batch_size, mesh),
-      dropout_rng).compile())
+      dropout_rng).compile(), config.model)
   if stop.stopped_before_start() is not None:
     print(f'Stopped on {stop.signal} before training started; nothing new to save.',
           file=sys.stderr)
@@ -501,6 +512,7 @@ def _train(config, workdir, mesh, stop):
 
 
 def main(argv):
+  config = None
   try:
     config = config_lib.parse_flags(argv, __doc__, ('workdir', 'cpu_devices'))
     if not config_lib.WORKDIR.value:
@@ -521,7 +533,7 @@ def main(argv):
     print(f'error: {error}', file=sys.stderr)
     return 1
   except jax.errors.JaxRuntimeError as error:
-    sentence = device_memory.out_of_memory(error)
+    sentence = device_memory.out_of_memory(error, config and config.model)
     if sentence is None:
       raise
     print(f'error: {sentence}', file=sys.stderr)

@@ -104,3 +104,30 @@ def test_a_step_that_cannot_fit_what_the_state_leaves_stops_before_the_workdir_i
   assert " beyond the state on this host's 8 cpu device(s), more than the 1 MiB of host memory " \
       'left; lower train.batch_size' in line, line
   assert not (workdir / 'config.json').exists()
+
+
+def _group(folder, files):
+  folder.mkdir(parents=True, exist_ok=True)
+  for name, text in files.items():
+    (folder / name).write_text(text)
+
+
+def test_a_control_groups_limit_counts_reclaimable_cache_as_free(tmp_path):
+  membership = tmp_path / 'cgroup'
+  # v2: the job's own group and the one above it, which sets the tighter limit.
+  membership.write_text('0::/job/step\n')
+  _group(tmp_path / 'fs' / 'job', {'memory.max': str(10 << 30), 'memory.current': str(9 << 30),
+                                   'memory.stat': f'anon 1\ninactive_file {4 << 30}\n'})
+  _group(tmp_path / 'fs' / 'job' / 'step', {'memory.max': 'max', 'memory.current': str(1 << 30),
+                                            'memory.stat': 'inactive_file 0\n'})
+  assert device_memory._cgroup_room(str(membership), str(tmp_path / 'fs')) == 5 << 30
+  # v1, and its "no limit" (about 2**63) at the root.
+  membership.write_text('4:memory:/docker/abc\n1:cpu:/\n')
+  _group(tmp_path / 'fs' / 'memory', {'memory.limit_in_bytes': '9223372036854771712',
+                                      'memory.usage_in_bytes': '1', 'memory.stat': ''})
+  _group(tmp_path / 'fs' / 'memory' / 'docker' / 'abc', {
+      'memory.limit_in_bytes': str(8 << 30), 'memory.usage_in_bytes': str(7 << 30),
+      'memory.stat': f'total_inactive_file {2 << 30}\n'})
+  assert device_memory._cgroup_room(str(membership), str(tmp_path / 'fs')) == 3 << 30
+  membership.write_text('1:cpu:/\n')  # No memory controller: no limit known.
+  assert device_memory._cgroup_room(str(membership), str(tmp_path / 'fs')) is None

@@ -199,6 +199,27 @@ def test_padded_vocab_size():
     tokenizer_lib.padded_vocab_size(0)
 
 
+def test_resuming_with_other_sentinels_names_them_for_the_saved_copy_of_a_file(trained, tmp_path):
+  # The run's saved copy has another name (spm:WORKDIR/tokenizer/...) than the configured file.
+  import ml_collections
+  from research import train
+  from research.data import pipeline as pipeline_lib
+  spm = f'spm:{trained["bpe"]}'
+  tokenizer_lib.save(tokenizer_lib.get(spm, extra_ids=100),
+                     str(tmp_path / 'run' / tokenizer_lib.SAVED_DIR))
+  config = ml_collections.ConfigDict(dict(data=dict(source='text', tokenizer=spm, extra_ids=0)))
+  with pytest.raises(pipeline_lib.DataError) as error:
+    train._check_tokenizer(str(tmp_path / 'run'), config)
+  assert str(error.value) == (f'{tmp_path / "run"} was trained with the tokenizer {spm} and 100 '
+                              'sentinel ids, and this run would add 0; resume with '
+                              '--config.data.extra_ids=100, or start a new --workdir.')
+  config.data.extra_ids = 100
+  train._check_tokenizer(str(tmp_path / 'run'), config)
+  config.data.tokenizer = f'spm:{trained["unigram"]}'  # Another vocabulary altogether.
+  with pytest.raises(pipeline_lib.DataError, match=r'and this run would use spm:.*unigram'):
+    train._check_tokenizer(str(tmp_path / 'run'), config)
+
+
 def test_saved_tokenizers_rebuild_with_the_same_fingerprint(trained, tmp_path):
   spm_path = trained['bpe']
   hf_dir = _hf_json(tmp_path / 'hf', models.BPE(), ['<|endoftext|>'], pre_tokenizers.ByteLevel(),

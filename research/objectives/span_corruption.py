@@ -108,7 +108,8 @@ def check_config(config, family):
   if o.mean_span_length > window:  # T5's count would make the whole noise one span.
     raise ValueError(f'objective.mean_span_length={o.mean_span_length:g} is longer than an '
                      f'example (the {window} tokens that train.seq_len={t.seq_len} and '
-                     f'train.target_len={t.target_len} hold); lower it (T5: 3).')
+                     f'train.target_len={t.target_len} hold); lower it (T5: 3), or raise '
+                     'both lengths.')
   wanted = lengths(longest_window(lengths, (t.seq_len, 1 << 30)))[1]
   if wanted > t.target_len:
     raise ValueError(f'train.target_len={t.target_len} holds the targets of only {window} '
