@@ -443,8 +443,10 @@ def validate(config, num_devices):
     try:
       check()
     except (AttributeError, KeyError) as error:
-      missing = (re.findall(r'[A-Za-z_]\w*', str(error)) or [''])[0]
-      if not missing or missing in m:  # Not a missing model setting: a fault to show as is.
+      # A ConfigDict's missing key reads "'name'"; anything else is a fault to show as is.
+      found = re.fullmatch(r'"?\'(\w+)\'"?', str(error))
+      missing = found.group(1) if found else ''
+      if not missing or missing in m:
         raise
       raise ConfigError(
           f'model.family={m.family} needs model settings this config does not have (model.'

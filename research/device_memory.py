@@ -10,7 +10,7 @@ RESOURCE_EXHAUSTED, on every backend; `out_of_memory` turns that into a sentence
 
 CPU devices share the host's memory, so their needs add up against what the host has available
 (and what the process's control group leaves it); an accelerator's need is its fullest device's
-against its emptiest device's room.
+against the room of the device with the least.
 """
 
 import math
@@ -35,6 +35,16 @@ def _read_number(path):
   return None if text == 'max' else int(text)
 
 
+def _inactive_cache(path, key):
+  """Page cache a control group's memory.stat counts as inactive (reclaimable); 0 where it
+  cannot be read, which only makes the room smaller."""
+  try:
+    with open(path) as f:
+      return int(dict(line.split() for line in f if len(line.split()) == 2).get(key, 0))
+  except (OSError, ValueError):
+    return 0
+
+
 def _cgroup_room(membership='/proc/self/cgroup', mount='/sys/fs/cgroup'):
   """Bytes the memory limits of this process's control groups (v1 or v2, its own and those
   above it) still leave it, counting reclaimable page cache as free; None where no limit is
@@ -53,17 +63,15 @@ def _cgroup_room(membership='/proc/self/cgroup', mount='/sys/fs/cgroup'):
       names = ('memory.limit_in_bytes', 'memory.usage_in_bytes', 'total_inactive_file')
     else:
       continue
-    folder = os.path.join(root, path.lstrip('/'))
+    folder = os.path.normpath(os.path.join(root, path.lstrip('/')))
     if not os.path.isdir(folder):  # A namespaced group sees itself at the root.
       folder = root
     while folder.startswith(root):
       try:
         limit = _read_number(os.path.join(folder, names[0]))
         if limit is not None and limit < 1 << 60:  # v1 writes "no limit" as about 2**63.
-          used = _read_number(os.path.join(folder, names[1]))
-          with open(os.path.join(folder, 'memory.stat')) as f:
-            stat = dict(line.split() for line in f if len(line.split()) == 2)
-          rooms.append(limit - used + int(stat.get(names[2], 0)))
+          rooms.append(limit - _read_number(os.path.join(folder, names[1]))
+                       + _inactive_cache(os.path.join(folder, 'memory.stat'), names[2]))
       except (OSError, ValueError, TypeError):
         pass
       if folder == root:
@@ -114,8 +122,8 @@ def bytes_on(devices, abstract_tree):
 def _room(devices, in_use):
   """(bytes there, what that is) for needs compared as `_need` makes them, or None where
   unknown: on CPU the host's available memory (and, with `in_use`, the free part of this
-  process's heap, which research/host_memory.py keeps for reuse); on accelerators the emptiest
-  device's limit (less its use, with `in_use`)."""
+  process's heap, which research/host_memory.py keeps for reuse); on accelerators the least room
+  of any device: its limit (less its use, with `in_use`)."""
   if devices[0].platform == 'cpu':
     available = _cpu_bytes_available()
     if available is None:
@@ -157,7 +165,17 @@ def _first_short(needed, known):
 
 def _where(process, devices):
   host = 'this host' if jax.process_count() == 1 else f'process {process}'
-  return f"{host}'s {len(devices)} {devices[0].platform} device(s)"
+  if devices[0].platform == 'cpu':  # Their needs add up.
+    return f"{host}'s {len(devices)} cpu device(s)"
+  return f"the fullest of {host}'s {len(devices)} {devices[0].platform} devices"
+
+
+def _sharding_advice(devices):
+  """How sharding lowers what each device (on CPU: the host) holds."""
+  if devices[0].platform == 'cpu':  # More CPU devices share the same memory.
+    return ('hold fewer copies of it (config.mesh.fsdp rather than config.mesh.data, or fewer '
+            '--cpu_devices)')
+  return 'shard it over more devices (config.mesh.fsdp)'
 
 
 def check_state(abstract_state, what='The parameters and optimizer state'):
@@ -170,17 +188,20 @@ def check_state(abstract_state, what='The parameters and optimizer state'):
     process, needed, limit, kind = short
     raise MemoryShortage(
         f'{what} need {human_bytes(needed)} on {_where(process, devices)}, more than the '
-        f'{human_bytes(limit)} of {kind}; shrink the model, or shard it over more devices '
-        f'(config.mesh.fsdp); {_PLAN}.')
+        f'{human_bytes(limit)} of {kind}; shrink the model, or {_sharding_advice(devices)}; '
+        f'{_PLAN}.')
 
 
 def _step_advice(model_config):
   """What lowers a step's memory: recomputation only where the family has it and it is not on."""
-  remat = ''
+  ways = ['lower train.batch_size (optim.grad_accum_steps keeps the batch a step learns from)']
   if model_config is not None and model_config.get('remat') not in (None, 'full'):
-    remat = ', set model.remat=full'
-  return (f'lower train.batch_size (optim.grad_accum_steps keeps the batch a step learns from)'
-          f'{remat} or shard over more devices; {_PLAN}')
+    ways.append('set model.remat=full')
+  if jax.devices()[0].platform != 'cpu':  # CPU devices share one memory.
+    ways.append('shard over more devices')
+  ways = f'{", ".join(ways[:-1])} or {ways[-1]}' if len(ways) > 1 else ways[0]
+  return f'{ways}; {_PLAN}'
+
 
 
 def check_step(compiled, model_config=None, what='A train step'):

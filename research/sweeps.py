@@ -30,6 +30,7 @@ import os
 import re
 
 from research import config as config_lib
+from research import objectives
 from research import report
 
 CONFIG_KEY = 'config'  # A point's own config file and variant.
@@ -212,6 +213,11 @@ def resolve(point, default_spec):
       expected = _EXPECTED.get(type(flat[key]), f'a {type(flat[key]).__name__}')
       raise SweepError(f'Sweep value {key}={value!r} is not a valid value of that key '
                        f'({expected} is expected); correct the sweep file.') from None
+  try:  # Refused here, as research.train would refuse each run of the point.
+    objectives.check_overrides(config, [key[len('objective.'):] for key in overrides
+                                        if key.startswith('objective.')])
+  except ValueError as error:
+    raise SweepError(f'A point of the sweep ({spec}): {error}') from None
   return spec, overrides, config
 
 

@@ -129,5 +129,11 @@ def test_a_control_groups_limit_counts_reclaimable_cache_as_free(tmp_path):
       'memory.limit_in_bytes': str(8 << 30), 'memory.usage_in_bytes': str(7 << 30),
       'memory.stat': f'total_inactive_file {2 << 30}\n'})
   assert device_memory._cgroup_room(str(membership), str(tmp_path / 'fs')) == 3 << 30
+  (tmp_path / 'fs' / 'memory' / 'docker' / 'abc' / 'memory.stat').unlink()  # Cache unknown: 0.
+  assert device_memory._cgroup_room(str(membership), str(tmp_path / 'fs')) == 1 << 30
+  membership.write_text('4:memory:/elsewhere\n')  # A namespaced group: the root is its own.
+  _group(tmp_path / 'fs' / 'memory', {'memory.limit_in_bytes': str(4 << 30),
+                                      'memory.usage_in_bytes': str(1 << 30)})
+  assert device_memory._cgroup_room(str(membership), str(tmp_path / 'fs')) == 3 << 30
   membership.write_text('1:cpu:/\n')  # No memory controller: no limit known.
   assert device_memory._cgroup_room(str(membership), str(tmp_path / 'fs')) is None

@@ -89,7 +89,7 @@ def test_an_objective_reads_exactly_the_settings_it_declares(tmp_path, spec, nam
      'objective.z_loss; drop it, or set objective.name to one that reads it (ul2).'),
     ('decoder.py:tiny', '--config.objective.alpha=0.5',
      'objective.alpha is not read by objective.name=causal_lm, which reads no objective setting '
-     'besides its name; drop it, or set objective.name to one that reads it (distill, glove).'),
+     'besides its name; drop it, or set objective.name to one that reads it (distill).'),
 ])
 def test_a_setting_the_objective_does_not_read_is_refused(tmp_path, spec, override, message):
   result = runs.in_process('research.train', '--config', f'configs/{spec}', '--workdir',
@@ -104,5 +104,38 @@ def test_settings_of_the_objective_itself_and_of_the_one_it_wraps_are_taken():
   config.objective.name, config.objective.base = 'distill', 'span_corruption'
   objectives.check_overrides(config, ['noise_density', 'alpha', 'teacher', 'base'])
   with pytest.raises(ValueError, match=r'^objective.denoisers is not read by '
-                                       r'objective.name=distill'):
+                                       r'objective.name=distill, .*; drop it, or set '
+                                       r'objective.base to one that reads it \(ul2\)\.$'):
     objectives.check_overrides(config, ['denoisers'])
+
+
+def test_distillation_reads_its_settings_and_those_of_its_base(tmp_path):
+  from research import mesh as mesh_lib
+  from research import optim
+  from research import partitioning
+  from research import train_state
+  load = lambda: config_lib.load_config_file(os.path.join(runs.REPO, 'configs', 'decoder.py:tiny'))
+  teacher = load()
+  teacher.train.seq_len, teacher.train.sample_tokens = 16, 0
+  runs.random_run(tmp_path / 'teacher', teacher)
+  config = load()
+  config.train.seq_len, config.train.batch_size = 16, 2
+  config.mesh.data = 1
+  recording = _Recording(dict(config.objective.to_dict(), name='distill', base='causal_lm',
+                              teacher=str(tmp_path / 'teacher'), hidden_weight=1.0))
+  with config.unlocked():
+    config.objective = recording
+  config_lib.validate(config, 1)
+  objective = objectives.build(config)
+  mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, sequence=1, tensor=1), jax.devices()[:1])
+  frozen, _ = objectives.frozen(objective, mesh)
+  family = models.get(config.model.family)
+  model = family.build(config.model, partitioning.ActivationSharding(mesh))
+  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+  state, _ = train_state.abstract(objectives.init_model(objective, model), tx, mesh,
+                                  family.init_inputs(config.train.seq_len))
+  batch = objective.synthetic_batch(np.random.default_rng(0))
+  jax.eval_shape(lambda p: objective.sums(model, p, batch, jax.random.key(0), frozen),
+                 state.params)
+  expected = set(objectives.get('distill').SETTINGS) | set(objectives.get('causal_lm').SETTINGS)
+  assert recording.read - {'name'} == expected

@@ -84,6 +84,9 @@ def test_points_may_name_their_own_config():
                         r"key of the config, dotted \(SECTION.KEY, SECTION one of checkpoint, "
                         r"data, .*model, .*optim.*\) or its last part alone.$"),
     (dict(lr=[1e-3]), 'is not a number, string or boolean'),
+    # Every run of the point would be refused as it started.
+    ({'objective.alpha': 0.5}, r'^A point of the sweep \(configs/decoder.py:tiny\): '
+                               r'objective.alpha is not read by objective.name=causal_lm'),
 ])
 def test_bad_points_are_one_sentence(point, message):
   with pytest.raises(sweeps.SweepError, match=message):

@@ -95,14 +95,18 @@ def check_overrides(config, keys):
   if not keys or config.objective.name not in OBJECTIVES:
     return  # An unknown name is named by validation.
   read = settings_read(config)
+  setting = 'objective.base' if config.objective.name == 'distill' else 'objective.name'
   for key in keys:
     if key in config.objective and key not in read:
-      readers = sorted(name for name in OBJECTIVES if key in get(name).SETTINGS)
+      # Of the objectives this family's section serves (all their settings are in it).
+      readers = sorted(name for name in OBJECTIVES if key in get(name).SETTINGS
+                       and all(k in config.objective for k in get(name).SETTINGS))
       others = ', '.join(f'objective.{k}' for k in sorted(read - {'name'}))
+      instead = (f'or set {setting} to one that reads it ({", ".join(readers)})' if readers
+                 else 'as no objective of this family reads it')
       raise ValueError(
           f'objective.{key} is not read by objective.name={config.objective.name}, which reads '
-          f'{others or "no objective setting besides its name"}; drop it, or set '
-          f'objective.name to one that reads it ({", ".join(readers)}).')
+          f'{others or "no objective setting besides its name"}; drop it, {instead}.')
 
 
 def build(config):
