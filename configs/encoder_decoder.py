@@ -115,6 +115,8 @@ def get_config(variant: str = 't5_tiny') -> ml_collections.ConfigDict:
   if variant != 't5_tiny':
     # T5's pretraining: Adafactor at a constant 0.01 after warm-up, decaying as 1/sqrt(step).
     config.optim.update(dict(name='adafactor', decay='rsqrt', weight_decay=0.0, clip_norm=0.0))
+  # The input of the greedy answer printed at the end with --config.train.sample_tokens=N (off
+  # by default: a span-corruption model answers with sentinels and spans, not a continuation).
   config.train.sample_prompt = 'def main():'
   config.lock()
   return config

@@ -35,8 +35,13 @@ from research.data import tokenizer as tokenizer_lib
 from research.models import attention as attention_lib
 from research.models import layers
 
+# ml_collections finds the --config.KEY overrides in a command line of its own (sys.argv unless
+# given one): parse_flags fills this with the one it parses, so that the two never differ and an
+# unreadable --flagfile is not opened at import.
+_PARSED_ARGV = []
 _CONFIG_FLAG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file and variant, e.g. configs/decoder.py:tiny.', lock_config=True)
+    'config', None, 'Config file and variant, e.g. configs/decoder.py:tiny.', lock_config=True,
+    sys_argv=_PARSED_ARGV)
 # Shared by every command that reads or writes a run directory (train, sample, convert).
 WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, checkpoints, metrics, logs.')
 
@@ -182,27 +187,38 @@ def parse_flags(argv, usage, accepted, trains=True):
     raise ConfigError('No config given; pass --config configs/<family>.py:VARIANT (--help lists '
                       'the flags).')
   base = load_config_file(spec)  # Checked here: config_flags defers such errors to first use.
+  overrides = _override_keys(argv)
+  _PARSED_ARGV[:] = argv
   try:
     rest = flags.FLAGS(argv)
     config = _CONFIG_FLAG.value
   except Exception as error:  # absl wraps the config's own errors in several layers.
     valid = _flat_keys(base)
-    for argument in argv:
-      if argument.startswith('--config.'):
-        key = argument[len('--config.'):].split('=', 1)[0]
-        if key not in valid:
-          raise _unknown_key_error(key, base) from None
+    for key in overrides:
+      if key not in valid:
+        raise _unknown_key_error(key, base) from None
     raise _flag_error(error, names) from None
   _check_arguments(rest, names)
   if not trains:
     return config
   try:
-    objectives.check_overrides(config, [argument[len('--config.objective.'):].split('=', 1)[0]
-                                        for argument in argv
-                                        if argument.startswith('--config.objective.')])
+    objectives.check_overrides(config, [key[len('objective.'):] for key in overrides
+                                        if key.startswith('objective.')])
   except ValueError as error:
     raise ConfigError(str(error)) from None
   return config
+
+
+def _override_keys(argv):
+  """The config keys that the command line overrides, as ml_collections finds them: after the
+  expansion of any --flagfile, as --config.KEY, -config.KEY or (for a boolean) --noconfig.KEY."""
+  try:
+    expanded = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+  except flags.Error as error:  # A --flagfile that cannot be read.
+    reason = re.sub(r'^.*?\] ', '', str(error).strip()).rstrip('.')  # absl's prefix, errno off.
+    raise ConfigError(f'The --flagfile cannot be read ({reason}); correct it.') from None
+  return [re.sub(r'^-{1,2}(no)?config\.', '', argument).split('=', 1)[0]
+          for argument in expanded if re.match(r'-{1,2}(no)?config\.', argument)]
 
 
 def parse_command_flags(argv, usage, names):
@@ -439,6 +455,10 @@ def validate(config, num_devices):
                       "which needs a GPU or TPU; use 'dots' or 'full' on CPU.")
   if not 0 <= m.get('dropout_rate', 0.0) < 1:
     raise ConfigError(f'config.model.dropout_rate={m.get("dropout_rate")} must lie in [0, 1).')
+  # Ahead of the objective's checks, whose advice for a length assumes the model takes it.
+  if t.seq_len > m.max_len:
+    raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={m.max_len}; shorten the '
+                      'sequences or raise max_len.')
   for check in (lambda: family.check_config(m), lambda: objective.check_config(config, family)):
     try:
       check()
@@ -467,9 +487,6 @@ def validate(config, num_devices):
       raise ConfigError(f'checkpoint.best_metric={c.best_metric} is better when '
                         f'{"lower" if better == "min" else "higher"}, and best_mode={c.best_mode} '
                         f'would keep the worst checkpoint; set checkpoint.best_mode={better}.')
-  if t.seq_len > m.max_len:
-    raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_len={m.max_len}; shorten the '
-                      'sequences or raise max_len.')
   if t.sample_tokens > 0 and getattr(family, 'GENERATES_TEXT', False):
     try:
       tokenizer = tokenizer_lib.get(config.data.tokenizer, config.data.extra_ids)

@@ -15,6 +15,7 @@ against the room of the device with the least.
 
 import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -234,6 +235,16 @@ def out_of_memory(error, model_config=None):
   detail = detail.rstrip('.') or 'out of memory'
   return (f'A compiled step ran out of {jax.devices()[0].platform} memory ({detail}); '
           f'{_step_advice(model_config)}. Checkpoints saved before it are kept.')
+
+
+def exit_status(error, model_config=None):
+  """For a command's handler: prints the sentence for an out-of-memory runtime error and returns
+  the exit status 1; any other runtime error propagates unchanged."""
+  sentence = out_of_memory(error, model_config)
+  if sentence is None:
+    raise error
+  print(f'error: {sentence}', file=sys.stderr)
+  return 1
 
 
 def human_bytes(count):

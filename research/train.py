@@ -533,11 +533,7 @@ def main(argv):
     print(f'error: {error}', file=sys.stderr)
     return 1
   except jax.errors.JaxRuntimeError as error:
-    sentence = device_memory.out_of_memory(error, config and config.model)
-    if sentence is None:
-      raise
-    print(f'error: {sentence}', file=sys.stderr)
-    return 1
+    return device_memory.exit_status(error, config and config.model)
   except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save.
     print('Interrupted before training started; nothing was saved.', file=sys.stderr)
     return 130

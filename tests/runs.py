@@ -54,8 +54,8 @@ def command(module, *args):
 def in_process(module, *args):
   """`python -m module args...` called in this process (its `main`): the same checks without a
   new interpreter, for commands that stop early (bad inputs) or do little. Flags are reset before
-  and after, as a fresh process would have them; sys.argv is the command's too, since
-  ml_collections finds the --config.KEY overrides there."""
+  and after, as a fresh process would have them; sys.argv is the command's too, as the run's
+  recorded command line and its resume hints read it."""
   main = importlib.import_module(module).main
   out, err = io.StringIO(), io.StringIO()
   flags.FLAGS.unparse_flags()

@@ -268,6 +268,33 @@ def test_bad_command_line_flags_are_one_sentence(tmp_path, argument, sentence):
   assert lines == [f'error: {sentence}'], lines
 
 
+def test_overrides_in_a_flagfile_apply_and_are_checked_as_on_the_command_line(tmp_path):
+  from absl import flags
+  flagfile = tmp_path / 'flags.txt'
+  flagfile.write_text('--config.train.num_steps=7\n--noconfig.train.progress_bar\n')
+  try:
+    config = config_lib.parse_flags(['train', '--config=configs/decoder.py:tiny',
+                                     f'--flagfile={flagfile}'], 'usage', ('workdir',))
+    assert (config.train.num_steps, config.train.progress_bar) == (7, False)
+  finally:
+    flags.FLAGS.unparse_flags()
+    for name in list(flags.FLAGS):
+      if name.startswith('config.'):
+        delattr(flags.FLAGS, name)
+  for line, sentence in [
+      ('--config.train.steps=3', "Unknown config key 'train.steps'; closest valid keys: "
+                                 'train.num_steps.'),
+      ('--config.objective.alpha=0.2', 'objective.alpha is not read by objective.name=causal_lm, '
+                                       'which reads no objective setting besides its name; drop '
+                                       'it, or set objective.name to one that reads it (distill).')]:
+    flagfile.write_text(line + '\n')
+    assert _plan_error('--config=configs/decoder.py:tiny',
+                       f'--flagfile={flagfile}') == f'error: {sentence}'
+  assert _plan_error('--config=configs/decoder.py:tiny', f'--flagfile={tmp_path}/none.txt') == (
+      f"error: The --flagfile cannot be read (No such file or directory: '{tmp_path}/none.txt'); "
+      'correct it.')
+
+
 @pytest.mark.parametrize('command, listed', [
     (('research.plan',), ['--config', '--mesh', '--topology', '--plan_json', '--cpu_devices']),
     (('research.data.pretokenize',), ['--config', '--writer', '--writers']),

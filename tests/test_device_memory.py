@@ -75,6 +75,17 @@ def test_an_out_of_memory_error_is_one_sentence_and_other_errors_are_not_taken_f
   assert device_memory.out_of_memory(jax.errors.JaxRuntimeError('INVALID_ARGUMENT: x')) is None
 
 
+def test_a_command_exits_1_with_the_sentence_and_lets_other_runtime_errors_through(capsys):
+  oom = jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes.')
+  assert device_memory.exit_status(oom) == 1
+  assert capsys.readouterr().err.startswith('error: A compiled step ran out of cpu memory (Out of '
+                                            'memory allocating 8 bytes); ')
+  other = jax.errors.JaxRuntimeError('INVALID_ARGUMENT: x')
+  with pytest.raises(jax.errors.JaxRuntimeError) as raised:
+    device_memory.exit_status(other)
+  assert raised.value is other
+
+
 def test_human_bytes():
   assert device_memory.human_bytes(512) == '512 B'
   assert device_memory.human_bytes(119.1 * 2**20) == '119.1 MiB'

@@ -260,6 +260,8 @@ def test_mlm_config_errors_are_one_sentence():
       (dict(objective=dict(mask_rate=1.5)), 'objective.mask_rate=1.5 must lie in (0, 1)'),
       (dict(objective=dict(max_predictions=0)), 'objective.max_predictions=0 must lie in'),
       (dict(train=dict(seq_len=128)), 'objective.max_predictions=6 is fewer than the about 19'),
+      # The model's limit first: a longer row's max_predictions would not be the only change.
+      (dict(train=dict(seq_len=4096)), 'train.seq_len=4096 exceeds model.max_len='),
       (dict(objective=dict(pair='both')), "objective.pair='both' is not one of"),
       (dict(data=dict(source='markov')), 'needs documents of text with special tokens'),
       (dict(objective=dict(name='mlm'), model=dict(family='decoder')), None),
