@@ -333,6 +333,9 @@ def _flag_error(error, names):
     hint = f'the closest is --{close[0]}' if close else 'the flags are --' + ', --'.join(names)
     return ConfigError(f'Unknown flag --{error.flagname}; {hint}.')
   message = str(error).strip().split('\n')[0]
+  early = re.search(r'Found (\S+?)(=\S*)? in argv before a value for --config', message)
+  if early:  # ml_collections applies an override only to a config named before it.
+    return ConfigError(f'{early.group(1)} comes before --config; put the overrides after it.')
   value = re.match(r'flag (--\S+?=.*?): (.*)', message)
   if value:  # absl's reasons are Python's: name what the flag expects instead.
     argument, reason = value.groups()

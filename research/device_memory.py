@@ -8,13 +8,16 @@ forever instead of raising (jax 0.10), and memory the kernel grants beyond what 
 process at its first touch. A step whose temporaries cannot be allocated at all raises
 RESOURCE_EXHAUSTED, on every backend; `out_of_memory` turns that into a sentence.
 
-CPU devices share the host's memory, so their needs add up against what the host has available
-(and what the process's control group leaves it); an accelerator's need is its fullest device's
+CPU devices share the host's memory, so their needs (those of every process on the machine)
+add up against what the host has available (and what the process's control group leaves it);
+an accelerator's need is its fullest device's
 against the room of the device with the least.
 """
 
+import hashlib
 import math
 import os
+import socket
 import sys
 
 import jax
@@ -147,27 +150,52 @@ def _need(devices, per_device):
   return max(per_device.values())
 
 
-def _first_short(needed, known):
-  """(process, bytes needed, bytes there, what that is) of the first process whose devices
-  cannot take `needed` bytes, `known` being this process's (bytes there, what), or None where
-  they all can (or none knows). Agreed by every process of a job: one that stopped alone would
-  leave the others waiting at their first collective."""
+def _host_key():
+  """A number that processes on one machine share and others, almost surely, do not: from the
+  hostname and the kernel's boot id, below 2**24 so that a float32 carries it exactly."""
+  try:
+    with open('/proc/sys/kernel/random/boot_id') as f:
+      boot = f.read().strip()
+  except OSError:
+    boot = ''
+  digest = hashlib.sha256(f'{socket.gethostname()} {boot}'.encode()).digest()
+  return int.from_bytes(digest[:3], 'little')
+
+
+def _first_short(needed, known, shared_host):
+  """(process, bytes needed, bytes there, what that is, processes) of the first process whose
+  devices cannot take `needed` bytes, `known` being this process's (bytes there, what), or None
+  where they all can (or none knows). With `shared_host` (CPU devices) the processes of one
+  machine draw on the same memory, so their needs add up; `processes` counts those. Agreed by
+  every process of a job: one that stopped alone would leave the others waiting at their first
+  collective."""
   there, kind = known or (math.inf, '')
   if jax.process_count() == 1:
-    return (0, needed, there, kind) if needed > there else None
+    return (0, needed, there, kind, 1) if needed > there else None
   from jax.experimental import multihost_utils
-  mine = np.array([needed, there if known else -1.0], np.float32)
-  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 2)
-  for process, (wanted, held) in enumerate(every):
+  mine = np.array([needed, there if known else -1.0, _host_key()], np.float32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 3)
+  return _shortage(every, kind or 'the memory there', shared_host)
+
+
+def _shortage(every, kind, shared_host):
+  """_first_short's verdict from every process's (bytes needed, bytes there or -1 where
+  unknown, host key)."""
+  for process, (_, held, host) in enumerate(every):
+    together = every[every[:, 2] == host] if shared_host else every[process:process + 1]
+    wanted = float(together[:, 0].sum())
     if held >= 0 and wanted > held:
-      return process, float(wanted), float(held), kind or 'the memory there'
+      return process, wanted, float(held), kind, len(together)
   return None
 
 
-def _where(process, devices):
+def _where(process, devices, processes):
   host = 'this host' if jax.process_count() == 1 else f'process {process}'
   if devices[0].platform == 'cpu':  # Their needs add up.
-    return f"{host}'s {len(devices)} cpu device(s)"
+    others = processes - 1
+    beside = (f' and those of the {others} other process{"es" if others > 1 else ""} on its '
+              'machine') if others else ''
+    return f"{host}'s {len(devices)} cpu device(s){beside}"
   return f"the fullest of {host}'s {len(devices)} {devices[0].platform} devices"
 
 
@@ -184,12 +212,12 @@ def check_state(abstract_state, what='The parameters and optimizer state'):
   shardings) is larger than the memory of the devices that would hold it."""
   devices = jax.local_devices()
   needed = _need(devices, _per_device(devices, abstract_state))
-  short = _first_short(needed, _room(devices, in_use=False))
+  short = _first_short(needed, _room(devices, in_use=False), devices[0].platform == 'cpu')
   if short:
-    process, needed, limit, kind = short
+    process, needed, limit, kind, processes = short
     raise MemoryShortage(
-        f'{what} need {human_bytes(needed)} on {_where(process, devices)}, more than the '
-        f'{human_bytes(limit)} of {kind}; shrink the model, or {_sharding_advice(devices)}; '
+        f'{what} need {human_bytes(needed)} on {_where(process, devices, processes)}, more '
+        f'than the {human_bytes(limit)} of {kind}; shrink the model, or {_sharding_advice(devices)}; '
         f'{_PLAN}.')
 
 
@@ -217,12 +245,13 @@ def check_step(compiled, model_config=None, what='A train step'):
   devices = jax.local_devices()
   each = (memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   short = _first_short(_need(devices, {device: each for device in devices}),
-                       _room(devices, in_use=True))
+                       _room(devices, in_use=True), devices[0].platform == 'cpu')
   if short:
-    process, needed, left, kind = short
+    process, needed, left, kind, processes = short
     raise MemoryShortage(
-        f'{what} needs {human_bytes(needed)} beyond the state on {_where(process, devices)}, '
-        f'more than the {human_bytes(left)} of {kind}; {_step_advice(model_config)}.')
+        f'{what} needs {human_bytes(needed)} beyond the state on '
+        f'{_where(process, devices, processes)}, more than the {human_bytes(left)} of {kind}; '
+        f'{_step_advice(model_config)}.')
 
 
 def out_of_memory(error, model_config=None):

@@ -268,6 +268,11 @@ def test_bad_command_line_flags_are_one_sentence(tmp_path, argument, sentence):
   assert lines == [f'error: {sentence}'], lines
 
 
+def test_an_override_before_the_config_is_one_sentence():
+  assert _plan_error('--config.train.num_steps=3', '--config=configs/decoder.py:tiny') == (
+      'error: --config.train.num_steps comes before --config; put the overrides after it.')
+
+
 def test_overrides_in_a_flagfile_apply_and_are_checked_as_on_the_command_line(tmp_path):
   from absl import flags
   flagfile = tmp_path / 'flags.txt'

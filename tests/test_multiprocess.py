@@ -303,6 +303,7 @@ def test_a_state_too_large_for_the_hosts_stops_every_process_with_one_sentence(t
     line = [l for l in result.stderr.splitlines() if l.startswith(f'[p{process}] error: ')]
     assert len(line) == 1 and line[0].startswith(
         f"[p{process}] error: The parameters and optimizer state need "), result.stderr[-3000:]
-    assert " TiB on process 0's 1 cpu device(s), more than the " in line[0], line[0]
+    assert (" TiB on process 0's 1 cpu device(s) and those of the 1 other process on its "
+            'machine, more than the ') in line[0], line[0]
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
   assert not (tmp_path / 'run' / 'config.json').exists()
