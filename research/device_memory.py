@@ -10,8 +10,7 @@ RESOURCE_EXHAUSTED, on every backend; `out_of_memory` turns that into a sentence
 
 CPU devices share the host's memory, so their needs (those of every process on the machine)
 add up against what the host has available (and what the process's control group leaves it);
-an accelerator's need is its fullest device's
-against the room of the device with the least.
+an accelerator's need is its fullest device's against the room of the device with the least.
 """
 
 import hashlib
