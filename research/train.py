@@ -355,6 +355,9 @@ def _train(config, workdir, mesh, stop):
     print(f'Note: optim.warmup_steps={config.optim.warmup_steps} is not shorter than '
           f'train.num_steps={t.num_steps}, so the learning rate never reaches optim.lr='
           f'{config.optim.lr:g}; shorten the warm-up for a run this short.', file=sys.stderr)
+  if jax.process_index() == 0:
+    for note in objectives.notes(config):
+      print(f'Note: {note}', file=sys.stderr)
   # Compiled now rather than at the first step (which then finds it in jit's cache), so that a
   # step that cannot fit stops before anything is written to the workdir.
   device_memory.check_step(trainer.train_step.lower(

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from research import config as config_lib
+from research import objectives
 from research.data import tokenizer as tokenizer_lib
 from research.objectives import prefix_lm
 from research.objectives import span_corruption
@@ -109,6 +110,19 @@ def test_prefix_lm_splits_each_example_into_inputs_and_targets():
   example = decoder_only.example(tokens, (0, 0, 0, 0), 0, None)
   assert example['inputs'].tolist() == [TOKENIZER.eos_id]
   assert np.array_equal(example['targets'][:-1], tokens)
+
+
+def test_prefix_lm_notes_an_encoder_left_mostly_empty():
+  config = _config(name='prefix_lm')  # t5_tiny: 128 encoder and 32 decoder positions.
+  assert objectives.notes(config) == [
+      'objective.name=prefix_lm cuts windows of train.target_len - 1 = 31 tokens and splits each '
+      'between the streams, so the encoder fills only about 12% of its train.seq_len=128 '
+      'positions; --config.train.target_len=128 trains on longer windows in fuller rows.']
+  config.train.target_len = 128
+  assert objectives.notes(config) == []
+  config.train.target_len, config.objective.prefix = 32, 'none'  # The encoder reads EOS alone.
+  assert objectives.notes(config) == []
+  assert objectives.notes(_config(name='span_corruption')) == []
 
 
 def test_ul2_draws_every_denoiser_with_its_mode_token_and_its_own_spans():

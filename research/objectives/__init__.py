@@ -21,7 +21,8 @@ it cannot train) and a class `Objective(config)` with
   metric_names()                        the names metrics() returns
   flops_per_token(family, spec)         model FLOPs per token position, for MFU
   synthetic_batch(rng)                  a batch of random tokens, for benchmarks
-Optional (distill.py): frozen(mesh) -> (arrays, shardings) it reads but never trains, which the
+Optional, in the module: notes(config) -> sentences printed as a run starts, for settings that
+train but waste work (prefix_lm.py). Optional (distill.py): frozen(mesh) -> (arrays, shardings) it reads but never trains, which the
 steps pass to sums(..., frozen); init_model(model) -> what initialises the parameters, when the
 objective adds parameters of its own.
 
@@ -86,6 +87,13 @@ def settings_read(config):
   if hasattr(module, 'wraps') and config.objective.get('base') in OBJECTIVES:
     read.update(module.wraps(config).SETTINGS)
   return read
+
+
+def notes(config):
+  """The configured objective's notes on settings that train but waste work (those of the
+  objective it wraps, for distillation)."""
+  module = data_module(config)
+  return list(module.notes(config)) if hasattr(module, 'notes') else []
 
 
 def check_overrides(config, keys):
