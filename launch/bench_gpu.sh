@@ -50,10 +50,12 @@ target=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all
         --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64)
 left_out='pyarrow'
 python=${PYTHON:-python3}  # `wheels`: any Python with pip; `run`: the image's.
+command -v "$python" > /dev/null \
+  || fail "PYTHON=$python is not a Python here; set PYTHON to one (the default is python3)."
 
 resolve() {  # resolve REPORT REQUIREMENT...: what pip would install for Python 3.12 (no download).
   local report=$1; shift
-  "$python" -m pip install --quiet --dry-run --ignore-installed --find-links "$wheels" \
+  "$python" -m pip install --quiet --dry-run --ignore-installed --find-links "$fresh" \
     --report "$report" "${target[@]}" --target "$scratch/target" "$@"
 }
 
@@ -68,9 +70,11 @@ case $1 in
   wheels)
     [[ $# -eq 1 ]] || fail "wheels takes no arguments; run $commands."
     scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
-    rm -rf "$wheels"; mkdir -p "$wheels"
+    # Downloaded beside, and put in place of wheels/ only once complete: a failed download
+    # leaves the wheels already there.
+    fresh=$scratch/wheels; mkdir -p "$fresh"
     # promise (a dependency of tensorflow-datasets) is published as source only: build its wheel.
-    "$python" -m pip wheel --quiet --no-deps --wheel-dir "$wheels" 'promise==2.3'
+    "$python" -m pip wheel --quiet --no-deps --wheel-dir "$fresh" 'promise==2.3'
     resolve "$scratch/image.json" "${image[@]}"
     resolve "$scratch/all.json" "${image[@]}" "${needed[@]}"
     names "$scratch/image.json" | sed 's/==.*//' > "$scratch/image.txt"
@@ -82,19 +86,27 @@ case $1 in
       fi
       echo "$pinned"
     done > "$scratch/missing.txt"
-    "$python" -m pip download --quiet --no-deps --dest "$wheels" "${target[@]}" \
+    "$python" -m pip download --quiet --no-deps --dest "$fresh" "${target[@]}" \
       -r "$scratch/missing.txt"
+    rm -rf "$wheels"; mv "$fresh" "$wheels"
     ls "$wheels"
     du -sh "$wheels" | awk '{print "wheels/: " $1}' ;;
   run)
     [[ $# -eq 2 ]] || fail "run takes one argument, the folder for the results; run $commands."
+    [[ ! -e $2 || -d $2 ]] || fail "$2 is a file; pass a folder for the results."
+    for setting in BENCH_BUDGET BENCH_TIMEOUT BENCH_LLAMA_TIMEOUT BENCH_TEST_TIMEOUT BENCH_STEPS \
+        BENCH_WARMUP BENCH_PROFILE_STEPS; do
+      [[ -z ${!setting:-} || ${!setting} =~ ^[0-9]+$ ]] \
+        || fail "$setting=${!setting} is not a whole number of seconds or steps; give one."
+    done
     budget_end=$((SECONDS + ${BENCH_BUDGET:-460}))
     within() {  # within LIMIT: LIMIT seconds, or fewer where the budget leaves fewer.
       local left=$((budget_end - SECONDS - 25))
       ((left > 1)) || left=1
       echo $(($1 < left ? $1 : left))
     }
-    out=$(mkdir -p "$2" && cd "$2" && pwd)
+    out=$(mkdir -p "$2" 2> /dev/null && cd "$2" && pwd) \
+      || fail "cannot make the folder $2; pass one that can be written."
     cd "$root"
     # Only what the image lacks, beside it (--no-deps: nothing of the image is replaced); a
     # Python without pip gets the wheels unpacked, which is all that installing them does here.

@@ -49,7 +49,10 @@ all layers together), from research/profiling.py.
 the restore they protect, on a freshly initialised train state of the config's model.
 
 `decode` times batched KV-cache generation (research/decode.py) with random parameters: the
-prefill of the prompts and the per-token decode step separately (fastest of the repeats).
+prefill of the prompts and the per-token decode step separately: generating 1 and then
+--new_tokens tokens (the fastest of --repeats runs each), whose difference is the steps after the
+first, and the first token's time less one such step is the prefill. Short runs make both
+figures noisy (use the defaults, or more repeats, for numbers to compare).
 """
 
 import datetime
@@ -440,12 +443,13 @@ def bench_decode(config):
       times.append(time.perf_counter() - start)
     return min(times)  # The least disturbed run.
 
-  prefill_s = seconds(1)  # Prefill plus one decode step.
+  first_token_s = seconds(1)  # The prefill and one decode step.
   total_s = seconds(new)
-  if total_s <= prefill_s:
-    raise config_lib.ConfigError('Generating was not measurably slower than prefilling; raise '
-                                 '--new_tokens or --repeats.')
-  per_token_s = (total_s - prefill_s) / max(new - 1, 1)
+  per_token_s = (total_s - first_token_s) / max(new - 1, 1)
+  prefill_s = first_token_s - per_token_s
+  if per_token_s <= 0 or prefill_s <= 0:
+    raise config_lib.ConfigError('The prefill and the decode steps could not be told apart in '
+                                 'these timings; raise --new_tokens or --repeats.')
   return dict(variant=config.variant, device_kind=jax.devices()[0].device_kind, batch=batch,
               prompt_len=prompt_len, new_tokens=new, prefill_s=prefill_s,
               prefill_tokens_per_s=batch * prompt_len / prefill_s,
@@ -616,4 +620,5 @@ def _write_json(results):
 
 
 if __name__ == '__main__':
+  cli.exit_on_interrupt('Interrupted; a benchmark that had not printed its figures recorded nothing.')
   sys.exit(main(sys.argv))

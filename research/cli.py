@@ -1,11 +1,15 @@
 """Argument parsing for the commands that take no config (sweeps, reports, tokenizers, corpora):
 a bad command line stops with one sentence that ends with the command's usage, never a usage
-block and a traceback. Also the check, for every command, of a folder it will write in."""
+block and a traceback. Also the check, for every command, of a folder it will write in, and
+Ctrl-C for the commands with nothing to save."""
 
 import argparse
 import os
 import re
+import signal
+import sys
 import tempfile
+import threading
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,3 +46,22 @@ def check_file(path, what):
   if os.path.isdir(path) or path.endswith(os.sep):
     raise ValueError(f'{what} {path} is a folder; pass the path of a file.')
   check_folder(os.path.dirname(os.path.abspath(path)), f'{what} {path}: its folder')
+
+
+def exit_on_interrupt(sentence):
+  """Makes Ctrl-C (SIGINT) end this process at once with `sentence` and exit status 130, for a
+  command with nothing to save. Python runs its own handlers only between bytecodes, so a
+  KeyboardInterrupt waits for a long call (an XLA compilation, SentencePiece's training) to
+  return, and the interpreter's exit then crashes on XLA's threads; the C-level handler writes
+  the signal to a pipe at once, which a thread watches. Called from the main thread."""
+  read, write = os.pipe()
+  os.set_blocking(write, False)
+  signal.signal(signal.SIGINT, lambda *_: None)  # The thread below acts on it.
+  signal.set_wakeup_fd(write)
+
+  def watch():
+    while os.read(read, 1) != bytes([signal.SIGINT]):  # Other signals' handlers write too.
+      pass
+    os.write(sys.stderr.fileno(), f'\n{sentence}\n'.encode())
+    os._exit(130)
+  threading.Thread(target=watch, daemon=True, name='exit_on_interrupt').start()

@@ -25,6 +25,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from research import cli
 from research import mesh as mesh_lib
 from research import models
 from research import objectives
@@ -282,7 +283,7 @@ def check_output(name, others=()):
   """One sentence, before any work, where the file of flag --name could not be written: a folder
   (or a path ending in one), a path under a file, one that cannot be opened for writing (tried:
   os.access grants root everything, even /proc), or the file of another flag in `others`, which
-  it would overwrite. A missing folder is made."""
+  it would overwrite. Makes nothing."""
   path = flags.FLAGS[name].value
   if not path:
     return
@@ -299,15 +300,14 @@ def check_output(name, others=()):
   if not os.path.isdir(existing):
     raise ConfigError(f'--{name} {path} lies under the file {existing}; pass a path in a '
                       'folder.')
-  existed = os.path.exists(path)
   try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'a'):  # Appending writes nothing: a results file keeps its lines.
-      pass
-  except OSError:
+    if os.path.exists(path):
+      with open(path, 'a'):  # Appending writes nothing: a results file keeps its lines.
+        pass
+    else:  # Made, folders and all, after the work, or not at all where the work fails.
+      cli.check_folder(os.path.dirname(os.path.abspath(path)), f'--{name} {path}: its folder')
+  except (OSError, ValueError):
     raise ConfigError(f'--{name} {path} is not writable; pass another path.') from None
-  if not existed:
-    os.remove(path)  # Written after the work, or not at all where the work fails.
 
 
 def write_output(name, text, append=False):
@@ -398,8 +398,9 @@ def _float_settings(tree, prefix=''):
       yield prefix + key, value
 
 
-def validate(config, num_devices):
-  """Checks a config against itself and the device count; returns the resolved mesh shape."""
+def validate(config, num_devices, for_accelerators=False):
+  """Checks a config against itself and the device count; returns the resolved mesh shape.
+  `for_accelerators`: the run is planned for GPUs or TPUs, whatever this machine has."""
   m, o, t = config.model, config.optim, config.train
   try:
     family = models.get(m.family)
@@ -453,7 +454,7 @@ def validate(config, num_devices):
   if w.slow_factor <= 1 or w.slow_min_s < 0 or w.exit_after_s < 0 or w.peer_timeout_s < 1:
     raise ConfigError(f'config.watchdog needs slow_factor > 1, slow_min_s >= 0, exit_after_s >= 0 '
                       f'and peer_timeout_s >= 1, got {w.to_dict()}.')
-  if m.get('remat') == 'offload' and jax.default_backend() == 'cpu':
+  if m.get('remat') == 'offload' and not for_accelerators and jax.default_backend() == 'cpu':
     raise ConfigError("config.model.remat='offload' keeps activations in pinned host memory, "
                       "which needs a GPU or TPU; use 'dots' or 'full' on CPU.")
   if not 0 <= m.get('dropout_rate', 0.0) < 1:

@@ -31,6 +31,7 @@ import jax
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
+from research import cli
 from research import config as config_lib
 from research import device_memory
 from research import mesh as mesh_lib
@@ -92,10 +93,12 @@ def fit(report, hbm_bytes):
               fits=total <= hbm_bytes)
 
 
-def plan(config, devices, hbm_bytes=0):
+def plan(config, devices, hbm_bytes=0, for_accelerators=False):
   """Compiles config's train step on `devices` (a mesh of config.mesh's sizes); returns the
-  per-device figures as a dict, with fit()'s when `hbm_bytes` (one device's memory) is given."""
-  mesh_shape = config_lib.validate(config, len(devices))
+  per-device figures as a dict, with fit()'s when `hbm_bytes` (one device's memory) is given.
+  `for_accelerators`: the run is for GPUs or TPUs, whatever `devices` are (model.remat=offload
+  compiles on CPU devices too)."""
+  mesh_shape = config_lib.validate(config, len(devices), for_accelerators)
   mesh = mesh_lib.make_mesh(mesh_shape, devices)
   t = config.train
   family = models.get(config.model.family)
@@ -167,7 +170,10 @@ def _print(report):
       ('batch', f"{report['batch_size']} x {report['seq_len']} tokens per step"),
       ('parameters / device', size('params')),
       ('optimizer state / device', size('optimizer')),
-      ('activations (temporary) / device', size('activations')),
+      ('activations (temporary) / device', size('activations') + (
+          " (as remat=dots: CPU devices hold 'offloaded' activations in the same memory, so "
+          'this is an upper bound)' if report['remat'] == 'offload'
+          and report['platform'] == 'cpu' else '')),
       ('batch / device', size('batch')),
       ('model TFLOPs / step / device', f"{report['model_tflops_per_step_per_device']:.4g}"),
       ('compiler TFLOPs / step / device', f"{report['compiler_tflops_per_step_per_device']:.4g}"
@@ -199,7 +205,6 @@ def main(argv):
       jax.config.update('jax_num_cpu_devices', count)  # Before any device is touched.
       for axis in mesh_lib.DCN_AXES:
         config.mesh[f'dcn_{axis}'] = 1  # One slice: a plan compiles on one process.
-      devices = _devices(count)
     elif target:
       sizes = mesh_lib.parse_sizes(target)
       if any(size < 1 for size in sizes.values()):
@@ -211,11 +216,15 @@ def main(argv):
         config.mesh[axis] = size
       for axis in mesh_lib.DCN_AXES:
         config.mesh[f'dcn_{axis}'] = 1  # One slice: a plan compiles on one process.
+    if target or _TOPOLOGY.value:
+      # Checked before the devices exist: simulating many takes long, and a config that cannot
+      # run on them would be refused only after it.
+      config_lib.validate(config, count, for_accelerators=True)
       devices = _devices(count)
     else:
       mesh_lib.configure_cpu_devices()
       devices = jax.devices()
-    report = plan(config, devices, hbm)
+    report = plan(config, devices, hbm, for_accelerators=bool(target or _TOPOLOGY.value))
     if _TOPOLOGY.value and report['platform'] == 'cpu':  # Simulated devices, not the slice's.
       report['topology'] = _TOPOLOGY.value
     _print(report)
@@ -228,4 +237,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.exit_on_interrupt('Interrupted; nothing was written.')
   sys.exit(main(sys.argv))

@@ -20,6 +20,7 @@ import sys
 import jax
 from absl import flags
 
+from research import cli
 from research import config as config_lib
 from research import decode
 from research import hf
@@ -138,4 +139,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.exit_on_interrupt('Interrupted; nothing was written.')
   sys.exit(main(sys.argv))

@@ -227,7 +227,10 @@ def _start_up(config, trainer, checkpointer):
                                     _changed_data_settings(checkpointer.directory, config))
     trainer.pipeline.resume_at(record['data']['next_step'], record['data']['rows_consumed'])
     rng = checkpoint_lib.rng_from_record(record)
-    return state, rng, f'resumed from step {int(state.step)} in {checkpointer.directory}'
+    # A warm start begins a run; its own checkpoints take precedence after (the docstring above).
+    ignored = (f' (checkpoint.init_from={config.checkpoint.init_from} is not read: a run that '
+               'has checkpoints resumes from them)' if config.checkpoint.init_from else '')
+    return state, rng, f'resumed from step {int(state.step)} in {checkpointer.directory}{ignored}'
   if config.checkpoint.init_from:
     state, _, description = checkpoint_lib.restore_params(
         config.checkpoint.init_from, trainer.state, trainer.state_shardings,

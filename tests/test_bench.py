@@ -3,6 +3,7 @@ results file and table, the CPU peak behind MFU, the benchmark configs and the G
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -300,7 +301,7 @@ def test_checking_an_output_leaves_no_file_and_keeps_an_old_one(tmp_path, monkey
   for path in (new, old):
     monkeypatch.setattr(config_lib.flags.FLAGS['results'], 'value', str(path))
     config_lib.check_output('results')
-  assert not new.exists() and new.parent.is_dir()  # Its folder made, the file written later.
+  assert not new.parent.exists()  # Made with the file, once the benchmark has run.
   assert old.read_text() == 'a line\n'
 
 
@@ -479,6 +480,15 @@ def test_an_unknown_benchmark_names_the_benchmarks():
     config_lib.load_config_file(os.path.join(REPO, 'configs', 'bench.py:gpt3'))
 
 
+def test_a_benchmark_refused_before_it_runs_makes_no_results_folder(tmp_path):
+  results = tmp_path / 'new' / 'results.jsonl'
+  line = runs.error_line(runs.in_process('research.bench', 'train', '--config',
+                                         'configs/decoder.py:tiny', '--config.model.num_heads=3',
+                                         f'--results={results}'))
+  assert line.startswith('error: model.num_heads=3 must divide model.emb_dim=128')
+  assert not (tmp_path / 'new').exists()
+
+
 def test_the_gpu_script_parses_and_refuses_bad_usage():
   script = os.path.join(REPO, 'launch', 'bench_gpu.sh')
   assert subprocess.run(['bash', '-n', script]).returncode == 0
@@ -496,6 +506,38 @@ def test_the_gpu_script_parses_and_refuses_bad_usage():
     assert result.returncode == 2, result.stderr
     assert result.stderr == (f"error: {sentence}; run 'launch/bench_gpu.sh wheels' (with network) "
                              "or 'launch/bench_gpu.sh run OUT_DIR' (on the GPU).\n")
+
+
+def test_the_gpu_script_refuses_bad_settings_in_one_sentence_and_keeps_its_wheels(tmp_path):
+  script = os.path.join(REPO, 'launch', 'bench_gpu.sh')
+  (tmp_path / 'a_file').write_text('')
+  for env, args, sentence in [
+      ({'PYTHON': '/nonexistent/python'}, ['wheels'],
+       'PYTHON=/nonexistent/python is not a Python here; set PYTHON to one (the default is '
+       'python3).'),
+      ({'BENCH_BUDGET': 'abc'}, ['run', str(tmp_path / 'out')],
+       'BENCH_BUDGET=abc is not a whole number of seconds or steps; give one.'),
+      ({}, ['run', str(tmp_path / 'a_file')], f'{tmp_path}/a_file is a file; pass a folder for '
+                                              'the results.'),
+      ({}, ['run', str(tmp_path / 'a_file' / 'out')],
+       f'cannot make the folder {tmp_path}/a_file/out; pass one that can be written.')]:
+    result = subprocess.run(['bash', script, *args], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, 'PYTHON': sys.executable, **env})
+    assert (result.returncode, result.stderr) == (2, f'error: {sentence}\n'), result.stderr
+  # A download that fails (no index to reach) leaves the wheels already there.
+  wheels = os.path.join(REPO, 'wheels')
+  made = not os.path.isdir(wheels)
+  kept = os.path.join(wheels, f'kept-{os.getpid()}.whl')
+  os.makedirs(wheels, exist_ok=True)
+  try:
+    with open(kept, 'w'):
+      pass
+    result = subprocess.run(['bash', script, 'wheels'], capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, PYTHON=sys.executable,
+                                                  PIP_NO_INDEX='1', PIP_CONFIG_FILE=os.devnull))
+    assert result.returncode != 0 and os.path.exists(kept), result.stderr[-2000:]
+  finally:
+    shutil.rmtree(wheels) if made else os.remove(kept)
 
 
 # The planner's verdict on one H100 80 GB (whose bytes also decide an H200's), in this process:

@@ -474,6 +474,23 @@ def test_tokens_beyond_the_model_vocabulary_and_foreign_shards_are_one_sentence(
   with pytest.raises(pipeline_lib.DataError, match=r'was made from text:.* but this run reads '
                      r'text:.*elsewhere; point the run at its own tokenized data'):
     pipeline_lib.build(config)
+  # The same source read with other settings would be other documents; the files may not be here.
+  config.data.paths = str(tmp_path / 'corpus')
+  assert manifest['source']['settings'] == {'data.validation_percent': 5}
+  config.data.validation_percent = 10
+  with pytest.raises(pipeline_lib.DataError, match=(
+      r'^The tokenized data in .* was made with data.validation_percent=5 \(this run: 10\); set '
+      r'the same values, or tokenize again into another data.tokenized_dir\.$')):
+    pipeline_lib.build(config)
+  config.data.validation_percent = 5
+  assert pipeline_lib.build(config).record['sources'][0]['train_tokens'] > 0
+  # A folder of other files, as a mistyped path would name, is not tokenized into.
+  config.data.tokenized_dir = str(tmp_path / 'data')
+  with pytest.raises(pipeline_lib.DataError, match=(
+      r'^data.tokenized_dir .*data holds no tokenized data but other files \(tokens\); point it at '
+      r'a folder of shards \(with its manifest.json\) or at a new or empty folder to tokenize '
+      r'into\.$')):
+    pipeline_lib.build(config)
 
 
 def test_pretokenize_command_writes_the_shards_training_then_reads(decoder_config, tmp_path):
@@ -493,6 +510,9 @@ def test_pretokenize_command_writes_the_shards_training_then_reads(decoder_confi
                         '--writer=2', '--writers=2')
   assert bad.returncode == 2
   assert bad.stderr.strip() == 'error: --writer=2 must lie in [0, --writers=2).', bad.stderr
+  none = runs.in_process('research.data.pretokenize', '--config', 'configs/decoder.py:tiny',
+                         '--writers=0')
+  assert none.stderr.strip() == 'error: --writers=0 must be at least 1.', none.stderr
 
 
 def test_a_token_budget_sets_the_number_of_steps(decoder_config):

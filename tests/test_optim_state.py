@@ -103,8 +103,10 @@ def test_a_resumed_run_restores_its_bfloat16_first_moment_and_frees_its_fresh_st
       3, trainer.dropout_rng, trainer.pipeline.position(3), config))
   checkpointer.wait()
 
+  config.checkpoint.init_from = str(tmp_path / 'pretrained')  # Its own checkpoints come first.
   restored, _, description = train._start_up(config, trainer, checkpointer)
-  assert description.startswith('resumed from step 2')  # The state's own step.
+  assert description == (f'resumed from step 2 in {tmp_path} (checkpoint.init_from={tmp_path}/'
+                         'pretrained is not read: a run that has checkpoints resumes from them)')
   # The fresh state only showed the restore what to read: the run holds one copy of the state.
   assert all(x.is_deleted() for x in jax.tree.leaves(trainer.state))
   mu, nu = _moments(restored.opt_state)

@@ -4,6 +4,10 @@ import json
 import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import pytest
@@ -65,6 +69,25 @@ def test_a_topology_plan_says_its_cpu_devices_stand_in_and_how_xla_counts_a_scan
   assert lines['mesh'].endswith('on 1 cpu device standing in for h100-80gb:1'), lines['mesh']
   assert lines['compiler TFLOPs / step / device'].endswith('(loop bodies counted once)')
   assert lines['total / device'].endswith('of 80 GiB HBM: fits')
+  # Offloaded activations are planned for the accelerators, measured as dots on CPU devices.
+  result = runs.command('research.plan', '--config', 'configs/decoder.py:tiny',
+                        '--topology', 'h200:1', '--config.model.remat=offload')
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = {line.split('  ')[0]: line for line in result.stdout.splitlines()}
+  assert lines['activations (temporary) / device'].endswith(
+      "MiB (as remat=dots: CPU devices hold 'offloaded' activations in the same memory, so this "
+      'is an upper bound)')
+
+
+def test_a_mesh_the_config_cannot_use_is_refused_before_its_devices_are_simulated():
+  started = time.monotonic()
+  result = subprocess.run([sys.executable, '-m', 'research.plan', '--config',
+                           'configs/decoder.py:tiny', '--mesh', 'data=100000'], cwd=runs.REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.stderr.strip() == (
+      'error: train.batch_size=16 must divide evenly over the data axes (data*fsdp=100000) times '
+      'optim.grad_accum_steps=1; use a multiple of 100000.')
+  assert result.returncode == 2 and time.monotonic() - started < 60
 
 
 @pytest.mark.parametrize('spec', ['rnn.py:lstm_tiny', 'rnn_seq2seq.py:gru_attention_tiny'])
@@ -149,3 +172,30 @@ def test_every_example_of_the_help_runs_as_written():
     result = runs.command('research.plan', *arguments)
     assert result.returncode == 0, (arguments, result.stderr[-3000:])
     assert result.stdout.startswith('model '), result.stdout
+
+
+def _cpu_seconds(pid):
+  with open(f'/proc/{pid}/stat') as f:
+    fields = f.read().rsplit(')', 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # utime + stime.
+
+
+def test_ctrl_c_while_compiling_ends_the_plan_at_once_with_one_sentence():
+  # Unscanned layers and no compilation cache: tracing and compiling take far longer than the
+  # wait; the imports (under 2 s of CPU) are over before it.
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'research.plan', '--config', 'configs/decoder.py:llama2_7b',
+       '--mesh', 'data=16,fsdp=16', '--config.model.scan_layers=False'], cwd=runs.REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false'))
+  try:
+    while _cpu_seconds(process.pid) < 4 and process.poll() is None:
+      time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=60)
+  finally:
+    process.kill()
+  assert process.returncode == 130 and time.monotonic() - sent < 10, err[-3000:]
+  assert err.strip().splitlines()[-1] == 'Interrupted; nothing was written.', err[-3000:]
+  assert 'Traceback' not in err

@@ -177,6 +177,10 @@ def test_target_length_and_sentinels_are_checked_against_the_row():
     config_lib.validate(config, 1)
   with pytest.raises(ValueError, match=r'has 2 sentinels; set data.extra_ids to at least 7'):
     span_corruption.Objective(_config()).transform(tokenizer_lib.ByteTokenizer(extra_ids=2))
+  config.train.target_len = 1
+  with pytest.raises(config_lib.ConfigError, match=r'^train.target_len=1 leaves no decoder '
+                     r'positions for a target and its EOS; set it to at least 2\.$'):
+    config_lib.validate(config, 1)
   decoder = config_lib.load_config_file(os.path.join(REPO, 'configs', 'decoder.py:tiny'))
   decoder.objective.name = 'span_corruption'
   with pytest.raises(config_lib.ConfigError, match='model.family=.decoder. is not one'):

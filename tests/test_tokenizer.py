@@ -343,6 +343,11 @@ def test_the_train_command_writes_a_model_that_data_tokenizer_reads(tmp_path):
      "Data source 'web:x' is not one of"),
     (['train', '--source', 'text:{tmp}/blank.txt', '--vocab_size', '300', '--out', '{tmp}/m'],
      'The training input holds no text'),
+    (['train', '--source', 'text:{tmp}/a.txt', '--vocab_size', '300', '--out', '{tmp}/m',
+      '--max_bytes', '5'], 'The training input holds no text within its first --max_bytes=5 '
+                           'bytes; pass files with some or raise --max_bytes.'),
+    (['train', '--source', 'text:{tmp}/a.txt', '--vocab_size', '300', '--out', '{tmp}/m',
+      '--validation_percent', '0'], '--validation_percent=0 must lie in [1, 50]'),
     (['train', '--source', 'text:{tmp}/a.txt', '--vocab_size', 'many', '--out', '{tmp}/m'],
      "Argument --vocab_size: invalid int value: 'many'"),
     (['train', '--vocab_size', '300', '--out', '{tmp}/m'],

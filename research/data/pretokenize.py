@@ -18,6 +18,7 @@ import time
 
 from absl import flags
 
+from research import cli
 from research import config as config_lib
 from research.data import shards
 from research.data import sources
@@ -47,18 +48,36 @@ def directory(spec, source, data, tokenizer):
   return os.path.join(_local(data.data_dir, 'data.data_dir'), 'tokens', name)
 
 
+def _check_shard_folder(folder):
+  """One sentence where data.tokenized_dir, without a manifest yet, holds files that are not
+  shards (a mistyped path to another folder), which tokenizing there would mix in with them."""
+  if not os.path.isdir(folder):
+    return
+  strangers = sorted(name for name in os.listdir(folder)
+                     if not name.startswith(('train-', 'validation-', 'train.', 'validation.',
+                                             shards.MANIFEST)))
+  if strangers:
+    raise sources.DataError(
+        f'data.tokenized_dir {folder} holds no tokenized data but other files ({strangers[0]}'
+        f'{", ..." if len(strangers) > 1 else ""}); point it at a folder of shards (with its '
+        f'{shards.MANIFEST}) or at a new or empty folder to tokenize into.')
+
+
 def ensure(spec, data, tokenizer, writer=0, writers=1):
   """(directory, manifest) of `spec`'s shards, written first if missing."""
   if data.tokenized_dir:  # Made elsewhere, perhaps from files this machine does not have.
     folder = _local(data.tokenized_dir, 'data.tokenized_dir')
     manifest = shards.read_manifest(folder)
     if manifest is not None:
-      shards.check_manifest(manifest, folder, tokenizer, spec=spec)
+      shards.check_manifest(manifest, folder, tokenizer, spec=spec,
+                            settings=sources.reading_settings(spec, data))
       return folder, manifest
+    _check_shard_folder(folder)
   source = sources.build(spec, data, 'data.mixture' if data.mixture else 'data.paths')
   folder = directory(spec, source, data, tokenizer)
   setting = next((key for key in ('tokenized_dir', 'tokens_dir') if data[key]), 'data_dir')
-  manifest = shards.prepare(source, spec, tokenizer, folder, writer, writers, f'data.{setting}')
+  manifest = shards.prepare(source, spec, tokenizer, folder, writer, writers, f'data.{setting}',
+                            sources.reading_settings(spec, data))
   # The folder is named by fingerprints, so another spelling of the same source may have made it.
   shards.check_manifest(manifest, folder, tokenizer, source_fingerprint=source.fingerprint())
   return folder, manifest
@@ -68,6 +87,8 @@ def main(argv):
   try:
     # Its objective is not trained here (and importing one would import this module anew).
     config = config_lib.parse_flags(argv, __doc__, ('writer', 'writers'), trains=False)
+    if _WRITERS.value < 1:
+      raise config_lib.ConfigError(f'--writers={_WRITERS.value} must be at least 1.')
     if not 0 <= _WRITER.value < _WRITERS.value:
       raise config_lib.ConfigError(f'--writer={_WRITER.value} must lie in [0, --writers='
                                    f'{_WRITERS.value}).')
@@ -97,4 +118,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.exit_on_interrupt('Interrupted; the shards already written are kept, and running the command again tokenizes the rest.')
   sys.exit(main(sys.argv))

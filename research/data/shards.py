@@ -202,8 +202,10 @@ def read_manifest(directory):
     return json.load(f)
 
 
-def prepare(source, spec, tokenizer, directory, writer=0, writers=1, setting='data.tokens_dir'):
-  """Writes the shards of `source` under `directory` and returns the manifest.
+def prepare(source, spec, tokenizer, directory, writer=0, writers=1, setting='data.tokens_dir',
+            settings=None):
+  """Writes the shards of `source` under `directory` and returns the manifest, which records
+  `settings` (sources.reading_settings: those that shaped its documents) beside the source.
 
   A writer takes its share first, then every other shard: one that another writer holds is
   waited for (its lock) and then found written, so all are done when the loop ends, and the
@@ -242,11 +244,11 @@ def prepare(source, spec, tokenizer, directory, writer=0, writers=1, setting='da
       logging.info('Tokenized %s: %d documents, %d tokens in %.1f s.', os.path.basename(path),
                    stats['documents'], stats['tokens'], time.time() - started)
   if read_manifest(directory) is None:
-    _manifest(directory, source, spec, tokenizer, parts)
+    _manifest(directory, source, spec, tokenizer, parts, settings or {})
   return read_manifest(directory)
 
 
-def _manifest(directory, source, spec, tokenizer, parts):
+def _manifest(directory, source, spec, tokenizer, parts, settings):
   splits = {}
   for split, split_parts in parts.items():
     shards, counts = [], np.zeros(tokenizer.vocab_size, np.int64)
@@ -275,7 +277,8 @@ def _manifest(directory, source, spec, tokenizer, parts):
     splits[split] = dict(total, shards=shards, fingerprint=digest)
   manifest = dict(
       format=FORMAT, chunk=CHUNK, dtype=np.dtype(token_dtype(tokenizer.vocab_size)).name,
-      source=dict(spec=spec, name=source.name, fingerprint=source.fingerprint()),
+      source=dict(spec=spec, name=source.name, fingerprint=source.fingerprint(),
+                  settings=settings),
       tokenizer=dict(name=tokenizer.name, fingerprint=tokenizer.fingerprint,
                      vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id),
       splits=splits, created=time.time())
@@ -293,9 +296,10 @@ def _manifest(directory, source, spec, tokenizer, parts):
   os.remove(temporary)
 
 
-def check_manifest(manifest, directory, tokenizer, spec=None, source_fingerprint=None):
+def check_manifest(manifest, directory, tokenizer, spec=None, source_fingerprint=None,
+                   settings=None):
   """One sentence when the shards in `directory` were made with another tokenizer, or from
-  another source: its spec (shards made elsewhere) or its fingerprint."""
+  another source: its spec and reading `settings` (shards made elsewhere) or its fingerprint."""
   if manifest.get('format') != FORMAT or manifest.get('chunk') != CHUNK:
     raise DataError(f'The tokenized data in {directory} has another format; tokenize again '
                     'with python -m research.data.pretokenize.')
@@ -310,6 +314,15 @@ def check_manifest(manifest, directory, tokenizer, spec=None, source_fingerprint
     raise DataError(f"The tokenized data in {directory} was made from {source['spec']} but this "
                     f'run reads {spec or "another version of it"}; point the run at its own '
                     'tokenized data.')
+  # Manifests written before the settings were recorded hold none, and are read as before.
+  made_with = source.get('settings') or {}
+  changed = {key: (made_with[key], value) for key, value in (settings or {}).items()
+             if key in made_with and made_with[key] != value}
+  if changed:
+    differences = ', '.join(f'{key}={old!r} (this run: {new!r})'
+                            for key, (old, new) in changed.items())
+    raise DataError(f'The tokenized data in {directory} was made with {differences}; set the same '
+                    'values, or tokenize again into another data.tokenized_dir.')
 
 
 class _Readers:

@@ -384,6 +384,20 @@ def build(spec, data, setting='data.paths'):
   return FileSource(kind, files, data.validation_percent, data.text_field)
 
 
+def reading_settings(spec, data):
+  """{setting: value} of the config.data settings that shape the documents `spec` reads, beyond
+  its files: the manifest of its shards records them, so that shards made elsewhere (whose
+  files this machine may not have) are checked against a run's settings."""
+  kind = parse_spec(spec)[0]
+  if kind == 'tfds':
+    keys = ('train_split', 'validation_split', 'text_field')
+  elif kind in ('jsonl', 'parquet'):
+    keys = ('validation_percent', 'text_field')
+  else:  # Plain text and the standard library have no fields.
+    keys = ('validation_percent',)
+  return {f'data.{key}': data[key] for key in keys}
+
+
 def specs(data):
   """[(spec, weight)] of config.data: its mixture, or its one source."""
   if data.paths and (data.mixture or data.source in ('stdlib', 'tfds')):

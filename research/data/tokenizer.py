@@ -456,9 +456,10 @@ _CONTROL = ['[CLS]', '[SEP]', '[MASK]']  # Never produced from text: MLM and pai
 _MAX_LINE = 4096  # Characters per training sentence (SentencePiece skips longer ones).
 
 
-def _sentences(texts, max_bytes):
+def _sentences(texts, max_bytes, capped=None):
   """The non-empty lines of `texts` (without their newline, which is a piece of its own) in chunks
-  of at most _MAX_LINE characters, until `max_bytes` of UTF-8 are read."""
+  of at most _MAX_LINE characters, until `max_bytes` of UTF-8 are read (then True is appended to
+  the list `capped`)."""
   total = 0
   for text in texts:
     for line in filter(None, text.split('\n')):
@@ -466,6 +467,8 @@ def _sentences(texts, max_bytes):
         chunk = line[start:start + _MAX_LINE]
         total += len(chunk.encode('utf-8', errors='replace')) + 1
         if max_bytes is not None and total > max_bytes:
+          if capped is not None:
+            capped.append(True)
           return
         yield chunk
 
@@ -483,10 +486,10 @@ def train(texts, vocab_size, model_type, out_prefix, max_bytes=None, num_threads
     raise ValueError(f'model_type={model_type!r} is not one of {list(MODEL_TYPES)}.')
   if not isinstance(vocab_size, int) or vocab_size < 1:
     raise ValueError(f'vocab_size={vocab_size!r} must be a positive integer.')
-  counted = [0]
+  counted, capped = [0], []
 
   def sentences():
-    for sentence in _sentences(texts, max_bytes):
+    for sentence in _sentences(texts, max_bytes, capped):
       counted[0] += 1
       yield sentence
   model = io.BytesIO()
@@ -500,17 +503,20 @@ def train(texts, vocab_size, model_type, out_prefix, max_bytes=None, num_threads
         max_sentence_length=4 * _MAX_LINE, input_sentence_size=10_000_000,
         shuffle_input_sentence=True, num_threads=num_threads or os.cpu_count(), minloglevel=2)
   except RuntimeError as error:
-    raise ValueError(_training_error(str(error), vocab_size, counted[0])) from None
+    raise ValueError(_training_error(str(error), vocab_size, counted[0],
+                                     max_bytes if capped else None)) from None
   os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
   path = out_prefix + '.model'
   _write(path, model.getvalue())
   return path
 
 
-def _training_error(message, vocab_size, sentences):
+def _training_error(message, vocab_size, sentences, max_bytes=None):
   """One sentence for SentencePiece's own error `message`."""
   if sentences == 0:
-    return 'The training input holds no text; pass files with some.'
+    within = f' within its first --max_bytes={max_bytes} bytes' if max_bytes else ''
+    more = ' or raise --max_bytes' if max_bytes else ''
+    return f'The training input holds no text{within}; pass files with some{more}.'
   high = re.search(r'Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)', message)
   if high:
     return (f'vocab_size={vocab_size} is more than this text yields (at most {high.group(1)}); '
@@ -577,6 +583,9 @@ def main(argv):
       raise ValueError(f'--model_type={args.model_type} is not one of {list(MODEL_TYPES)}.')
     if args.max_bytes < 1 or args.extra_ids < 0:
       raise ValueError('--max_bytes must be positive and --extra_ids not negative.')
+    if not 1 <= args.validation_percent <= 50:  # As data.validation_percent, which reads it.
+      raise ValueError(f'--validation_percent={args.validation_percent} must lie in [1, 50], as '
+                       'data.validation_percent of the runs that use the tokenizer.')
     cli.check_file(args.out, '--out')  # A prefix: PREFIX.model is written.
     if os.path.exists(args.out + '.model') and not args.overwrite:
       raise ValueError(f'{args.out}.model exists; pass --overwrite to replace it, or another '
@@ -596,4 +605,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.exit_on_interrupt('Interrupted; no tokenizer was written.')
   sys.exit(main(sys.argv))

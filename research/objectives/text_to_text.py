@@ -42,9 +42,12 @@ def check_config(config, family, name, reads=sources.KINDS):
     raise ValueError(f'objective.name={name} trains an encoder-decoder; model.family='
                      f'{config.model.family!r} is not one (start from a variant of '
                      'configs/encoder_decoder.py).')
-  if 'target_len' not in t or t.target_len < 2:
-    raise ValueError(f'objective.name={name} needs train.target_len (decoder positions per row, '
-                     'at least 2); start from --config configs/encoder_decoder.py:VARIANT.')
+  if 'target_len' not in t:
+    raise ValueError(f'objective.name={name} needs train.target_len (decoder positions per row); '
+                     'start from --config configs/encoder_decoder.py:VARIANT.')
+  if t.target_len < 2:
+    raise ValueError(f'train.target_len={t.target_len} leaves no decoder positions for a target '
+                     'and its EOS; set it to at least 2.')
   if t.target_len > config.model.max_len:
     raise ValueError(f'train.target_len={t.target_len} exceeds model.max_len='
                      f'{config.model.max_len}; shorten the targets or raise max_len.')
