@@ -3,6 +3,7 @@
 # equivalence tests on one GPU machine without network, in under 8 minutes.
 #
 #   launch/bench_gpu.sh wheels        (with network) the wheels the GPU image lacks, into wheels/
+#                                     (or BENCH_WHEELS), which `run` installs
 #   launch/bench_gpu.sh run OUT_DIR   (on the GPU) install them, run the tests and the benchmarks
 #
 # The GPU image holds Python 3.12 with jax, flax, optax, orbax-checkpoint, numpy and pytest but
@@ -40,7 +41,7 @@ commands+=" (on the GPU)"
 [[ $# -ge 1 ]] || usage
 case $1 in -h|-help|--help|help) help_text; exit 0 ;; esac
 root=$(cd "$(dirname "$0")/.." && pwd)
-wheels=$root/wheels
+wheels=${BENCH_WHEELS:-$root/wheels}
 # What the four need beyond the image, at the project's own ranges (requirements.txt).
 needed=('ml-collections>=1.0,<2' 'tensorflow-datasets>=4.9.9,<5' 'array-record>=0.8,<0.9'
         'grain>=0.2.12,<0.3')
@@ -69,10 +70,11 @@ for item in json.load(open(sys.argv[1]))["install"]:
 case $1 in
   wheels)
     [[ $# -eq 1 ]] || fail "wheels takes no arguments; run $commands."
-    scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
-    # Downloaded beside, and put in place of wheels/ only once complete: a failed download
-    # leaves the wheels already there.
-    fresh=$scratch/wheels; mkdir -p "$fresh"
+    scratch=$(mktemp -d); trap 'rm -rf "$scratch" "${fresh:-}"' EXIT
+    # Downloaded beside wheels/ (one file system: renames), and put in its place only once
+    # complete: a failed download leaves the wheels already there.
+    mkdir -p "$(dirname "$wheels")"
+    fresh=$(mktemp -d "$wheels.new.XXXXXX")
     # promise (a dependency of tensorflow-datasets) is published as source only: build its wheel.
     "$python" -m pip wheel --quiet --no-deps --wheel-dir "$fresh" 'promise==2.3'
     resolve "$scratch/image.json" "${image[@]}"
@@ -88,7 +90,10 @@ case $1 in
     done > "$scratch/missing.txt"
     "$python" -m pip download --quiet --no-deps --dest "$fresh" "${target[@]}" \
       -r "$scratch/missing.txt"
-    rm -rf "$wheels"; mv "$fresh" "$wheels"
+    old=$(mktemp -d "$wheels.old.XXXXXX")  # Kept should the last rename fail.
+    if [[ -d $wheels ]]; then mv "$wheels" "$old/"; fi
+    mv "$fresh" "$wheels"
+    rm -rf "$old"
     ls "$wheels"
     du -sh "$wheels" | awk '{print "wheels/: " $1}' ;;
   run)
@@ -96,7 +101,7 @@ case $1 in
     [[ ! -e $2 || -d $2 ]] || fail "$2 is a file; pass a folder for the results."
     for setting in BENCH_BUDGET BENCH_TIMEOUT BENCH_LLAMA_TIMEOUT BENCH_TEST_TIMEOUT BENCH_STEPS \
         BENCH_WARMUP BENCH_PROFILE_STEPS; do
-      [[ -z ${!setting:-} || ${!setting} =~ ^[0-9]+$ ]] \
+      [[ -z ${!setting:-} || ${!setting} =~ ^(0|[1-9][0-9]*)$ ]] \
         || fail "$setting=${!setting} is not a whole number of seconds or steps; give one."
     done
     budget_end=$((SECONDS + ${BENCH_BUDGET:-460}))

@@ -174,6 +174,7 @@ class _JaxTrainer:
   def profile(self, directory, steps, command):
     """Traces `steps` steps with jax.profiler into `directory` and writes profile.md there (see
     research/profiling.py), titled with `command`; returns its path."""
+    os.makedirs(directory, exist_ok=True)
     jax.profiler.start_trace(directory, create_perfetto_trace=True)
     start = time.perf_counter()
     try:
@@ -419,6 +420,9 @@ def bench_decode(config):
                                  f'benchmark decoding with a config of {", ".join(generating)}.')
   model = family.build(config.model)
   batch, prompt_len, new = _DECODE_BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
+  if new < 2:  # The steps after the first are what tells the prefill from a step.
+    raise config_lib.ConfigError(f'--new_tokens={new} leaves no decode step to time apart from '
+                                 'the prefill; generate at least 2.')
   try:  # The timed runs generate 1 and then `new` tokens after each prompt.
     decode.check_inputs(model.spec, [[0] * prompt_len], decode.SamplingConfig(max_new_tokens=new),
                         encoder_decoder=hasattr(model, 'encode'))
@@ -476,7 +480,10 @@ def bench_checkpoint(config):
   checkpoint_lib.checksums(state)  # Compile.
   checksum_s = _fastest(lambda: checkpoint_lib.checksums(state), _REPEATS.value)
   record = checkpoint_lib.make_record(0, jax.random.key(0), {}, config)
-  with tempfile.TemporaryDirectory(dir=_CHECKPOINT_DIR.value) as root:
+  if _CHECKPOINT_DIR.value:
+    os.makedirs(_CHECKPOINT_DIR.value, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=_CHECKPOINT_DIR.value) as root, \
+      cli.removed_on_interrupt(root):
     saves = iter(range(1000))
 
     def save():  # Each repeat saves a new step and waits until it is on disk.
@@ -544,13 +551,13 @@ def _check_flags(mode):
 
 
 def _check_folder(name):
-  """Checks the folder of flag --name before any work (cli.check_folder), then makes it."""
+  """Checks the folder of flag --name before any work (cli.check_folder); it is made where it
+  is used, so that a run refused before then leaves nothing."""
   path = flags.FLAGS[name].value
   try:
     cli.check_folder(path, f'--{name}')
   except ValueError as error:
     raise config_lib.ConfigError(str(error)) from None
-  os.makedirs(path, exist_ok=True)
 
 
 def main(argv):
@@ -620,5 +627,6 @@ def _write_json(results):
 
 
 if __name__ == '__main__':
-  cli.exit_on_interrupt('Interrupted; a benchmark that had not printed its figures recorded nothing.')
+  cli.exit_on_interrupt('Interrupted; a benchmark that had not printed its figures recorded '
+                        'nothing.')
   sys.exit(main(sys.argv))

@@ -4,8 +4,10 @@ block and a traceback. Also the check, for every command, of a folder it will wr
 Ctrl-C for the commands with nothing to save."""
 
 import argparse
+import contextlib
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -34,7 +36,8 @@ def check_folder(path, what):
   if not os.path.isdir(existing):
     raise ValueError(f'{what} {path} lies under the file {existing}; pass a path in a folder.')
   try:
-    tempfile.TemporaryDirectory(dir=existing).cleanup()
+    # A dot-name, which listings of the folder (pretokenize's shard folder check) pass over.
+    tempfile.TemporaryDirectory(prefix='.writable-', dir=existing).cleanup()
   except OSError as error:
     raise ValueError(f'{what} {path} cannot be written ({error.strerror or error}); pass a '
                      'folder you can write.') from None
@@ -53,15 +56,42 @@ def exit_on_interrupt(sentence):
   command with nothing to save. Python runs its own handlers only between bytecodes, so a
   KeyboardInterrupt waits for a long call (an XLA compilation, SentencePiece's training) to
   return, and the interpreter's exit then crashes on XLA's threads; the C-level handler writes
-  the signal to a pipe at once, which a thread watches. Called from the main thread."""
-  read, write = os.pipe()
-  os.set_blocking(write, False)
-  signal.signal(signal.SIGINT, lambda *_: None)  # The thread below acts on it.
-  signal.set_wakeup_fd(write)
+  the signal to a pipe at once, which a thread watches. Called from the main thread, before any
+  other SIGINT handler; a SIGINT the process was started to ignore stays ignored."""
+  if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # E.g. a shell script's `cmd &`.
+    return
+
+  def leave(*_):
+    try:
+      for path in list(_REMOVED_ON_INTERRUPT):
+        shutil.rmtree(path, ignore_errors=True)
+      os.write(sys.stderr.fileno(), f'\n{sentence}\n'.encode())
+    except OSError:  # No one reads stderr any more: exit all the same.
+      pass
+    finally:
+      os._exit(130)
 
   def watch():
     while os.read(read, 1) != bytes([signal.SIGINT]):  # Other signals' handlers write too.
       pass
-    os.write(sys.stderr.fileno(), f'\n{sentence}\n'.encode())
-    os._exit(130)
+    leave()
+  read, write = os.pipe()
+  os.set_blocking(write, False)
+  # Python's own handler does the same, should the wakeup pipe be replaced.
+  signal.signal(signal.SIGINT, leave)
+  signal.set_wakeup_fd(write)
   threading.Thread(target=watch, daemon=True, name='exit_on_interrupt').start()
+
+
+_REMOVED_ON_INTERRUPT = []
+
+
+@contextlib.contextmanager
+def removed_on_interrupt(path):
+  """Within the block, an exit_on_interrupt exit first removes the folder `path` (a scratch
+  folder that the block's own clean-up would have removed)."""
+  _REMOVED_ON_INTERRUPT.append(path)
+  try:
+    yield path
+  finally:
+    _REMOVED_ON_INTERRUPT.remove(path)

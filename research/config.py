@@ -198,7 +198,7 @@ def parse_flags(argv, usage, accepted, trains=True):
     for key in overrides:
       if key not in valid:
         raise _unknown_key_error(key, base) from None
-    raise _flag_error(error, names) from None
+    raise _flag_error(error, names, argv) from None
   _check_arguments(rest, names)
   if not trains:
     return config
@@ -211,8 +211,9 @@ def parse_flags(argv, usage, accepted, trains=True):
 
 
 def _override_keys(argv):
-  """The config keys that the command line overrides, as ml_collections finds them: after the
-  expansion of any --flagfile, as --config.KEY, -config.KEY or (for a boolean) --noconfig.KEY."""
+  """The config keys that the command line overrides, as ml_collections finds them (its
+  _ConfigFlag._GetOverrides, whose pattern this repeats): after the expansion of any
+  --flagfile, as --config.KEY, -config.KEY or (for a boolean) --noconfig.KEY."""
   try:
     expanded = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
   except flags.Error as error:  # A --flagfile that cannot be read.
@@ -300,12 +301,16 @@ def check_output(name, others=()):
   if not os.path.isdir(existing):
     raise ConfigError(f'--{name} {path} lies under the file {existing}; pass a path in a '
                       'folder.')
+  folder = os.path.dirname(os.path.abspath(path))
   try:
-    if os.path.exists(path):
+    if os.path.isdir(folder):  # Opened (which also tries the name), and removed if new.
+      existed = os.path.exists(path)
       with open(path, 'a'):  # Appending writes nothing: a results file keeps its lines.
         pass
+      if not existed:
+        os.remove(path)
     else:  # Made, folders and all, after the work, or not at all where the work fails.
-      cli.check_folder(os.path.dirname(os.path.abspath(path)), f'--{name} {path}: its folder')
+      cli.check_folder(folder, f'--{name} {path}: its folder')
   except (OSError, ValueError):
     raise ConfigError(f'--{name} {path} is not writable; pass another path.') from None
 
@@ -325,17 +330,21 @@ def write_output(name, text, append=False):
                       'its disk.') from None
 
 
-def _flag_error(error, names):
-  """One sentence for an absl flag error: an unknown flag (naming the closest of `names`) or a
-  value its flag cannot take."""
+def _flag_error(error, names, argv=()):
+  """One sentence for an absl flag error: an unknown flag (naming the closest of `names`), a
+  value its flag cannot take, or an override before --config (in `argv`, or a flagfile's)."""
   if isinstance(error, flags.UnrecognizedFlagError):
     close = difflib.get_close_matches(error.flagname, names, n=1)
     hint = f'the closest is --{close[0]}' if close else 'the flags are --' + ', --'.join(names)
     return ConfigError(f'Unknown flag --{error.flagname}; {hint}.')
   message = str(error).strip().split('\n')[0]
-  early = re.search(r'Found (\S+?)(=\S*)? in argv before a value for --config', message)
+  early = re.search(r'Found (-{1,2}(?:no)?config\.[^=\s]+)', message)
   if early:  # ml_collections applies an override only to a config named before it.
-    return ConfigError(f'{early.group(1)} comes before --config; put the overrides after it.')
+    override = early.group(1)
+    if any(argument.split('=', 1)[0] == override for argument in argv):
+      return ConfigError(f'{override} comes before --config; put the overrides after it.')
+    return ConfigError(f'{override} comes from a --flagfile given before --config; put the '
+                       '--flagfile after it.')
   value = re.match(r'flag (--\S+?=.*?): (.*)', message)
   if value:  # absl's reasons are Python's: name what the flag expects instead.
     argument, reason = value.groups()

@@ -150,15 +150,16 @@ def _need(devices, per_device):
 
 
 def _host_key():
-  """A number that processes on one machine share and others, almost surely, do not: from the
-  hostname and the kernel's boot id, below 2**24 so that a float32 carries it exactly."""
+  """Two numbers that processes on one machine share and others, almost surely, do not: from
+  the hostname and the kernel's boot id, each below 2**24 so that a float32 carries it exactly
+  (48 bits: a thousand hosts collide with odds of about 2e-9)."""
   try:
     with open('/proc/sys/kernel/random/boot_id') as f:
       boot = f.read().strip()
   except OSError:
     boot = ''
   digest = hashlib.sha256(f'{socket.gethostname()} {boot}'.encode()).digest()
-  return int.from_bytes(digest[:3], 'little')
+  return int.from_bytes(digest[:3], 'little'), int.from_bytes(digest[3:6], 'little')
 
 
 def _first_short(needed, known, shared_host):
@@ -172,16 +173,17 @@ def _first_short(needed, known, shared_host):
   if jax.process_count() == 1:
     return (0, needed, there, kind, 1) if needed > there else None
   from jax.experimental import multihost_utils
-  mine = np.array([needed, there if known else -1.0, _host_key()], np.float32)
-  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 3)
+  mine = np.array([needed, there if known else -1.0, *_host_key()], np.float32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 4)
   return _shortage(every, kind or 'the memory there', shared_host)
 
 
 def _shortage(every, kind, shared_host):
   """_first_short's verdict from every process's (bytes needed, bytes there or -1 where
-  unknown, host key)."""
-  for process, (_, held, host) in enumerate(every):
-    together = every[every[:, 2] == host] if shared_host else every[process:process + 1]
+  unknown, host key's two halves)."""
+  for process, (_, held, *host) in enumerate(every):
+    same = np.all(every[:, 2:] == host, axis=1)
+    together = every[same] if shared_host else every[process:process + 1]
     wanted = float(together[:, 0].sum())
     if held >= 0 and wanted > held:
       return process, wanted, float(held), kind, len(together)
@@ -216,8 +218,8 @@ def check_state(abstract_state, what='The parameters and optimizer state'):
     process, needed, limit, kind, processes = short
     raise MemoryShortage(
         f'{what} need {human_bytes(needed)} on {_where(process, devices, processes)}, more '
-        f'than the {human_bytes(limit)} of {kind}; shrink the model, or {_sharding_advice(devices)}; '
-        f'{_PLAN}.')
+        f'than the {human_bytes(limit)} of {kind}; shrink the model, or '
+        f'{_sharding_advice(devices)}; {_PLAN}.')
 
 
 def _step_advice(model_config):

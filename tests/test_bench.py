@@ -3,7 +3,6 @@ results file and table, the CPU peak behind MFU, the benchmark configs and the G
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -123,6 +122,8 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
   results = json.load(open(out))
   assert results['prefill_tokens_per_s'] > 0 and results['decode_tokens_per_s'] > 0
   assert results['generate_s'] > results['prefill_s']
+  # The prefill is the first token's time less one decode step.
+  assert results['prefill_s'] + results['decode_step_ms'] / 1000 < results['generate_s']
 
 
 @pytest.mark.parametrize('mode, argument, sentence', [
@@ -133,6 +134,8 @@ def test_bench_decode_reports_prefill_and_per_token_rates(tmp_path):
      f'--checkpoint_dir {__file__}/c lies under the file {__file__}; pass a path in a folder.'),
     ('checkpoint', '--checkpoint_dir=/proc/checkpoints', '--checkpoint_dir /proc/checkpoints '
                                                          'cannot be written ('),
+    ('decode', '--new_tokens=1', '--new_tokens=1 leaves no decode step to time apart from the '
+                                 'prefill; generate at least 2.'),
     ('decode', '--prompt_len=250', '--prompt_len=250 and --new_tokens=64 do not fit '
                                    'model.max_len=256 (a decoder needs their sum within it, an '
                                    'encoder-decoder each of them); lower them.'),
@@ -517,6 +520,8 @@ def test_the_gpu_script_refuses_bad_settings_in_one_sentence_and_keeps_its_wheel
        'python3).'),
       ({'BENCH_BUDGET': 'abc'}, ['run', str(tmp_path / 'out')],
        'BENCH_BUDGET=abc is not a whole number of seconds or steps; give one.'),
+      ({'BENCH_STEPS': '08'}, ['run', str(tmp_path / 'out')],  # Bash would read it as octal.
+       'BENCH_STEPS=08 is not a whole number of seconds or steps; give one.'),
       ({}, ['run', str(tmp_path / 'a_file')], f'{tmp_path}/a_file is a file; pass a folder for '
                                               'the results.'),
       ({}, ['run', str(tmp_path / 'a_file' / 'out')],
@@ -524,20 +529,17 @@ def test_the_gpu_script_refuses_bad_settings_in_one_sentence_and_keeps_its_wheel
     result = subprocess.run(['bash', script, *args], capture_output=True, text=True, timeout=60,
                             env={**os.environ, 'PYTHON': sys.executable, **env})
     assert (result.returncode, result.stderr) == (2, f'error: {sentence}\n'), result.stderr
-  # A download that fails (no index to reach) leaves the wheels already there.
-  wheels = os.path.join(REPO, 'wheels')
-  made = not os.path.isdir(wheels)
-  kept = os.path.join(wheels, f'kept-{os.getpid()}.whl')
-  os.makedirs(wheels, exist_ok=True)
-  try:
-    with open(kept, 'w'):
-      pass
-    result = subprocess.run(['bash', script, 'wheels'], capture_output=True, text=True,
-                            timeout=120, env=dict(os.environ, PYTHON=sys.executable,
-                                                  PIP_NO_INDEX='1', PIP_CONFIG_FILE=os.devnull))
-    assert result.returncode != 0 and os.path.exists(kept), result.stderr[-2000:]
-  finally:
-    shutil.rmtree(wheels) if made else os.remove(kept)
+  # A download that fails (no index to reach) leaves the wheels already there, and no scratch.
+  wheels = tmp_path / 'wheels'
+  wheels.mkdir()
+  (wheels / 'kept.whl').write_text('')
+  result = subprocess.run(['bash', script, 'wheels'], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHON=sys.executable,
+                                                BENCH_WHEELS=str(wheels), PIP_NO_INDEX='1',
+                                                PIP_CONFIG_FILE=os.devnull))
+  assert result.returncode != 0, result.stderr[-2000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file', 'wheels']
+  assert [p.name for p in wheels.iterdir()] == ['kept.whl']
 
 
 # The planner's verdict on one H100 80 GB (whose bytes also decide an H200's), in this process:

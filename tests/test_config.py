@@ -268,9 +268,14 @@ def test_bad_command_line_flags_are_one_sentence(tmp_path, argument, sentence):
   assert lines == [f'error: {sentence}'], lines
 
 
-def test_an_override_before_the_config_is_one_sentence():
-  assert _plan_error('--config.train.num_steps=3', '--config=configs/decoder.py:tiny') == (
-      'error: --config.train.num_steps comes before --config; put the overrides after it.')
+def test_an_override_before_the_config_is_one_sentence(tmp_path):
+  assert _plan_error('--config.data.paths=a b', '--config=configs/decoder.py:tiny') == (
+      'error: --config.data.paths comes before --config; put the overrides after it.')
+  flagfile = tmp_path / 'flags.txt'
+  flagfile.write_text('--config.train.num_steps=3\n')
+  assert _plan_error(f'--flagfile={flagfile}', '--config=configs/decoder.py:tiny') == (
+      'error: --config.train.num_steps comes from a --flagfile given before --config; put the '
+      '--flagfile after it.')
 
 
 def test_overrides_in_a_flagfile_apply_and_are_checked_as_on_the_command_line(tmp_path):
@@ -289,9 +294,9 @@ def test_overrides_in_a_flagfile_apply_and_are_checked_as_on_the_command_line(tm
   for line, sentence in [
       ('--config.train.steps=3', "Unknown config key 'train.steps'; closest valid keys: "
                                  'train.num_steps.'),
-      ('--config.objective.alpha=0.2', 'objective.alpha is not read by objective.name=causal_lm, '
-                                       'which reads no objective setting besides its name; drop '
-                                       'it, or set objective.name to one that reads it (distill).')]:
+      ('--config.objective.alpha=0.2',
+       'objective.alpha is not read by objective.name=causal_lm, which reads no objective setting '
+       'besides its name; drop it, or set objective.name to one that reads it (distill).')]:
     flagfile.write_text(line + '\n')
     assert _plan_error('--config=configs/decoder.py:tiny',
                        f'--flagfile={flagfile}') == f'error: {sentence}'

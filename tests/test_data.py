@@ -487,10 +487,29 @@ def test_tokens_beyond_the_model_vocabulary_and_foreign_shards_are_one_sentence(
   # A folder of other files, as a mistyped path would name, is not tokenized into.
   config.data.tokenized_dir = str(tmp_path / 'data')
   with pytest.raises(pipeline_lib.DataError, match=(
-      r'^data.tokenized_dir .*data holds no tokenized data but other files \(tokens\); point it at '
-      r'a folder of shards \(with its manifest.json\) or at a new or empty folder to tokenize '
+      r'^data.tokenized_dir .*data holds files that are not tokenized shards \(tokens\); point it '
+      r'at a folder of shards \(with its manifest.json\) or at a new or empty folder to tokenize '
       r'into\.$')):
     pipeline_lib.build(config)
+
+
+def test_a_shard_folder_that_writers_are_filling_is_not_taken_for_other_data(tmp_path):
+  # Every name shards.py writes, as several writers leave them midway, and what a file system or
+  # a folder probe adds: none is refused.
+  shard = shards.shard_name('train', 3, 12)
+  for name in (shard, shard + '.json', shard + '.counts.npy', shard + '.lock',
+               shard + '.tmp-host-12-ab12cd34', shard + '.json.tmp-host-12-ab12cd34',
+               shards.shard_name('validation', 0, 1) + '.lock', 'train.counts.npy',
+               'validation.counts.npy.tmp-host-1-00ff00ff', shards.MANIFEST + '.tmp-h-1-12345678',
+               '.nfs000123', 'lost+found', '.writable-x1y2'):
+    (tmp_path / name).touch()
+  shards.check_shard_folder(str(tmp_path), 'data.tokenized_dir')
+  for other in ('train.jsonl', 'validation.txt', 'notes.md'):  # Raw data where shards would go.
+    (tmp_path / other).touch()
+    with pytest.raises(pipeline_lib.DataError, match=f'holds files that are not tokenized shards '
+                       f'\\({other}\\); point it at a folder of shards'):
+      shards.check_shard_folder(str(tmp_path), 'data.tokenized_dir')
+    (tmp_path / other).unlink()
 
 
 def test_pretokenize_command_writes_the_shards_training_then_reads(decoder_config, tmp_path):

@@ -152,13 +152,14 @@ def test_a_control_groups_limit_counts_reclaimable_cache_as_free(tmp_path):
 
 def test_processes_on_one_machine_add_their_needs_on_cpu_and_not_on_accelerators():
   # Rows: (bytes needed, bytes there or -1 where unknown, host key), one per process.
-  two_on_one_host = np.array([[6., 10., 7.], [6., 10., 7.], [6., 10., 8.]], np.float32)
+  two_on_one_host = np.array([[6., 10., 7., 1.], [6., 10., 7., 1.], [6., 10., 7., 2.]],
+                             np.float32)  # The third differs in the key's second half.
   assert device_memory._shortage(two_on_one_host, 'host memory available', True) == (
       0, 12.0, 10.0, 'host memory available', 2)
   assert device_memory._shortage(two_on_one_host, 'memory', False) is None  # Own devices each.
-  alone = np.array([[6., 10., 7.], [6., 10., 8.]], np.float32)
+  alone = np.array([[6., 10., 7., 1.], [6., 10., 8., 1.]], np.float32)
   assert device_memory._shortage(alone, 'host memory available', True) is None
-  unknown_there = np.array([[6., -1., 7.], [6., 10., 7.]], np.float32)  # Process 1 knows.
+  unknown_there = np.array([[6., -1., 7., 1.], [6., 10., 7., 1.]], np.float32)  # 1 knows.
   assert device_memory._shortage(unknown_there, 'x', True) == (1, 12.0, 10.0, 'x', 2)
   key = device_memory._host_key()
-  assert key == device_memory._host_key() and 0 <= key < 2**24
+  assert key == device_memory._host_key() and all(0 <= half < 2**24 for half in key)

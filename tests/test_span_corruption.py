@@ -115,9 +115,9 @@ def test_prefix_lm_splits_each_example_into_inputs_and_targets():
 def test_prefix_lm_notes_an_encoder_left_mostly_empty():
   config = _config(name='prefix_lm')  # t5_tiny: 128 encoder and 32 decoder positions.
   assert objectives.notes(config) == [
-      'objective.name=prefix_lm cuts windows of train.target_len - 1 = 31 tokens and splits each '
-      'between the streams, so the encoder fills only about 12% of its train.seq_len=128 '
-      'positions; --config.train.target_len=128 trains on longer windows in fuller rows.']
+      'prefix_lm cuts windows of train.target_len - 1 = 31 tokens and splits each between the '
+      'streams, so the encoder fills only about 12% of its train.seq_len=128 positions; '
+      '--config.train.target_len=128 trains on longer windows in fuller rows.']
   config.train.target_len = 128
   assert objectives.notes(config) == []
   config.train.target_len, config.objective.prefix = 32, 'none'  # The encoder reads EOS alone.

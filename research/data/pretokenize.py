@@ -18,7 +18,6 @@ import time
 
 from absl import flags
 
-from research import cli
 from research import config as config_lib
 from research.data import shards
 from research.data import sources
@@ -48,21 +47,6 @@ def directory(spec, source, data, tokenizer):
   return os.path.join(_local(data.data_dir, 'data.data_dir'), 'tokens', name)
 
 
-def _check_shard_folder(folder):
-  """One sentence where data.tokenized_dir, without a manifest yet, holds files that are not
-  shards (a mistyped path to another folder), which tokenizing there would mix in with them."""
-  if not os.path.isdir(folder):
-    return
-  strangers = sorted(name for name in os.listdir(folder)
-                     if not name.startswith(('train-', 'validation-', 'train.', 'validation.',
-                                             shards.MANIFEST)))
-  if strangers:
-    raise sources.DataError(
-        f'data.tokenized_dir {folder} holds no tokenized data but other files ({strangers[0]}'
-        f'{", ..." if len(strangers) > 1 else ""}); point it at a folder of shards (with its '
-        f'{shards.MANIFEST}) or at a new or empty folder to tokenize into.')
-
-
 def ensure(spec, data, tokenizer, writer=0, writers=1):
   """(directory, manifest) of `spec`'s shards, written first if missing."""
   if data.tokenized_dir:  # Made elsewhere, perhaps from files this machine does not have.
@@ -72,7 +56,7 @@ def ensure(spec, data, tokenizer, writer=0, writers=1):
       shards.check_manifest(manifest, folder, tokenizer, spec=spec,
                             settings=sources.reading_settings(spec, data))
       return folder, manifest
-    _check_shard_folder(folder)
+    shards.check_shard_folder(folder, 'data.tokenized_dir')
   source = sources.build(spec, data, 'data.mixture' if data.mixture else 'data.paths')
   folder = directory(spec, source, data, tokenizer)
   setting = next((key for key in ('tokenized_dir', 'tokens_dir') if data[key]), 'data_dir')
@@ -114,9 +98,12 @@ def main(argv):
   except (config_lib.ConfigError, sources.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # Raised between documents: the shard being written is removed.
+    print('Interrupted; the shards already written are kept, and running the command again '
+          'tokenizes the rest.', file=sys.stderr)
+    return 130
   return 0
 
 
 if __name__ == '__main__':
-  cli.exit_on_interrupt('Interrupted; the shards already written are kept, and running the command again tokenizes the rest.')
   sys.exit(main(sys.argv))

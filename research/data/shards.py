@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -64,6 +65,29 @@ def decode_record(data, dtype):
 
 def shard_name(split, index, count):
   return f'{split}-{index:05d}-of-{count:05d}.array_record'
+
+
+# Every name the writers make in a shard folder: shards with their stats, counts and locks,
+# each split's counts, the manifest, and the temporaries of all of them (_temporary).
+_WRITTEN = re.compile(r'((train|validation)(-\d{5,}-of-\d{5,}\.array_record'
+                      r'(\.json|\.counts\.npy|\.lock)?|\.counts\.npy)|' + re.escape(MANIFEST)
+                      + r')(\.tmp-.+)?')
+
+
+def check_shard_folder(directory, setting):
+  """One sentence where `directory` (the folder of `setting`), without a manifest yet, holds
+  something the writers did not make (a mistyped path to a folder of other data), which
+  tokenizing there would mix in with the shards. Hidden names and lost+found are passed over."""
+  if not os.path.isdir(directory):
+    return
+  strangers = sorted(name for name in os.listdir(directory)
+                     if not (_WRITTEN.fullmatch(name) or name.startswith('.')
+                             or name == 'lost+found'))
+  if strangers:
+    raise DataError(
+        f'{setting} {directory} holds files that are not tokenized shards ({strangers[0]}'
+        f'{", ..." if len(strangers) > 1 else ""}); point it at a folder of shards (with its '
+        f'{MANIFEST}) or at a new or empty folder to tokenize into.')
 
 
 def _temporary(path):

@@ -22,9 +22,10 @@ it cannot train) and a class `Objective(config)` with
   flops_per_token(family, spec)         model FLOPs per token position, for MFU
   synthetic_batch(rng)                  a batch of random tokens, for benchmarks
 Optional, in the module: notes(config) -> sentences printed as a run starts, for settings that
-train but waste work (prefix_lm.py). Optional (distill.py): frozen(mesh) -> (arrays, shardings) it reads but never trains, which the
-steps pass to sums(..., frozen); init_model(model) -> what initialises the parameters, when the
-objective adds parameters of its own.
+train but waste work (prefix_lm.py). Optional in the class (distill.py): frozen(mesh) ->
+(arrays, shardings) it reads but never trains, which the steps pass to sums(..., frozen);
+init_model(model) -> what initialises the parameters, when the objective adds parameters of its
+own.
 
 The train step divides each term's sum by its global count before adding the terms, so
 micro-batching, packing and the host count leave every term unchanged.

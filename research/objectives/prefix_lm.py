@@ -37,8 +37,8 @@ def notes(config):
   if config.objective.prefix == 'random' and t.target_len < t.seq_len:
     # The decoder's positions run out first: its rows take the rest of as many windows as the
     # encoder's take prefixes of.
-    yield (f'objective.name=prefix_lm cuts windows of train.target_len - 1 = {t.target_len - 1} '
-           'tokens and splits each between the streams, so the encoder fills only about '
+    yield (f'prefix_lm cuts windows of train.target_len - 1 = {t.target_len - 1} tokens and '
+           'splits each between the streams, so the encoder fills only about '
            f'{t.target_len / (2 * t.seq_len):.0%} of its train.seq_len={t.seq_len} positions; '
            f'--config.train.target_len={t.seq_len} trains on longer windows in fuller rows.')
 
