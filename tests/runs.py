@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -196,3 +197,9 @@ def kernel_size(tree, keep=lambda path: True):
   multiplies by the tokens each reads. `keep(path)` (the path's keys) selects among them."""
   return sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(tree)
              if path[-1].key == 'kernel' and keep([p.key for p in path]))
+
+
+def default_ctrl_c():
+  """For a child's preexec_fn: Ctrl-C as a terminal delivers it, although this process may have
+  been started to ignore it (a background job of a script), which exec would pass on."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -149,6 +149,13 @@ def test_unreadable_files_and_a_small_vocabulary_are_one_sentence(tmp_path):
   config = _config('csv', train_path=str(path), validation_path=str(path))
   with pytest.raises(labeled.DataError, match=r'is not a readable UTF-8 csv file'):
     pipeline_lib.build(config)
+  lines = tmp_path / 'lines.jsonl'  # JSON lines given as CSV.
+  lines.write_text('{"text": "a, b", "label": 1}\n{"text": "c", "label": 0}\n')
+  config = _config('csv', train_path=str(lines), validation_path=str(lines))
+  with pytest.raises(labeled.DataError, match=r'lines.jsonl holds JSON objects, not CSV \(its first '
+                     r'line starts with "\{"\); set data.source=jsonl for one JSON object per '
+                     r'line\.$'):
+    pipeline_lib.build(config)
   good = str(_write_csv(tmp_path / 'good.csv', [dict(text='x', label=1)]))
   small = _config('csv', model='decoder.nanogpt_cpu', train_path=good, validation_path=good)
   with pytest.raises(labeled.DataError, match=r'tokens but model.vocab_size=65; raise'):

@@ -23,9 +23,10 @@ print('finished', flush=True)
 '''
 
 
-def _run(scratch, **popen):
+def _run(scratch):
   process = subprocess.Popen([sys.executable, '-c', SCRIPT, str(scratch)], cwd=runs.REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=runs.default_ctrl_c)
   try:
     assert process.stdout.readline() == 'ready\n'
     process.send_signal(signal.SIGINT)

@@ -187,7 +187,8 @@ def test_ctrl_c_during_a_long_plan_ends_it_at_once_with_one_sentence():
       [sys.executable, '-m', 'research.plan', '--config', 'configs/decoder.py:llama2_7b',
        '--mesh', 'data=16,fsdp=16', '--config.model.scan_layers=False'], cwd=runs.REPO,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false'))
+      env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false'),
+      preexec_fn=runs.default_ctrl_c)
   try:
     while _cpu_seconds(process.pid) < 4 and process.poll() is None:
       time.sleep(0.1)

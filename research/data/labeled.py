@@ -146,6 +146,9 @@ def _local_split(path, d, num_labels, targets='classes'):
     except (UnicodeDecodeError, csv.Error) as error:
       raise DataError(f'{file} is not a readable UTF-8 {d.source} file ({error}); fix or convert '
                       'it.') from None
+    if d.source == 'csv' and columns and columns[0].lstrip().startswith('{'):
+      raise DataError(f'{file} holds JSON objects, not CSV (its first line starts with "{{"); set '
+                      'data.source=jsonl for one JSON object per line.')
     examples += _records_to_examples(records, columns, file, d, num_labels, targets)
   return examples, digest.hexdigest(), matches
 

@@ -299,7 +299,7 @@ def tfds_builder(data_dir, name):
         f'installed (tfds build {name.split(":")[0]} --data_dir=DIR '
         '--file_format=array_record, or convert a TFRecord one with python -m '
         f'research.data.tfds_convert --data_dir DIR --dataset {name}) and set data.data_dir '
-        'to DIR.')
+        '(the tokenizer command\'s --data_dir) to DIR.')
   builder = tfds.builder_from_directory(directory)
   if builder.info.file_format.value != 'array_record':
     raise DataError(f'TFDS dataset {name} under {directory} is stored as '
