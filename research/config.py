@@ -210,6 +210,11 @@ def parse_flags(argv, usage, accepted, trains=True):
   return config
 
 
+# A command-line override of a config key, as ml_collections' _GetOverrides finds one: the whole
+# flag (group 1) and the key (group 2).
+_OVERRIDE = re.compile(r'(-{1,2}(?:no)?config\.([^=\s]+))')
+
+
 def _override_keys(argv):
   """The config keys that the command line overrides, as ml_collections finds them (its
   _ConfigFlag._GetOverrides, whose pattern this repeats): after the expansion of any
@@ -219,8 +224,8 @@ def _override_keys(argv):
   except flags.Error as error:  # A --flagfile that cannot be read.
     reason = re.sub(r'^.*?\] ', '', str(error).strip()).rstrip('.')  # absl's prefix, errno off.
     raise ConfigError(f'The --flagfile cannot be read ({reason}); correct it.') from None
-  return [re.sub(r'^-{1,2}(no)?config\.', '', argument).split('=', 1)[0]
-          for argument in expanded if re.match(r'-{1,2}(no)?config\.', argument)]
+  return [found.group(2) for found in map(_OVERRIDE.match, expanded) if found]
+
 
 
 def parse_command_flags(argv, usage, names):
@@ -338,10 +343,10 @@ def _flag_error(error, names, argv=()):
     hint = f'the closest is --{close[0]}' if close else 'the flags are --' + ', --'.join(names)
     return ConfigError(f'Unknown flag --{error.flagname}; {hint}.')
   message = str(error).strip().split('\n')[0]
-  early = re.search(r'Found (-{1,2}(?:no)?config\.[^=\s]+)', message)
+  early = re.search(r'Found ' + _OVERRIDE.pattern, message)
   if early:  # ml_collections applies an override only to a config named before it.
     override = early.group(1)
-    if any(argument.split('=', 1)[0] == override for argument in argv):
+    if any(found and found.group(1) == override for found in map(_OVERRIDE.match, argv)):
       return ConfigError(f'{override} comes before --config; put the overrides after it.')
     return ConfigError(f'{override} comes from a --flagfile given before --config; put the '
                        '--flagfile after it.')

@@ -354,12 +354,13 @@ def _train(config, workdir, mesh, stop):
     checkpointer.close()
     return {}
   print(f'{origin}; mesh {dict(mesh.shape)}', file=sys.stderr)
-  if config.optim.warmup_steps >= t.num_steps and jax.process_index() == 0:
-    print(f'Note: optim.warmup_steps={config.optim.warmup_steps} is not shorter than '
-          f'train.num_steps={t.num_steps}, so the learning rate never reaches optim.lr='
-          f'{config.optim.lr:g}; shorten the warm-up for a run this short.', file=sys.stderr)
+  notes = objectives.notes(config)
+  if config.optim.warmup_steps >= t.num_steps:
+    notes.insert(0, f'optim.warmup_steps={config.optim.warmup_steps} is not shorter than '
+                    f'train.num_steps={t.num_steps}, so the learning rate never reaches optim.lr='
+                    f'{config.optim.lr:g}; shorten the warm-up for a run this short.')
   if jax.process_index() == 0:
-    for note in objectives.notes(config):
+    for note in notes:
       print(f'Note: {note}', file=sys.stderr)
   # Compiled now rather than at the first step (which then finds it in jit's cache), so that a
   # step that cannot fit stops before anything is written to the workdir.
