@@ -124,21 +124,23 @@ def vocabulary(tokenizer):
 
 def from_workdir(workdir):
   """(Vectors, step) of the newest checkpoint of a word-vector run."""
+  from research import models
   from research import workdir as workdir_lib
   from research.data import tokenizer as tokenizer_lib
-  from research.models import word_vectors
   if not os.path.isdir(workdir):
     raise ValueError(f'--workdir {workdir} is not a directory; pass the workdir of a training '
                      'run.')
   config = workdir_lib.load_config(workdir)
-  if config.model.family != 'word_vectors':
-    raise ValueError(f'{workdir} holds a model.family={config.model.family!r} model; pass the '
-                     'workdir of a word_vectors run.')
+  family = workdir_lib.family(config)
+  if not hasattr(family, 'vectors'):
+    exporting = sorted(name for name in models.FAMILIES if hasattr(models.get(name), 'vectors'))
+    raise ValueError(f'{workdir} holds a model.family={config.model.family!r} model, which has '
+                     f'no word vectors; pass the workdir of a {" or ".join(exporting)} run.')
   tokenizer = tokenizer_lib.load_saved(os.path.join(workdir, tokenizer_lib.SAVED_DIR))
   if tokenizer is None:
     tokenizer = tokenizer_lib.get(config.data.tokenizer, extra_ids=config.data.extra_ids)
   config, params, step = workdir_lib.load_params(workdir, config)
-  matrix = np.asarray(word_vectors.vectors(params, config.objective.name), np.float32)
+  matrix = np.asarray(family.vectors(params, config.objective.name), np.float32)
   ids, words = vocabulary(tokenizer)
   return Vectors(words, matrix[ids]), step
 

@@ -301,6 +301,11 @@ def test_command_line_mistakes_are_one_sentence(tmp_path):
   (tmp_path / 'bad.txt').write_text('2 3\nword 1 2\n')
   runs.assert_error(evaluate('--vectors', str(tmp_path / 'bad.txt')), 'line 2 holds 2 numbers')
   runs.assert_error(evaluate('--workdir', str(tmp_path)), 'holds no config.json')
+  decoder = load_config_file(os.path.join(runs.REPO, 'configs', 'decoder.py') + ':tiny')
+  (tmp_path / 'config.json').write_text(decoder.to_json())
+  runs.assert_error(evaluate('--workdir', str(tmp_path)),
+                    "model.family='decoder' model, which has no word vectors; pass the workdir "
+                    'of a word_vectors run.')
   runs.assert_error(runs.in_process('research.word_vectors', 'train'), 'invalid choice')
 
 

@@ -14,6 +14,8 @@ A family module provides
   FLOPs of its body and heads, for MFU (what its objectives call)
   HF_MODEL_TYPES                      Hugging Face model types its converter reads (optional)
   GENERATES_TEXT                      True when research.decode can sample from it (optional)
+  vectors(params, objective_name)     the [vocab, dim] word vectors research.word_vectors
+                                      evaluates and exports (optional)
   TORCH_PEER                          the PyTorch module research.bench --peer=torch times
 
 From `build` and `init_inputs`, this module derives every family's parameter tree without
