@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -102,6 +103,20 @@ def device_peak(dtype_name):
   return None, f'unknown peak for {device.device_kind}'
 
 
+def _summary_writer(logdir):
+  """tensorboardX's SummaryWriter for `logdir`, imported without PyTorch where PyTorch is not
+  yet loaded: tensorboardX imports it only to accept torch tensors (we write floats), and that
+  import costs each run's start about a second where torch is installed."""
+  if 'tensorboardX' not in sys.modules and 'torch' not in sys.modules:
+    sys.modules['torch'] = None  # `import torch` raises ImportError until removed again.
+    try:
+      import tensorboardX  # pylint: disable=unused-import
+    finally:
+      del sys.modules['torch']
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(logdir)
+
+
 class MetricWriter:
   """Writes scalars to <workdir>/metrics.jsonl and TensorBoard (tensorboardX, no TensorFlow)."""
 
@@ -113,8 +128,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
       if tensorboard:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        self._tb = _summary_writer(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step, scalars):
     if not self.is_writer:
