@@ -106,7 +106,7 @@ def device_peak(dtype_name):
 def _summary_writer(logdir):
   """tensorboardX's SummaryWriter for `logdir`, imported without PyTorch where PyTorch is not
   yet loaded: tensorboardX imports it only to accept torch tensors (we write floats), and that
-  import costs each run's start about a second where torch is installed."""
+  import made a short run start 2.5 s later where torch is installed."""
   if 'tensorboardX' not in sys.modules and 'torch' not in sys.modules:
     sys.modules['torch'] = None  # `import torch` raises ImportError until removed again.
     try:
