@@ -35,6 +35,10 @@ def train_vocabulary(texts, out, vocab_size=100_000, min_count=5):
   trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_count,
                                       special_tokens=list(SPECIAL_TOKENS), show_progress=False)
   tokenizer.train_from_iterator(texts, trainer)
+  if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
+    raise ValueError(f'No word occurs {min_count} times or more in the training text of '
+                     '--source, so the vocabulary would hold the special tokens only; pass more '
+                     'text or a lower --min_count.')
   os.makedirs(out, exist_ok=True)
   tokenizer.save(os.path.join(out, 'tokenizer.json'))
   return out
@@ -195,6 +199,13 @@ def report(vectors, analogies=None, neighbours=()):
   return lines
 
 
+def _check_overwrite(path, overwrite):
+  """One sentence where the command would replace the existing file `path` unasked: a run's
+  config.json or saved tokenizer.json is as easily named as a fresh output."""
+  if os.path.exists(path) and not overwrite:
+    raise ValueError(f'{path} exists; pass another --out, or --overwrite to replace it.')
+
+
 def _parser():
   parser = cli.Parser(prog='python -m research.word_vectors')
   commands = parser.add_subparsers(dest='command', parser_class=cli.Parser)
@@ -216,6 +227,9 @@ def _parser():
   export = commands.add_parser('export', help='Write the word2vec text format.')
   export.add_argument('--workdir', required=True)
   export.add_argument('--out', required=True)
+  for command in (vocab, export):
+    command.add_argument('--overwrite', action='store_true',
+                         help='Replace the file that --out names or holds.')
   return parser
 
 
@@ -229,7 +243,10 @@ def main(argv):
       if args.vocab_size < len(SPECIAL_TOKENS) + 1 or args.min_count < 1:
         raise ValueError('--vocab_size must exceed the 2 special tokens and --min_count must be '
                          'positive.')
+      if not 1 <= args.validation_percent <= 50:
+        raise ValueError(f'--validation_percent {args.validation_percent} must lie in [1, 50].')
       cli.check_folder(args.out, '--out')
+      _check_overwrite(os.path.join(args.out, 'tokenizer.json'), args.overwrite)
       texts = tokenizer_lib.source_texts(args.source, args.data_dir, args.text_field,
                                          args.validation_percent)
       out = train_vocabulary(texts, args.out, args.vocab_size, args.min_count)
@@ -253,6 +270,7 @@ def main(argv):
       print('\n'.join(report(vectors, args.analogies, neighbours)))
     else:
       cli.check_file(args.out, '--out')
+      _check_overwrite(args.out, args.overwrite)
       vectors, step = from_workdir(args.workdir)
       os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
       write_text(args.out, vectors)

@@ -17,6 +17,7 @@ from research import word_vectors
 from research.config import load_config_file
 from research.data import global_batch
 from research.data import planted
+from research.data import sources
 from research.models import word_vectors as family
 from research.objectives import glove
 from research.objectives import word2vec
@@ -71,6 +72,10 @@ def test_negatives_follow_the_unigram_distribution_to_the_power_three_quarters()
   # And not the unigram distribution itself.
   plain = frequencies[seen] / frequencies.sum() * len(draws)
   assert np.sum((observed[seen] - plain) ** 2 / plain) > 1000
+  # A split of special tokens only (a vocabulary made from other text: every word [UNK]) is
+  # the data's fault, which the trainer reports in one sentence.
+  with pytest.raises(sources.DataError, match='holds no words to draw negatives from'):
+    word2vec.noise_cdf(np.zeros(6))
 
 
 def test_subsampling_keeps_words_with_word2vecs_probability():
@@ -307,6 +312,20 @@ def test_command_line_mistakes_are_one_sentence(tmp_path):
                     "model.family='decoder' model, which has no word vectors; pass the workdir "
                     'of a word_vectors run.')
   runs.assert_error(runs.in_process('research.word_vectors', 'train'), 'invalid choice')
+  vocab = lambda *args: runs.in_process('research.word_vectors', 'vocab', '--source',
+                                       f'text:{tmp_path / "empty.txt"}', *args)
+  (tmp_path / 'empty.txt').write_text('')
+  runs.assert_error(vocab('--out', str(tmp_path / 'vocab')),
+                    'No word occurs 5 times or more in the training text of --source')
+  assert not (tmp_path / 'vocab').exists()
+  runs.assert_error(vocab('--out', str(tmp_path / 'vocab'), '--validation_percent', '150'),
+                    '--validation_percent 150 must lie in [1, 50].')
+  (tmp_path / 'saved').mkdir()
+  (tmp_path / 'saved' / 'tokenizer.json').write_text('{}')
+  runs.assert_error(vocab('--out', str(tmp_path / 'saved')),
+                    'saved/tokenizer.json exists; pass another --out, or --overwrite to replace '
+                    'it.')
+  assert (tmp_path / 'saved' / 'tokenizer.json').read_text() == '{}'
 
 
 # The command lines, end to end.
@@ -335,6 +354,14 @@ def test_trained_vectors_answer_the_planted_analogies(tmp_path, variant):
   assert accuracy > 0.5 and accuracy > 20 * chance, result.stdout
   runs.ok(runs.in_process('research.word_vectors', 'export', '--workdir', str(workdir), '--out',
                           str(tmp_path / 'vectors.txt')))
+  export = lambda out, *args: runs.in_process('research.word_vectors', 'export', '--workdir',
+                                              str(workdir), '--out', str(out), *args)
+  config = (workdir / 'config.json').read_text()
+  runs.assert_error(export(workdir / 'config.json'), 'config.json exists; pass another --out, '
+                                                      'or --overwrite to replace it.')
+  assert (workdir / 'config.json').read_text() == config
+  runs.assert_error(export(tmp_path / 'vectors.txt'), 'vectors.txt exists')
+  runs.ok(export(tmp_path / 'vectors.txt', '--overwrite'))
   exported = runs.ok(runs.in_process('research.word_vectors', 'evaluate', '--vectors',
                                      str(tmp_path / 'vectors.txt'), '--analogies',
                                      str(tmp_path / 'planted' / 'analogies.txt')))

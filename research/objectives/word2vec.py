@@ -85,8 +85,9 @@ def noise_cdf(frequencies):
   """The cumulative distribution of frequencies ** 0.75 (float32, ending at exactly 1)."""
   weights = np.asarray(frequencies, np.float64) ** NOISE_POWER
   if weights.sum() <= 0:
-    raise ValueError('The training split holds no words to draw negatives from; check '
-                     'data.tokenizer and data.paths.')
+    raise sources.DataError('The training split holds no words to draw negatives from (every '
+                            'token is special, such as [UNK]); check data.tokenizer and '
+                            'data.paths.')
   cdf = np.cumsum(weights) / weights.sum()
   cdf[-1] = 1.0
   return cdf.astype(np.float32)
