@@ -77,9 +77,11 @@ case $action in
       "(mountpoint -q /mnt/$bucket || gcsfuse --implicit-dirs $bucket /mnt/$bucket)" ;;
   run)
     [[ -n $config && -n $run && -n $bucket ]] || fail "run needs --config, --run and --bucket."
-    quoted=$(printf ' %q' "${overrides[@]+"${overrides[@]}"}")
-    on_all "cd ~/$repo" "RESEARCH_CLUSTER=tpu_pod nohup python3 -m research.train --config $config \
---workdir /mnt/$bucket/runs/$run --config.train.progress_bar=False$quoted > ~/train.log 2>&1 &" ;;
+    # Every word quoted for the workers' shell, so that a name with spaces stays one argument.
+    train=(python3 -m research.train --config "$config" --workdir "/mnt/$bucket/runs/$run"
+           --config.train.progress_bar=False "${overrides[@]+"${overrides[@]}"}")
+    on_all "cd ~/$repo" "RESEARCH_CLUSTER=tpu_pod nohup$(printf ' %q' "${train[@]}") \
+> ~/train.log 2>&1 &" ;;
   logs)
     on_all 'tail -n 50 -f ~/train.log' ;;
   delete)

@@ -2,6 +2,7 @@
 arguments stop with one line (exit 2)."""
 
 import os
+import shlex
 import subprocess
 
 import pytest
@@ -33,6 +34,22 @@ def test_tpu_pod_dry_runs_print_the_gcloud_commands():
   assert 'gcsfuse' in setup.stdout and 'pip\\ install' in setup.stdout
   delete = _run('tpu_pod.sh', 'delete', *where)
   assert delete.stdout.strip() == 'gcloud compute tpus tpu-vm delete pod --zone us-east5-a --quiet'
+
+
+@pytest.mark.parametrize('run_name, overrides', [('r1', []),
+                                                ('my run', ['--config.optim.lr=1e-3'])])
+def test_tpu_pod_workers_run_exactly_the_train_command(run_name, overrides):
+  """The command each worker's shell runs, read back as that shell would: with no overrides
+  (no stray empty argument) and with a run name that holds a space."""
+  run = _run('tpu_pod.sh', 'run', '--name', 'pod', '--zone', 'z', '--dry_run', '--config',
+             'configs/decoder.py:tiny', '--run', run_name, '--bucket', 'b', '--', *overrides)
+  assert run.returncode == 0, run.stderr
+  gcloud = shlex.split(run.stdout)
+  remote = shlex.split(gcloud[gcloud.index('--command') + 1])
+  assert remote[:4] == ['cd', '~/research', '&&', 'RESEARCH_CLUSTER=tpu_pod']
+  assert remote[remote.index('nohup') + 1:remote.index('>')] == [
+      'python3', '-m', 'research.train', '--config', 'configs/decoder.py:tiny', '--workdir',
+      f'/mnt/b/runs/{run_name}', '--config.train.progress_bar=False', *overrides]
 
 
 @pytest.mark.parametrize('args, message', [
