@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from research import sweeps
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_NAME = 'sweep.log'
 LAUNCHERS = ('local', 'slurm', 'tpu_pod')
+SUBMITTERS = {'slurm': 'sbatch', 'tpu_pod': 'gcloud'}  # The programs that submit a point.
 # Config keys that say how a run executes, not what it trains: the only ones that may follow
 # `--` (any other would change every run without changing its name).
 RUN_CONTROL = ('train.progress_bar', 'train.tensorboard', 'train.stop_at_step',
@@ -51,7 +53,16 @@ RUN_CONTROL = ('train.progress_bar', 'train.tensorboard', 'train.stop_at_step',
 
 
 def check_passthrough(arguments):
+  arguments = iter(arguments)
   for argument in arguments:
+    if argument == '--cpu_devices':
+      next(arguments, None)  # Its value.
+      continue
+    if not argument.startswith(('--config.', '--cpu_devices=')):
+      raise sweeps.SweepError(f'{argument} after -- is not a run-control setting of research.'
+                              'train; only --cpu_devices and --config. settings that leave what '
+                              f'a run trains unchanged ({", ".join(RUN_CONTROL)}...) may follow '
+                              '--.')
     key = argument[len('--config.'):].split('=', 1)[0]
     if argument.startswith('--config.') and not key.startswith(RUN_CONTROL):
       raise sweeps.SweepError(f'{argument.split("=", 1)[0]} after -- would change what every '
@@ -360,10 +371,17 @@ def submit_command(run, launcher, launcher_args, folder, passthrough):
 
 
 def submit(runs, recorder, launcher, launcher_args, folder, passthrough):
+  """Submits each of `runs`; returns the names of those that could not be submitted."""
   if launcher == 'tpu_pod' and '{i}' not in launcher_args:
     raise sweeps.SweepError('A TPU slice trains one run at a time: put {i} in the slice name of '
                             '--launcher_args (one slice per point), or pass --dry_run to print '
                             'the commands and run them in turn.')
+  program = SUBMITTERS[launcher]
+  if runs and shutil.which(program) is None:
+    raise sweeps.SweepError(f'--launcher {launcher} submits with {program}, which is not on this '
+                            f'machine\'s PATH; run the sweep where {program} is, or pass '
+                            '--dry_run to print the commands.')
+  unsubmitted = []
   for count, run in enumerate(runs, 1):
     command, workdir = submit_command(run, launcher, launcher_args, folder, passthrough)
     result = subprocess.run(command, capture_output=True, text=True)
@@ -371,10 +389,12 @@ def submit(runs, recorder, launcher, launcher_args, folder, passthrough):
       line = (result.stderr.strip().splitlines() or ['no output'])[-1]
       recorder.record(run, 'failed', error=f'{command[0]} failed: {line}', workdir=workdir)
       print(f'[{count}/{len(runs)}] {run.name}: not submitted ({line})', flush=True)
+      unsubmitted.append(run.name)
       continue
     job = re.search(r'(\d+)\s*$', result.stdout.strip())
     recorder.record(run, 'submitted', workdir=workdir, job=job.group(1) if job else None)
     print(f'[{count}/{len(runs)}] {run.name}: submitted', flush=True)
+  return unsubmitted
 
 
 def refresh(runs, recorder):
@@ -423,7 +443,13 @@ def main(argv):
     print(f'{len(runs)} points: {len(skipped)} finished before, {len(pending)} to '
           f'{"run" if options.launcher == "local" else "submit"}.', flush=True)
     if options.launcher != 'local':
-      submit(pending, recorder, options.launcher, options.launcher_args, folder, passthrough)
+      unsubmitted = submit(pending, recorder, options.launcher, options.launcher_args, folder,
+                           passthrough)
+      if unsubmitted:
+        print(f'{len(unsubmitted)} of {len(pending)} points were not submitted: '
+              f'{", ".join(unsubmitted)}; the lines above give why, and the same command '
+              'submits them again.', file=sys.stderr)
+        return 1
       return 0
     done, stopped = run_local(pending, recorder, folder, options.parallel, passthrough)
   except ValueError as error:  # SweepError, ConfigError and the command line's errors.

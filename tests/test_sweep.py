@@ -229,6 +229,31 @@ def test_submitted_points_are_recorded_and_found_finished_later(tmp_path, monkey
   runs_lib.in_process(*args, '--resubmit', '--launcher_args=--job-name=p{i}')
   calls = (bin_dir / 'calls').read_text().splitlines()
   assert len(calls) == 3 and calls[-1].startswith('--job-name=p1 ')
+  # A submission the cluster refuses is recorded failed, named, and the sweep exits 1.
+  (bin_dir / 'sbatch').write_text('#!/bin/sh\necho "sbatch: error: Invalid account" >&2\n'
+                                  'exit 1\n')
+  refused = runs_lib.in_process(*args, '--resubmit')
+  assert refused.returncode == 1, refused.stderr
+  assert refused.stderr.startswith('1 of 1 points were not submitted: ')
+  assert 'not submitted (sbatch: error: Invalid account)' in refused.stdout
+  records = report.load_registry(folder)
+  [unfinished] = [name for name in records if name != first['run']]
+  assert records[unfinished]['status'] == 'failed'
+
+
+def test_a_cluster_launcher_without_its_program_is_one_sentence(tmp_path, monkeypatch):
+  monkeypatch.setenv('PATH', str(tmp_path))  # Neither sbatch nor gcloud here.
+  path = _sweep_file(tmp_path, '''
+      def get_sweep():
+        return product(lr=[1e-3, 3e-3])
+  ''')
+  for launcher, program, extra in (('slurm', 'sbatch', ()),
+                                   ('tpu_pod', 'gcloud', ('--launcher_args=--name s{i} --zone z '
+                                                          '--bucket b',))):
+    result = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir',
+                                 str(tmp_path / launcher), '--launcher', launcher, *extra)
+    runs_lib.assert_error(result, f'--launcher {launcher} submits with {program}, which is not '
+                                  "on this machine's PATH")
 
 
 @pytest.mark.slow
@@ -372,6 +397,13 @@ def test_config_changes_after_the_separator_are_refused_run_control_is_not(tmp_p
   ok = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', str(tmp_path / 's'),
                            '--dry_run', '--', '--config.train.stop_at_step=5', '--cpu_devices=1')
   assert ok.returncode == 0
+  ok = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', str(tmp_path / 's'),
+                           '--dry_run', '--', '--cpu_devices', '2')
+  assert ok.returncode == 0 and '--cpu_devices 2' in ok.stdout
+  for stray in ('--bogus', '--workdir=elsewhere', 'lr=1'):
+    bad = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', str(tmp_path / 's'),
+                              '--dry_run', '--', stray)
+    runs_lib.assert_error(bad, f'{stray} after -- is not a run-control setting of research.train')
   usage = runs_lib.in_process('launch.sweep', '--sweep', path, '--parallel', 'two')
   assert usage.returncode == 2 and usage.stderr.count('\n') == 1
   assert usage.stderr.startswith("error: Argument --parallel: invalid int value: 'two'; usage:")
