@@ -15,13 +15,30 @@ from research import checkpoint as checkpoint_lib
 from research import models
 
 
+# What a run's config.json always holds, and commands that read a workdir rely on: every section,
+# and the names that choose the family and the objective.
+_SAVED_KEYS = (('model', 'family'), ('objective', 'name'), ('data', ''), ('train', ''),
+               ('optim', ''), ('checkpoint', ''), ('mesh', ''))
+
+
 def load_config(workdir):
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise checkpoint_lib.CheckpointError(f'{workdir} holds no config.json; pass the --workdir of '
                                          'a training run or of research.convert from_hf.')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise checkpoint_lib.CheckpointError(f'{path} is not valid JSON ({error}); restore the file '
+                                         'the run wrote there.') from None
+  missing = [f'{section}.{key}' if key else section for section, key in _SAVED_KEYS
+             if not isinstance(saved, dict) or not isinstance(saved.get(section), dict)
+             or (key and key not in saved[section])]
+  if missing:
+    raise checkpoint_lib.CheckpointError(f'{path} lacks {", ".join(missing)}, which every run '
+                                         'writes; restore the file the run wrote there.')
+  config = ml_collections.ConfigDict(saved)
   config.lock()
   return config
 

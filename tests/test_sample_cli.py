@@ -71,3 +71,17 @@ def test_workdirs_without_a_run_stop_with_one_sentence(workdir, tmp_path):
   hf.write_source(str(tmp_path), str(tmp_path), dict(model_type='llama'), None)
   runs.assert_error(_sample('--workdir', str(tmp_path), '--prompt', 'def '),
                       f'{tmp_path} was converted from Hugging Face, whose tokenizer is not ours')
+
+
+@pytest.mark.parametrize('text, fragment', [
+    ('{"model": {}} trailing', 'is not valid JSON (Extra data: line 1 column 15 (char 14)); '
+                               'restore the file the run wrote there.'),
+    ('[1, 2]', 'lacks model.family, objective.name, data, train, optim, checkpoint, mesh, which'),
+    ('{"model": {}}', 'lacks model.family, objective.name, data, train'),
+])
+def test_a_damaged_config_json_is_named_in_one_sentence(tmp_path, text, fragment):
+  """Every command that reads a workdir (sample, convert to_hf, word_vectors, a distillation's
+  teacher) loads its config.json through one function."""
+  (tmp_path / 'config.json').write_text(text)
+  runs.assert_error(_sample('--workdir', str(tmp_path), *BASE),
+                    f'{tmp_path}/config.json {fragment}')
