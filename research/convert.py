@@ -182,7 +182,7 @@ def _special_tokens(workdir, config):
     filler = next((i for i in (ids.get('pad_token_id'), ids.get('eos_token_id')) if i is not None),
                   0)
   else:
-    tokenizer = tokenizer_lib.get(config.data.tokenizer)
+    tokenizer = workdir_lib.tokenizer(workdir, config)
     ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                pad_token_id=tokenizer.pad_id)
     generation, filler = dict(ids), tokenizer_lib.filler_id(tokenizer)

@@ -56,15 +56,12 @@ def parse_ids(text):
 
 def _tokenizer(workdir, config):
   """The run's saved tokenizer, else config.data.tokenizer."""
-  saved = tokenizer_lib.load_saved(os.path.join(workdir, tokenizer_lib.SAVED_DIR))
-  if saved is not None:
-    return saved
-  if hf.read_source(workdir) is not None:  # Its data.tokenizer is our default, not the model's.
+  if workdir_lib.saved_tokenizer(workdir) is None and hf.read_source(workdir) is not None:
+    # Its data.tokenizer is our default, not the model's.
     raise ValueError(f'{workdir} was converted from Hugging Face, whose tokenizer is not ours, '
                      'from a directory without a tokenizer.json; pass token ids with --prompt_ids '
                      'or convert again from a directory that has one.')
-  extra_ids = config.data.get('extra_ids', 0)  # Absent from workdirs of earlier versions.
-  return tokenizer_lib.get(config.data.tokenizer, extra_ids=extra_ids)
+  return workdir_lib.tokenizer(workdir, config)
 
 
 def _mesh(config, family):

@@ -130,7 +130,6 @@ def from_workdir(workdir):
   """(Vectors, step) of the newest checkpoint of a word-vector run."""
   from research import models
   from research import workdir as workdir_lib
-  from research.data import tokenizer as tokenizer_lib
   if not os.path.isdir(workdir):
     raise ValueError(f'--workdir {workdir} is not a directory; pass the workdir of a training '
                      'run.')
@@ -140,9 +139,7 @@ def from_workdir(workdir):
     exporting = sorted(name for name in models.FAMILIES if hasattr(models.get(name), 'vectors'))
     raise ValueError(f'{workdir} holds a model.family={config.model.family!r} model, which has '
                      f'no word vectors; pass the workdir of a {" or ".join(exporting)} run.')
-  tokenizer = tokenizer_lib.load_saved(os.path.join(workdir, tokenizer_lib.SAVED_DIR))
-  if tokenizer is None:
-    tokenizer = tokenizer_lib.get(config.data.tokenizer, extra_ids=config.data.extra_ids)
+  tokenizer = workdir_lib.tokenizer(workdir, config)
   config, params, step = workdir_lib.load_params(workdir, config)
   matrix = np.asarray(family.vectors(params, config.objective.name), np.float32)
   ids, words = vocabulary(tokenizer)

@@ -13,6 +13,7 @@ import ml_collections
 
 from research import checkpoint as checkpoint_lib
 from research import models
+from research.data import tokenizer as tokenizer_lib
 
 
 # What a run's config.json always holds, and commands that read a workdir rely on: every section,
@@ -55,6 +56,22 @@ def load_params(workdir, config=None, mesh=None):
                             models.abstract_params(family(config), config.model))
   params, step = checkpoint_lib.read_params(os.path.join(workdir, 'checkpoints'), abstract)
   return config, params, step
+
+
+def saved_tokenizer(workdir):
+  """The copy of its tokenizer that a run saved in its workdir, else None (a run of an earlier
+  version, or one converted from a model directory without a tokenizer.json)."""
+  return tokenizer_lib.load_saved(os.path.join(workdir, tokenizer_lib.SAVED_DIR))
+
+
+def tokenizer(workdir, config):
+  """The tokenizer a run trained with: its saved copy, which outlives the folder that
+  config.data.tokenizer names, else that one."""
+  saved = saved_tokenizer(workdir)
+  if saved is not None:
+    return saved
+  extra_ids = config.data.get('extra_ids', 0)  # Absent from workdirs of earlier versions.
+  return tokenizer_lib.get(config.data.tokenizer, extra_ids=extra_ids)
 
 
 def family(config):

@@ -275,3 +275,22 @@ def test_to_hf_refuses_a_fine_tuned_classifier_rather_than_drop_its_head(tmp_pat
                     'holds a classifier (model.num_labels=2), and the Hugging Face export writes '
                     'pretrained models only; export the run it was fine-tuned from.')
   assert not (tmp_path / 'hf').exists()
+
+
+def test_to_hf_reads_the_runs_saved_tokenizer_when_its_configured_folder_is_gone(tmp_path):
+  """A run keeps a copy of its tokenizer (workdir/tokenizer): the special-token ids of the export
+  come from it, as sampling's do, after the folder data.tokenizer names was removed."""
+  vocab = tmp_path / 'vocab'
+  vocab.mkdir()
+  _gpt2_tokenizer(vocab)
+  config = config_lib.load_config_file(os.path.join(runs.REPO, 'configs', 'decoder.py:tiny'))
+  config.data.tokenizer = f'hf:{vocab}'
+  run = runs.random_run(tmp_path / 'run', config)
+  tokenizer = tokenizer_lib.get(config.data.tokenizer)
+  tokenizer_lib.save(tokenizer, str(run / tokenizer_lib.SAVED_DIR))
+  shutil.rmtree(vocab)
+  result = _convert('to_hf', '--workdir', str(run), '--out', str(tmp_path / 'hf'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  hf_config = json.load(open(tmp_path / 'hf' / 'config.json'))
+  ids = (hf_config['bos_token_id'], hf_config['eos_token_id'], hf_config['pad_token_id'])
+  assert ids == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) and 0 in ids
