@@ -295,6 +295,16 @@ def test_a_teacher_that_cannot_predict_the_next_token_is_refused_first(
   assert 'vocab_size' not in str(error.value)
 
 
+@pytest.mark.parametrize('spec', ['ngram.py:kn3', 'word_vectors.py:glove_tiny'])
+def test_a_student_config_without_distillation_settings_is_one_sentence(spec):
+  config = config_lib.load_config_file(os.path.join(runs.REPO, 'configs', spec))
+  with config.unlocked():
+    config.objective.name = 'distill'
+  with pytest.raises(config_lib.ConfigError, match=' has no distillation settings .*, so '
+                     'objective.name=distill cannot train it; distill into a config of '):
+    config_lib.validate(config, 1)
+
+
 @pytest.mark.slow
 def test_a_distilled_student_beats_the_same_student_from_scratch(tmp_path):
   def command(workdir, *overrides):

@@ -69,6 +69,11 @@ _PROJECTION_SALT = 0x44495354
 
 def check_config(config, family):
   o = config.objective
+  if 'base' not in o:  # Its config file gives no distillation settings (common.distill_defaults).
+    raise ValueError(f'{config.variant} has no distillation settings (objective.base, alpha, '
+                     'temperature, teacher), so objective.name=distill cannot train it; distill '
+                     'into a config of configs/decoder.py, encoder.py, encoder_decoder.py, '
+                     'rnn.py or finetune.py.')
   if o.get('base') not in SCORED:
     raise ValueError(f'objective.base={o.get("base")!r} is not one of {sorted(SCORED)} (the '
                      'objectives that distillation wraps).')
