@@ -165,14 +165,22 @@ def read_text(path):
       raise ValueError(f'{path} does not start with "N DIM"; pass a file in the word2vec text '
                        'format.')
     count, dim = map(int, header)
-    words, rows = [], []
-    for line in f:
+    lines, rows = {}, []  # {word: its line number}, in file order.
+    for number, line in enumerate(f, 2):
       parts = line.rstrip('\n').split(' ')
       if len(parts) != dim + 1:
-        raise ValueError(f'{path} line {len(words) + 2} holds {len(parts) - 1} numbers where the '
-                         f'header says {dim}; fix or regenerate the file.')
-      words.append(parts[0])
-      rows.append(np.asarray(parts[1:], np.float32))
+        raise ValueError(f'{path} line {number} holds {len(parts) - 1} numbers where the header '
+                         f'says {dim}; fix or regenerate the file.')
+      if parts[0] in lines:
+        raise ValueError(f'{path} line {number} repeats the word {parts[0]!r} of line '
+                         f'{lines[parts[0]]}; keep one vector per word.')
+      try:
+        rows.append(np.asarray(parts[1:], np.float32))
+      except ValueError:
+        raise ValueError(f'{path} line {number} holds a value that is not a number; fix or '
+                         'regenerate the file.') from None
+      lines[parts[0]] = number
+    words = list(lines)
   if len(words) != count:
     raise ValueError(f'{path} holds {len(words)} words where its header says {count}; fix or '
                      'regenerate the file.')
@@ -187,6 +195,10 @@ def report(vectors, analogies=None, neighbours=()):
     lines.append(f'neighbours of {word}: {near}')
   if analogies:
     results, skipped = vectors.analogies(read_questions(analogies))
+    if not any(asked for _, asked in results.values()):
+      raise ValueError(f'{analogies} holds no question whose four words are all in the '
+                       f'vocabulary ({skipped} skipped); pass questions about words of these '
+                       'vectors.')
     for section, (correct, asked) in results.items():
       lines.append(f'{section}: {correct}/{asked} = {correct / max(asked, 1):.4f}')
     correct, asked = (sum(r[i] for r in results.values()) for i in (0, 1))

@@ -305,6 +305,18 @@ def test_command_line_mistakes_are_one_sentence(tmp_path):
   runs.assert_error(evaluate('--vectors', str(tmp_path / 'none.txt')), 'none.txt is not a file')
   (tmp_path / 'bad.txt').write_text('2 3\nword 1 2\n')
   runs.assert_error(evaluate('--vectors', str(tmp_path / 'bad.txt')), 'line 2 holds 2 numbers')
+  (tmp_path / 'bad.txt').write_text('2 2\nword 1 2\nother 1 x\n')
+  runs.assert_error(evaluate('--vectors', str(tmp_path / 'bad.txt')),
+                    'bad.txt line 3 holds a value that is not a number')
+  (tmp_path / 'bad.txt').write_text('2 2\nword 1 2\nword 3 4\n')
+  runs.assert_error(evaluate('--vectors', str(tmp_path / 'bad.txt')),
+                    "bad.txt line 3 repeats the word 'word' of line 2; keep one vector per word.")
+  (tmp_path / 'good.txt').write_text('2 2\nword 1 2\nother 3 4\n')
+  (tmp_path / 'questions.txt').write_text(': capitals\nparis france rome italy\n')
+  runs.assert_error(evaluate('--vectors', str(tmp_path / 'good.txt'), '--analogies',
+                             str(tmp_path / 'questions.txt')),
+                    'questions.txt holds no question whose four words are all in the vocabulary '
+                    '(1 skipped)')
   runs.assert_error(evaluate('--workdir', str(tmp_path)), 'holds no config.json')
   decoder = load_config_file(os.path.join(runs.REPO, 'configs', 'decoder.py') + ':tiny')
   (tmp_path / 'config.json').write_text(decoder.to_json())
