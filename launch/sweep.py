@@ -70,6 +70,25 @@ def check_passthrough(arguments):
                               f"* points({{'{key}': ...}})) or in --config.")
 
 
+def check_launcher_options(options):
+  """One sentence for an option that the chosen launcher would silently ignore, and for
+  --launcher_args that a shell could not split."""
+  if options.launcher == 'local':
+    given = [flag for flag, value in (('--launcher_args', options.launcher_args),
+                                      ('--resubmit', options.resubmit)) if value]
+    if given:
+      raise sweeps.SweepError(f'{" and ".join(given)} apply to --launcher slurm or tpu_pod, not '
+                              'to local runs; drop them or choose a cluster launcher.')
+  elif options.parallel != 1:
+    raise sweeps.SweepError(f'--parallel applies to --launcher local; the cluster schedules the '
+                            f'points --launcher {options.launcher} submits, so drop it.')
+  try:
+    shlex.split(options.launcher_args)
+  except ValueError as error:
+    raise sweeps.SweepError(f'--launcher_args {options.launcher_args!r} cannot be split as a '
+                            f'shell would ({error}); balance its quotes.') from None
+
+
 def _parser():
   parser = cli.Parser(prog='python -m launch.sweep', description=__doc__.split('\n')[0])
   parser.add_argument('--sweep', required=True, help='The sweep file, configs/sweeps/NAME.py.')
@@ -420,6 +439,7 @@ def main(argv):
     check_passthrough(passthrough)
     if options.parallel < 1:
       raise sweeps.SweepError(f'--parallel {options.parallel} must be at least 1.')
+    check_launcher_options(options)
     cli.check_folder(options.workdir, '--workdir')
     points, default = sweeps.load(options.sweep)
     runs = sweeps.expand(points, options.config or default)

@@ -208,6 +208,10 @@ def resolve(point, default_spec):
   flat = _flat(config)
   for key, value in overrides.items():
     try:
+      # ml_collections takes a bool for a number (bool is an int in Python); the trainer's
+      # command line does not.
+      if isinstance(value, bool) and type(flat[key]) in (int, float):
+        raise TypeError(key)
       config.update_from_flattened_dict({key: value})
     except (TypeError, ValueError):
       expected = _EXPECTED.get(type(flat[key]), f'a {type(flat[key]).__name__}')

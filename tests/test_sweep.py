@@ -80,6 +80,10 @@ def test_points_may_name_their_own_config():
     (dict(num_layers=2.5), r"^Sweep value model.num_layers=2.5 is not a valid value of that key "
                            r"\(an integer is expected\); correct the sweep file.$"),
     (dict(num_layers='a'), r"^Sweep value model.num_layers='a' is not a valid value"),
+    (dict(num_layers=True), r"^Sweep value model.num_layers=True is not a valid value of that "
+                            r"key \(an integer is expected\)"),
+    (dict(lr=False), r"^Sweep value optim.lr=False is not a valid value of that key \(a number "
+                     r"is expected\)"),
     (dict(bogus_key=1), r"^Sweep key 'bogus_key' is not a config key and none is close; write a "
                         r"key of the config, dotted \(SECTION.KEY, SECTION one of checkpoint, "
                         r"data, .*model, .*optim.*\) or its last part alone.$"),
@@ -239,6 +243,27 @@ def test_submitted_points_are_recorded_and_found_finished_later(tmp_path, monkey
   records = report.load_registry(folder)
   [unfinished] = [name for name in records if name != first['run']]
   assert records[unfinished]['status'] == 'failed'
+
+
+@pytest.mark.parametrize('args, sentence', [
+    (('--resubmit',), '--resubmit apply to --launcher slurm or tpu_pod, not to local runs'),
+    (('--launcher_args=--nodes=2', '--resubmit'),
+     '--launcher_args and --resubmit apply to --launcher slurm or tpu_pod, not to local runs'),
+    (('--launcher', 'slurm', '--parallel', '2'), '--parallel applies to --launcher local; the '
+                                                 'cluster schedules the points --launcher slurm'),
+    (('--launcher', 'slurm', "--launcher_args='unbalanced"),
+     "--launcher_args \"'unbalanced\" cannot be split as a shell would (No closing quotation); "
+     'balance its quotes.'),
+])
+def test_options_the_launcher_would_ignore_are_one_sentence(tmp_path, args, sentence):
+  path = _sweep_file(tmp_path, '''
+      def get_sweep():
+        return product(lr=[1e-3, 3e-3])
+  ''')
+  result = runs_lib.in_process('launch.sweep', '--sweep', path, '--workdir', str(tmp_path / 's'),
+                               *args)
+  runs_lib.assert_error(result, sentence)
+  assert not (tmp_path / 's').exists()
 
 
 def test_a_cluster_launcher_without_its_program_is_one_sentence(tmp_path, monkeypatch):
