@@ -24,6 +24,7 @@ current record (launch/sweep.py writes it, research/report.py `load_registry` re
 import difflib
 import fcntl
 import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -124,6 +125,13 @@ def load(spec):
   module = config_lib.python_file(path, '_research_sweep')
   if not hasattr(module, 'get_sweep'):
     raise SweepError(f'{path} defines no get_sweep(); return the points from one.')
+  try:  # The call itself, before the file's code runs: an argument it takes or lacks.
+    inspect.signature(module.get_sweep).bind(*([argument] if argument else []))
+  except TypeError:
+    raise SweepError(f'{path}\'s get_sweep takes {"no" if argument else "an"} argument, but '
+                     f'--sweep {spec} passes {"one" if argument else "none"}; '
+                     f'{"drop the :" + argument if argument else "add :ARGUMENT to --sweep"}.'
+                     ) from None
   try:
     space = module.get_sweep(argument) if argument else module.get_sweep()
   except SweepError:

@@ -116,6 +116,15 @@ def test_a_sweep_file_takes_an_argument(tmp_path):
   assert sweeps.load(f'{path}:3+4')[0] == [dict(num_layers=3), dict(num_layers=4)]
   with pytest.raises(sweeps.SweepError, match='does not exist'):
     sweeps.load(str(tmp_path / 'missing.py'))
+  # The call's mistake is the command line's or the signature's, not the framework's.
+  with pytest.raises(sweeps.SweepError, match=rf"^{path}'s get_sweep takes an argument, but "
+                     rf"--sweep {path} passes none; add :ARGUMENT to --sweep.$"):
+    path.write_text('def get_sweep(layers):\n  return []\n')
+    sweeps.load(str(path))
+  with pytest.raises(sweeps.SweepError, match=rf"^{path}'s get_sweep takes no argument, but "
+                     rf"--sweep {path}:3 passes one; drop the :3.$"):
+    path.write_text('def get_sweep():\n  return []\n')
+    sweeps.load(f'{path}:3')
 
 
 def test_a_sweep_file_whose_code_fails_is_one_sentence_naming_the_line(tmp_path):
