@@ -7,7 +7,8 @@
 
 A sweep directory holds registry.jsonl (one JSON record per line; a run's last line is its current
 record) and one workdir per run, each with metrics.jsonl (a step logged twice, after a resume,
-keeps its last line). The report goes to DIR/report.md (DIR defaults to PATH/report) with PNGs
+keeps its last line). The report goes to DIR/report.md (DIR defaults to PATH/report, and to
+SWEEP_A/report_vs_B for two sweeps, where B is SWEEP_B's folder name) with PNGs
 beside it: curves.png (train loss and the chosen metric against step, mean over seeds with a
 min..max band) and, for each swept axis (an override key, seed excepted, whose value differs
 between variants; one that an earlier axis determines, as zipped axes do, is not plotted again),
@@ -494,7 +495,9 @@ def sweep_report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
     if not _numeric(values) or min(values) <= 0 or min(means) <= 0:
       raise ValueError(f'A power law needs positive {fit_axis} values and a positive {metric}; '
                        'fit another axis or metric.')
-  out = out or os.path.join(paths[0], REPORT_DIR)
+  # Beside the first sweep's own report, which a comparison must not replace.
+  out = out or os.path.join(paths[0], REPORT_DIR + ''.join(
+      f'_vs_{os.path.basename(os.path.normpath(p))}' for p in paths[1:]))
   cli.check_folder(out, '--out')
   os.makedirs(out, exist_ok=True)
   title = ' vs '.join(names) if len(paths) > 1 else os.path.basename(os.path.normpath(paths[0]))
@@ -609,7 +612,8 @@ def _parser():
                       '(NAME,OTHER: the first of them a run has).')
   parser.add_argument('--mode', choices=('min', 'max'),
                       help='Whether lower or higher is better (default: known from the name).')
-  parser.add_argument('--out', help='Output folder (default: PATH/report).')
+  parser.add_argument('--out', help='Output folder (default: PATH/report; for two sweeps '
+                      'PATH/report_vs_NAME, NAME the second folder\'s name).')
   parser.add_argument('--fit_power_law', metavar='AXIS',
                       help='Fit metric = a * AXIS^b on that axis\'s plot (log-log).')
   return parser

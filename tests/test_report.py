@@ -205,6 +205,10 @@ def test_two_sweeps_side_by_side(tmp_path):
     assert _close(row['eval_loss (mean ± std)'].split(' ± ')[0], expected[row['variant']][1])
   for name in ('curves.png', 'vs_optim.lr.png', 'vs_model.num_layers.png'):
     _check_png(tmp_path / 'both' / name)
+  # By default beside the first sweep's own report, which it leaves alone.
+  own = report.report([str(a)])
+  assert report.report([str(a), str(b)]) == str(a / 'report_vs_wider' / 'report.md')
+  assert open(own).read().startswith('# ') and '## wider' not in open(own).read()
 
 
 def test_power_law_fit_recovers_exact_data():
