@@ -82,6 +82,17 @@ def test_slurm_dry_run_prints_the_srun_command_and_bad_arguments_are_refused():
   assert missing.returncode == 2 and missing.stderr.startswith('usage: sbatch')
 
 
+def test_slurm_reads_a_relative_workdir_in_the_submit_folder(tmp_path):
+  # The job starts in the folder it was submitted from and runs in the checkout.
+  result = subprocess.run(['bash', os.path.join(REPO, 'launch', 'slurm.sbatch'),
+                           'configs/decoder.py:tiny', 'runs/a'], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, DRY_RUN='1', PYTHON='python3'))
+  assert result.returncode == 0, result.stderr
+  words = result.stdout.split()
+  assert words[words.index('--workdir') + 1] == f'{tmp_path}/runs/a'
+
+
 def test_slurm_finds_the_checkout_wherever_the_job_was_submitted_from(tmp_path):
   # sbatch runs a spooled copy of the script: a submit folder outside the checkout must not
   # become the project's root.
