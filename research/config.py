@@ -580,6 +580,18 @@ def _package_versions():
   return versions
 
 
+def _changed_settings(before, after, prefix=''):
+  """'key (X there, Y here), ...' for the settings that differ between two config dicts."""
+  def flat(tree, prefix):
+    return {key: value for name, sub in tree.items()
+            for key, value in (flat(sub, f'{prefix}{name}.').items() if isinstance(sub, dict)
+                               else [(f'{prefix}{name}', sub)])}
+  before, after = flat(before, prefix), flat(after, prefix)
+  return ', '.join(f'{key} ({before.get(key, "unset")!r} there, {after.get(key, "unset")!r} '
+                   'here)' for key in sorted(set(before) | set(after))
+                   if before.get(key, 'unset') != after.get(key, 'unset'))
+
+
 def record_run(config, workdir, data=None, resumed=True):
   """Writes the resolved config, package versions, git revision and data record to the workdir.
 
@@ -596,8 +608,13 @@ def record_run(config, workdir, data=None, resumed=True):
   path = os.path.join(workdir, 'config.json')
   if resumed and os.path.exists(path):
     with open(path) as f:
-      if f.read() != resolved:
-        path = os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json')
+      original = f.read()
+    if original != resolved:
+      path = os.path.join(workdir, f'config.{time.strftime("%Y%m%d-%H%M%S")}.json')
+      changed = _changed_settings(json.loads(original), json.loads(resolved))
+      print(f'Note: resumed with settings other than config.json\'s: {changed}; config.json '
+            f'keeps the run\'s first settings and {os.path.basename(path)} records these.',
+            file=sys.stderr)
   with open(path, 'w') as f:
     f.write(resolved)
   environment = dict(python=sys.version, platform=platform.platform(),

@@ -136,6 +136,20 @@ def test_a_run_that_diverged_before_its_first_checkpoint_gives_way_to_the_next_s
   assert len([name for name in os.listdir(workdir) if name.startswith('config.')]) == 2
 
 
+def test_a_resume_with_other_settings_names_them(tmp_path, decoder_config, capsys):
+  config = decoder_config('tiny')
+  config_lib.record_run(config, str(tmp_path), resumed=False)
+  config_lib.record_run(config, str(tmp_path))  # The same settings: nothing to say.
+  assert capsys.readouterr().err == ''
+  config.optim.lr, config.train.num_steps = 1e-3, 7
+  config_lib.record_run(config, str(tmp_path))
+  [dated] = [name for name in os.listdir(tmp_path) if name.startswith('config.2')]
+  assert capsys.readouterr().err == (
+      "Note: resumed with settings other than config.json's: optim.lr (0.003 there, 0.001 "
+      "here), train.num_steps (1200 there, 7 here); config.json keeps the run's first settings "
+      f'and {dated} records these.\n')
+
+
 def _rows_tokens(corpus, start, stop):
   """Target tokens in rows [start, stop) of the training stream `runs.train_command` reads."""
   config = config_lib.load_config_file(os.path.join(runs.REPO, 'configs/decoder.py:tiny'))
