@@ -580,13 +580,21 @@ def _package_versions():
   return versions
 
 
-def _changed_settings(before, after, prefix=''):
-  """'key (X there, Y here), ...' for the settings that differ between two config dicts."""
-  def flat(tree, prefix):
-    return {key: value for name, sub in tree.items()
-            for key, value in (flat(sub, f'{prefix}{name}.').items() if isinstance(sub, dict)
-                               else [(f'{prefix}{name}', sub)])}
-  before, after = flat(before, prefix), flat(after, prefix)
+def _flat_settings(tree, prefix=''):
+  """{'section.key': value} of a config read from JSON."""
+  flat = {}
+  for name, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat_settings(value, f'{prefix}{name}.'))
+    else:
+      flat[f'{prefix}{name}'] = value
+  return flat
+
+
+def _changed_settings(before, after):
+  """'key (X there, Y here), ...' for the settings that differ between two configs read from
+  JSON."""
+  before, after = _flat_settings(before), _flat_settings(after)
   return ', '.join(f'{key} ({before.get(key, "unset")!r} there, {after.get(key, "unset")!r} '
                    'here)' for key in sorted(set(before) | set(after))
                    if before.get(key, 'unset') != after.get(key, 'unset'))

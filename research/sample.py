@@ -56,12 +56,13 @@ def parse_ids(text):
 
 def _tokenizer(workdir, config):
   """The run's saved tokenizer, else config.data.tokenizer."""
-  if workdir_lib.saved_tokenizer(workdir) is None and hf.read_source(workdir) is not None:
+  saved = workdir_lib.saved_tokenizer(workdir)
+  if saved is None and hf.read_source(workdir) is not None:
     # Its data.tokenizer is our default, not the model's.
     raise ValueError(f'{workdir} was converted from Hugging Face, whose tokenizer is not ours, '
                      'from a directory without a tokenizer.json; pass token ids with --prompt_ids '
                      'or convert again from a directory that has one.')
-  return workdir_lib.tokenizer(workdir, config)
+  return saved if saved is not None else workdir_lib.tokenizer(workdir, config)
 
 
 def _mesh(config, family):

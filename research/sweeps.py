@@ -128,10 +128,11 @@ def load(spec):
   try:  # The call itself, before the file's code runs: an argument it takes or lacks.
     inspect.signature(module.get_sweep).bind(*([argument] if argument else []))
   except TypeError:
-    raise SweepError(f'{path}\'s get_sweep takes {"no" if argument else "an"} argument, but '
-                     f'--sweep {spec} passes {"one" if argument else "none"}; '
-                     f'{"drop the :" + argument if argument else "add :ARGUMENT to --sweep"}.'
-                     ) from None
+    if argument:
+      raise SweepError(f'{path}\'s get_sweep takes no argument, but --sweep {spec} passes one; '
+                       f'drop the :{argument}.') from None
+    raise SweepError(f'{path}\'s get_sweep takes an argument, but --sweep {spec} passes none; '
+                     'add :ARGUMENT to --sweep.') from None
   try:
     space = module.get_sweep(argument) if argument else module.get_sweep()
   except SweepError:
