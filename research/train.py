@@ -293,7 +293,7 @@ def _check_tokenizer(workdir, config):
   """A run's token ids mean nothing under another tokenizer: resuming with one is refused
   before any data is read (tokenizing a corpus can take hours)."""
   try:
-    saved = tokenizer_lib.load_saved(os.path.join(workdir, tokenizer_lib.SAVED_DIR))
+    saved = workdir_lib.saved_tokenizer(workdir)
     if saved is None:
       return
     if config.data.source == 'markov':

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import jax.numpy as jnp
 from flax import linen as nn
 
+from research.models import activations
 from research.models import layers
 from research.partitioning import constrain
 
@@ -74,7 +75,7 @@ class EncoderSpec:
 
   @property
   def activation(self):
-    """A key of layers.GELU_APPROXIMATE: the GELU each style's checkpoints were trained with."""
+    """A key of activations.ACTIVATIONS: the GELU each style's checkpoints were trained with."""
     return 'gelu_tanh' if self.style == 'albert' else 'gelu'
 
   @property
@@ -243,7 +244,7 @@ class Encoder(nn.Module):
   def _mlm_features(self, hidden):
     """The masked-LM head's transform of hidden states: dense, GELU, LayerNorm."""
     h = self.mlm_transform(hidden)
-    return self.mlm_norm(nn.gelu(h, approximate=layers.GELU_APPROXIMATE[self.spec.activation]))
+    return self.mlm_norm(activations.ACTIVATIONS[self.spec.activation](h))
 
   def head_inputs(self, hidden):
     """The masked-LM head as a product, for a loss that computes logits in chunks

@@ -5,7 +5,6 @@ config into these. Parameters carry logical axis names (see research/partitionin
 constrains activations when the model runs on a mesh and is None otherwise.
 """
 
-import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from research.models import activations
 from research.models import attention
 from research.models import normalization
 from research.partitioning import constrain
@@ -297,15 +297,6 @@ class CrossAttention(nn.Module):
                         param_dtype=self.param_dtype, name='out')(out)
 
 
-# GELU variants: the tanh approximation ('gelu_new' of GPT-2, ALBERT and T5 v1.1) and the exact
-# erf form (BERT, RoBERTa). Checkpoints are trained with one; the other shifts outputs.
-GELU_APPROXIMATE = {'gelu_tanh': True, 'gelu': False}
-# Activations of the Mlp (of its gate, when gated).
-ACTIVATIONS = {'gelu_tanh': functools.partial(nn.gelu, approximate=True),
-               'gelu': functools.partial(nn.gelu, approximate=False),
-               'relu': nn.relu, 'silu': nn.silu}
-
-
 class Mlp(nn.Module):
   """Ungated MLP act(x W1) W2 (GPT-2, BERT: GELU; T5 v1.0: ReLU) or gated act(x Wg) * (x Wu) W2
   (Llama: SiLU; T5 v1.1: tanh GELU). Dropout, when given, acts on the hidden activations (T5).
@@ -318,7 +309,7 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   sharding: Optional[Callable] = None
-  activation: str = 'gelu_tanh'  # A key of ACTIVATIONS.
+  activation: str = 'gelu_tanh'  # A key of activations.ACTIVATIONS.
   dropout: Optional[Callable] = None
 
   @nn.compact
@@ -330,10 +321,10 @@ class Mlp(nn.Module):
     if self.gated:
       gate = dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'gate')(x)
       up = dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'up')(x)
-      h = ACTIVATIONS[self.activation](gate) * up
+      h = activations.ACTIVATIONS[self.activation](gate) * up
     else:
-      h = ACTIVATIONS[self.activation](dense(self.hidden_dim, ('embed', 'mlp'), self.init_std,
-                                             'fc')(x))
+      h = activations.ACTIVATIONS[self.activation](
+          dense(self.hidden_dim, ('embed', 'mlp'), self.init_std, 'fc')(x))
     h = constrain(h, self.sharding, ('batch', 'length', 'act_mlp'))
     if self.dropout is not None:
       h = self.dropout(h)
