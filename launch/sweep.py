@@ -280,14 +280,28 @@ def train_command(run, workdir, passthrough):
           *run.arguments(), *passthrough]
 
 
-def pinned(command, cores):
-  """`command` run on `cores` only (None: anywhere). The new process pins itself and then
-  becomes the command, so nothing runs between fork and exec in this multithreaded process."""
-  if not cores:
-    return command
-  return [sys.executable, '-c', 'import os, sys; os.sched_setaffinity(0, {int(c) for c in '
-          'sys.argv[1].split(",")}); os.execvp(sys.argv[2], sys.argv[2:])',
-          ','.join(map(str, sorted(cores))), *command]
+# What a point's process runs first, before it becomes the trainer (so that nothing runs between
+# fork and exec in the sweep, a multithreaded process): on Linux it asks for SIGTERM when the sweep
+# dies, so that a sweep killed by SIGKILL, which it cannot catch, leaves no trainer running on
+# (SIGTERM makes a trainer save and stop); then it pins itself to its cores, if given any.
+_POINT_SETUP = """
+import ctypes, os, signal, sys
+sweep, cores = int(sys.argv[1]), sys.argv[2]
+if sys.platform == 'linux':
+  ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  if os.getppid() != sweep:  # The sweep died before the request above.
+    sys.exit(143)
+if cores:
+  os.sched_setaffinity(0, {int(c) for c in cores.split(',')})
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
+def point_command(command, cores):
+  """`command` run on `cores` only (None: anywhere), and stopped by SIGTERM when this process
+  dies (_POINT_SETUP)."""
+  return [sys.executable, '-c', _POINT_SETUP, str(os.getpid()),
+          ','.join(map(str, sorted(cores or ()))), *command]
 
 
 class _Stop:
@@ -327,7 +341,7 @@ def run_local(runs, recorder, folder, parallel, passthrough):
         log.write(f'$ {shlex.join(command)}\n')
         log.flush()
         process = subprocess.Popen(
-            pinned(command, cores), stdout=log, stderr=subprocess.STDOUT,
+            point_command(command, cores), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env={**os.environ, **env_changes},
             # Its own session: a terminal's Ctrl-C reaches the sweep only, which then asks each
             # run once to stop (a second signal would stop a run in the middle of its save).

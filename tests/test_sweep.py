@@ -388,6 +388,29 @@ def test_sigterm_to_a_sweep_stops_its_running_points_which_are_recorded_interrup
   assert statuses == ['interrupted', 'interrupted']
 
 
+@pytest.mark.skipif(sys.platform != 'linux', reason='PR_SET_PDEATHSIG is a Linux request')
+def test_a_sweep_killed_outright_still_stops_its_running_points(tmp_path):
+  """SIGKILL cannot be caught: the points' processes asked Linux for SIGTERM when the sweep dies,
+  on which a trainer saves and stops, rather than running on unwatched."""
+  path = _sweep_file(tmp_path, '''
+      def get_sweep():
+        return product(lr=[1e-3, 2e-3])
+  ''')
+  folder = tmp_path / 'sweep'
+  driver = subprocess.Popen([sys.executable, '-c', _DRIVER, '--sweep', path, '--workdir',
+                             str(folder), '--parallel', '2'], cwd=runs_lib.REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 60
+  while len(list(folder.glob('*/started'))) < 2 and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert len(list(folder.glob('*/started'))) == 2
+  driver.kill()
+  driver.wait(timeout=60)
+  while len(list(folder.glob('*/stopped'))) < 2 and time.monotonic() < deadline + 30:
+    time.sleep(0.1)
+  assert len(list(folder.glob('*/stopped'))) == 2
+
+
 def test_keys_that_follow_from_an_earlier_one_are_left_out_of_names():
   sizes = sweeps.zipped(num_layers=[2, 4, 4], emb_dim=[32, 64, 128], mlp_dim=[88, 176, 352])
   runs = sweeps.expand(list(sizes * sweeps.seeds(2)), TINY)
@@ -460,9 +483,9 @@ def test_a_torn_registry_line_is_dropped_by_the_next_append(tmp_path):
                                                  'c': dict(run='c', status='running')}
 
 
-def test_a_pinned_command_runs_on_its_cores_only():
-  cores = sorted(os.sched_getaffinity(0))[:1]
-  command = sweep_cli.pinned([sys.executable, '-c', 'import os; print(sorted('
-                              'os.sched_getaffinity(0)))'], set(cores))
-  assert subprocess.run(command, capture_output=True, text=True).stdout.strip() == str(cores)
-  assert sweep_cli.pinned(['x'], None) == ['x']
+def test_a_point_s_command_runs_on_its_cores_only():
+  cores = sorted(os.sched_getaffinity(0))
+  show = [sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))']
+  for given, expected in ((set(cores[:1]), cores[:1]), (None, cores)):
+    command = sweep_cli.point_command(show, given)
+    assert subprocess.run(command, capture_output=True, text=True).stdout.strip() == str(expected)
