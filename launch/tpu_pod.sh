@@ -3,7 +3,7 @@
 # train on all workers, stream the logs, delete it.
 #
 #   launch/tpu_pod.sh ACTION --name NAME --zone ZONE [options] [-- --config.key=value ...]
-#   ACTION: create | setup | run | logs | delete
+#   ACTION: create | setup | run | status | logs | delete
 #   --type v5p-64          accelerator type (create)       --version RUNTIME  TPU software (create)
 #   --spot                 spot capacity (create)          --queued           a queued resource
 #   --project PROJECT      gcloud project                  --bucket BUCKET    GCS bucket (setup)
@@ -13,6 +13,8 @@
 #
 # Every worker runs `python -m research.train` with RESEARCH_CLUSTER=tpu_pod, which joins them
 # through jax.distributed; SIGTERM (preemption, maintenance) saves a checkpoint on all of them.
+# `run` returns once the job has started in the background; `status` prints each worker's state
+# (running, or the exit status it ended with) and fails if any worker's job failed or never ran.
 set -euo pipefail
 header() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 usage() { header >&2; exit 2; }
@@ -54,6 +56,13 @@ on_all() {  # Runs its arguments on every worker, one after another while each s
   run_cmd gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command "$remote"
 }
 repo=research
+# A worker's job, in one line that names the worker; false where it failed or never started, so
+# that gcloud, and this script, fail too.
+worker_status='if [ -f ~/train.exit ]; then code=$(cat ~/train.exit);'
+worker_status+=' echo "$(hostname): research.train exited with status $code"; [ "$code" = 0 ];'
+worker_status+=' elif pgrep -f "research[.]train" > /dev/null;'
+worker_status+=' then echo "$(hostname): research.train is running";'
+worker_status+=' else echo "$(hostname): research.train has not run here"; false; fi'
 
 case $action in
   create)
@@ -80,8 +89,13 @@ case $action in
     # Every word quoted for the workers' shell, so that a name with spaces stays one argument.
     train=(python3 -m research.train --config "$config" --workdir "/mnt/$bucket/runs/$run"
            --config.train.progress_bar=False "${overrides[@]+"${overrides[@]}"}")
-    on_all "cd ~/$repo" "RESEARCH_CLUSTER=tpu_pod nohup$(printf ' %q' "${train[@]}") \
-> ~/train.log 2>&1 &" ;;
+    # The job records its exit status for `status` (in a shell of its own, which nohup keeps
+    # alive after the ssh session ends).
+    job="$(printf '%q ' "${train[@]}")> ~/train.log 2>&1; echo \$? > ~/train.exit"
+    on_all "cd ~/$repo" "rm -f ~/train.exit" \
+      "RESEARCH_CLUSTER=tpu_pod nohup bash -c $(printf '%q' "$job") > /dev/null 2>&1 &" ;;
+  status)
+    on_all "$worker_status" ;;
   logs)
     on_all 'tail -n 50 -f ~/train.log' ;;
   delete)
@@ -90,5 +104,5 @@ case $action in
     else
       run_cmd gcloud compute tpus tpu-vm delete "$name" "${common[@]}" --quiet
     fi ;;
-  *) fail "unknown action $action; use create, setup, run, logs or delete." ;;
+  *) fail "unknown action $action; use create, setup, run, status, logs or delete." ;;
 esac

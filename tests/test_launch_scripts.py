@@ -4,6 +4,7 @@ arguments stop with one line (exit 2)."""
 import os
 import shlex
 import subprocess
+import time
 
 import pytest
 
@@ -26,9 +27,13 @@ def test_tpu_pod_dry_runs_print_the_gcloud_commands():
              'r1', '--bucket', 'ckpts', '--', '--config.mesh.fsdp=-1')
   assert run.returncode == 0, run.stderr
   assert run.stdout.startswith('gcloud compute tpus tpu-vm ssh pod --zone us-east5-a --worker=all')
-  for part in (r'RESEARCH_CLUSTER=tpu_pod', r'--workdir\ /mnt/ckpts/runs/r1',
-               r'--config.mesh.fsdp=-1'):
-    assert part in run.stdout, run.stdout
+  remote = shlex.split(_remote_command(run.stdout))
+  job = shlex.split(remote[remote.index('-c') + 1])
+  assert 'RESEARCH_CLUSTER=tpu_pod' in remote and '--config.mesh.fsdp=-1' in job
+  assert job[job.index('--workdir') + 1] == '/mnt/ckpts/runs/r1'
+  status = _run('tpu_pod.sh', 'status', *where)
+  assert status.returncode == 0 and status.stdout.startswith(
+      'gcloud compute tpus tpu-vm ssh pod --zone us-east5-a --worker=all --command')
   setup = _run('tpu_pod.sh', 'setup', *where, '--bucket', 'ckpts')
   assert setup.returncode == 0 and setup.stdout.count('--worker=all') == 2, setup.stdout
   assert 'gcsfuse' in setup.stdout and 'pip\\ install' in setup.stdout
@@ -44,18 +49,62 @@ def test_tpu_pod_workers_run_exactly_the_train_command(run_name, overrides):
   run = _run('tpu_pod.sh', 'run', '--name', 'pod', '--zone', 'z', '--dry_run', '--config',
              'configs/decoder.py:tiny', '--run', run_name, '--bucket', 'b', '--', *overrides)
   assert run.returncode == 0, run.stderr
-  gcloud = shlex.split(run.stdout)
-  remote = shlex.split(gcloud[gcloud.index('--command') + 1])
-  assert remote[:4] == ['cd', '~/research', '&&', 'RESEARCH_CLUSTER=tpu_pod']
-  assert remote[remote.index('nohup') + 1:remote.index('>')] == [
+  remote = shlex.split(_remote_command(run.stdout))
+  assert remote[:7] == ['cd', '~/research', '&&', 'rm', '-f', '~/train.exit', '&&']
+  assert remote[7:11] == ['RESEARCH_CLUSTER=tpu_pod', 'nohup', 'bash', '-c']
+  job = shlex.split(remote[11])
+  assert job[:job.index('>')] == [
       'python3', '-m', 'research.train', '--config', 'configs/decoder.py:tiny', '--workdir',
       f'/mnt/b/runs/{run_name}', '--config.train.progress_bar=False', *overrides]
+
+
+def _remote_command(gcloud_line):
+  gcloud = shlex.split(gcloud_line)
+  return gcloud[gcloud.index('--command') + 1]
+
+
+def test_tpu_pod_status_names_each_worker_s_state_and_fails_where_a_job_failed(tmp_path):
+  """The workers' commands of `run` and `status`, run here by bash as a worker's shell would,
+  with HOME a temporary folder, a python3 that exits with the status FAKE_EXIT names, and a pgrep
+  that finds a trainer where FAKE_PGREP is 0 (the real one would find other tests' trainers)."""
+  home, tools = tmp_path / 'home', tmp_path / 'bin'
+  (home / 'research').mkdir(parents=True)
+  tools.mkdir()
+  for name, body in (('python3', 'echo "trained $*"; exit "$FAKE_EXIT"'),
+                     ('pgrep', 'exit "${FAKE_PGREP:-1}"')):
+    (tools / name).write_text(f'#!/bin/sh\n{body}\n')
+    (tools / name).chmod(0o755)
+  where = ['--name', 'p', '--zone', 'z', '--dry_run']
+  run = _remote_command(_run('tpu_pod.sh', 'run', *where, '--config', 'configs/decoder.py:tiny',
+                             '--run', 'r1', '--bucket', 'b').stdout)
+  status = _remote_command(_run('tpu_pod.sh', 'status', *where).stdout)
+
+  def on_worker(command, **env):
+    return subprocess.run(['bash', '-c', command], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, HOME=str(home), PATH=f'{tools}:{os.environ["PATH"]}',
+                                   **env))
+
+  never = on_worker(status)
+  assert never.returncode != 0 and never.stdout.endswith(': research.train has not run here\n')
+  running = on_worker(status, FAKE_PGREP='0')
+  assert running.returncode == 0 and running.stdout.endswith(': research.train is running\n')
+  for code in (3, 0):
+    assert on_worker(run, FAKE_EXIT=str(code)).returncode == 0  # Started in the background.
+    deadline = time.monotonic() + 30
+    while not (home / 'train.exit').exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    time.sleep(0.1)  # The status is written in full once the file exists.
+    ended = on_worker(status)
+    assert ended.stdout.endswith(f': research.train exited with status {code}\n'), ended.stdout
+    assert (ended.returncode == 0) == (code == 0)
+    assert (home / 'train.log').read_text().startswith('trained -m research.train --config')
 
 
 @pytest.mark.parametrize('args, message', [
     (['create', '--zone', 'z'], 'pass --name and --zone.'),
     (['create', '--name', 'p', '--zone', 'z', '--bogus'], 'unknown option --bogus'),
-    (['resize', '--name', 'p', '--zone', 'z'], 'unknown action resize'),
+    (['resize', '--name', 'p', '--zone', 'z'], 'unknown action resize; use create, setup, run, '
+     'status, logs or delete.'),
     (['run', '--name', 'p', '--zone', 'z', '--dry_run'], 'run needs --config, --run and --bucket.'),
     (['setup', '--name', 'p', '--zone', 'z', '--dry_run'], 'setup needs --bucket'),
     (['create', '--name'], '--name needs a value.'),
