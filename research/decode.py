@@ -380,3 +380,9 @@ def generate(model, params, prompts, sampling=SamplingConfig(), rng=None, return
   if return_logits:
     return results, np.asarray(extra if sampling.num_beams else extra[:, :steps])
   return results
+
+
+if __name__ == '__main__':  # A library module: point a user who runs it to the commands.
+  raise SystemExit('research.decode is the generation library; run python -m research.sample '
+                   '(text from a trained run) or python -m research.bench decode (its speed), '
+                   'each with --help.')

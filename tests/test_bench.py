@@ -637,3 +637,13 @@ def test_the_peer_trains_in_a_process_of_its_own_and_its_refusal_is_one_sentence
   with pytest.raises(ValueError, match=r'^The torch peer of the decoder implements the GPT-2 '
                      r'style only; use a gpt2 variant such as nanogpt_cpu\.$'):
     serve.PeerProcess('research.peers.torch_gpt', config, 2, 8)
+
+
+def test_the_generation_library_run_as_a_command_names_the_commands():
+  """research.decode is what `bench decode` times, not a command: run as one (--help, say) it
+  names the two commands instead of doing nothing."""
+  result = runs.command('research.decode', '--help')
+  assert result.returncode == 1 and result.stdout == ''
+  assert result.stderr.strip() == (
+      'research.decode is the generation library; run python -m research.sample (text from a '
+      'trained run) or python -m research.bench decode (its speed), each with --help.')
