@@ -283,7 +283,8 @@ def train_command(run, workdir, passthrough):
 # What a point's process runs first, before it becomes the trainer (so that nothing runs between
 # fork and exec in the sweep, a multithreaded process): on Linux it asks for SIGTERM when the sweep
 # dies, so that a sweep killed by SIGKILL, which it cannot catch, leaves no trainer running on
-# (SIGTERM makes a trainer save and stop); then it pins itself to its cores, if given any.
+# (SIGTERM makes a trainer save and stop; one saving already ignores it: research/preemption.py);
+# then it pins itself to its cores, if given any.
 _POINT_SETUP = """
 import ctypes, os, signal, sys
 sweep, cores = int(sys.argv[1]), sys.argv[2]

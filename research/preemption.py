@@ -4,8 +4,9 @@ Every process must stop after the same step, or the ones still training wait for
 collective. The loop asks `should_stop(step)` once after each step, on every process:
 
 - One process: the first SIGTERM or SIGINT sets a flag; the loop saves the current step, waits
-  for the save and exits 0. The handlers are then reset to their defaults, so a second Ctrl-C or
-  SIGTERM ends the process at once (the last finished checkpoint is kept: saves are atomic).
+  for the save and exits 0. A second Ctrl-C then ends the process at once (the last finished
+  checkpoint is kept: saves are atomic); a second SIGTERM is ignored, since schedulers and a
+  dying sweep send one while the save runs (SIGKILL still ends it).
 - Several processes: SIGTERM is left to JAX's runtime, whose preemption notifier (SIGTERM, and the
   maintenance notice on TPU VMs) tells the coordination service; `should_stop` then returns True
   on every process at the same step (`multihost_utils.reached_preemption_sync_point`). Ctrl-C is
@@ -69,6 +70,9 @@ class StopRequest:
     print(f'\n{self.signal} received: stopping after the current step once its checkpoint is '
           'saved (Ctrl-C again exits at once).', file=sys.stderr, flush=True)
     for s in self._previous:
-      signal.signal(s, signal.SIG_DFL)
+      # Ctrl-C again exits at once. A repeated SIGTERM changes nothing: a scheduler's second
+      # notice, or the one a dying sweep sends its points (launch/sweep.py), must not cut the
+      # save short; SIGKILL still ends the process.
+      signal.signal(s, signal.SIG_IGN if s == signal.SIGTERM else signal.SIG_DFL)
     if self.multi_process:
       os.kill(os.getpid(), signal.SIGTERM)  # To the runtime's notifier, which tells every process.
