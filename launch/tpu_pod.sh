@@ -57,12 +57,16 @@ on_all() {  # Runs its arguments on every worker, one after another while each s
 }
 repo=research
 # A worker's job, in one line that names the worker; false where it failed or never started, so
-# that gcloud, and this script, fail too.
+# that gcloud, and this script, fail too. `run` leaves the job's shell's pid in ~/train.pid and
+# its exit status in ~/train.exit.
 worker_status='if [ -f ~/train.exit ]; then code=$(cat ~/train.exit);'
 worker_status+=' echo "$(hostname): research.train exited with status $code"; [ "$code" = 0 ];'
-worker_status+=' elif pgrep -f "research[.]train" > /dev/null;'
+# (A process state from ps, not kill -0, which a killed job's unreaped zombie would pass.)
+worker_status+=' elif [ -f ~/train.pid ]; then state=$(ps -o stat= -p "$(cat ~/train.pid)");'
+worker_status+=' if [ -n "$state" ] && [ "${state#Z}" = "$state" ];'
 worker_status+=' then echo "$(hostname): research.train is running";'
-worker_status+=' else echo "$(hostname): research.train has not run here"; false; fi'
+worker_status+=' else echo "$(hostname): research.train ended without an exit status (killed)";'
+worker_status+=' false; fi; else echo "$(hostname): research.train has not run here"; false; fi'
 
 case $action in
   create)
@@ -89,11 +93,16 @@ case $action in
     # Every word quoted for the workers' shell, so that a name with spaces stays one argument.
     train=(python3 -m research.train --config "$config" --workdir "/mnt/$bucket/runs/$run"
            --config.train.progress_bar=False "${overrides[@]+"${overrides[@]}"}")
-    # The job records its exit status for `status` (in a shell of its own, which nohup keeps
-    # alive after the ssh session ends).
-    job="$(printf '%q ' "${train[@]}")> ~/train.log 2>&1; echo \$? > ~/train.exit"
-    on_all "cd ~/$repo" "rm -f ~/train.exit" \
-      "RESEARCH_CLUSTER=tpu_pod nohup bash -c $(printf '%q' "$job") > /dev/null 2>&1 &" ;;
+    # In a shell of its own, which nohup keeps alive after the ssh session ends, and which outlives
+    # a SIGTERM (preemption) to record the status of a trainer that saved and stopped; the status
+    # file appears whole, or not at all.
+    job="trap : TERM; echo \$\$ > ~/train.pid; $(printf '%q ' "${train[@]}")> ~/train.log 2>&1;"
+    job+=" echo \$? > ~/train.exit.tmp && mv ~/train.exit.tmp ~/train.exit"
+    # Only the job goes to the background (`a && b &` would put the whole list there, holding
+    # the ssh session's output open until the job ends), its input and output away from ssh.
+    on_all "cd ~/$repo" "rm -f ~/train.exit ~/train.pid" \
+      "{ RESEARCH_CLUSTER=tpu_pod nohup bash -c $(printf '%q' "$job") < /dev/null > /dev/null \
+2>&1 & }" ;;
   status)
     on_all "$worker_status" ;;
   logs)

@@ -3,6 +3,7 @@ arguments stop with one line (exit 2)."""
 
 import os
 import shlex
+import signal
 import subprocess
 import time
 
@@ -50,10 +51,12 @@ def test_tpu_pod_workers_run_exactly_the_train_command(run_name, overrides):
              'configs/decoder.py:tiny', '--run', run_name, '--bucket', 'b', '--', *overrides)
   assert run.returncode == 0, run.stderr
   remote = shlex.split(_remote_command(run.stdout))
-  assert remote[:7] == ['cd', '~/research', '&&', 'rm', '-f', '~/train.exit', '&&']
-  assert remote[7:11] == ['RESEARCH_CLUSTER=tpu_pod', 'nohup', 'bash', '-c']
-  job = shlex.split(remote[11])
-  assert job[:job.index('>')] == [
+  assert remote[:8] == ['cd', '~/research', '&&', 'rm', '-f', '~/train.exit', '~/train.pid', '&&']
+  assert remote[8:13] == ['{', 'RESEARCH_CLUSTER=tpu_pod', 'nohup', 'bash', '-c']
+  assert remote[14:] == ['<', '/dev/null', '>', '/dev/null', '2>&1', '&', '}']
+  job = shlex.split(remote[13])
+  train = job.index('python3')
+  assert job[train:job.index('>', train)] == [
       'python3', '-m', 'research.train', '--config', 'configs/decoder.py:tiny', '--workdir',
       f'/mnt/b/runs/{run_name}', '--config.train.progress_bar=False', *overrides]
 
@@ -64,16 +67,16 @@ def _remote_command(gcloud_line):
 
 
 def test_tpu_pod_status_names_each_worker_s_state_and_fails_where_a_job_failed(tmp_path):
-  """The workers' commands of `run` and `status`, run here by bash as a worker's shell would,
-  with HOME a temporary folder, a python3 that exits with the status FAKE_EXIT names, and a pgrep
-  that finds a trainer where FAKE_PGREP is 0 (the real one would find other tests' trainers)."""
+  """The workers' commands of `run` and `status`, run here by bash as a worker's shell would, with
+  HOME a temporary folder and a python3 that trains until HOME/release exists, then exits with
+  the status FAKE_EXIT names."""
   home, tools = tmp_path / 'home', tmp_path / 'bin'
   (home / 'research').mkdir(parents=True)
   tools.mkdir()
-  for name, body in (('python3', 'echo "trained $*"; exit "$FAKE_EXIT"'),
-                     ('pgrep', 'exit "${FAKE_PGREP:-1}"')):
-    (tools / name).write_text(f'#!/bin/sh\n{body}\n')
-    (tools / name).chmod(0o755)
+  (tools / 'python3').write_text('#!/bin/sh\necho "trained $*"\n'
+                                 'while [ ! -f "$HOME/release" ]; do sleep 0.05; done\n'
+                                 'exit "$FAKE_EXIT"\n')
+  (tools / 'python3').chmod(0o755)
   where = ['--name', 'p', '--zone', 'z', '--dry_run']
   run = _remote_command(_run('tpu_pod.sh', 'run', *where, '--config', 'configs/decoder.py:tiny',
                              '--run', 'r1', '--bucket', 'b').stdout)
@@ -84,20 +87,39 @@ def test_tpu_pod_status_names_each_worker_s_state_and_fails_where_a_job_failed(t
                           env=dict(os.environ, HOME=str(home), PATH=f'{tools}:{os.environ["PATH"]}',
                                    **env))
 
-  never = on_worker(status)
-  assert never.returncode != 0 and never.stdout.endswith(': research.train has not run here\n')
-  running = on_worker(status, FAKE_PGREP='0')
-  assert running.returncode == 0 and running.stdout.endswith(': research.train is running\n')
-  for code in (3, 0):
-    assert on_worker(run, FAKE_EXIT=str(code)).returncode == 0  # Started in the background.
+  def wait_for(name):
     deadline = time.monotonic() + 30
-    while not (home / 'train.exit').exists() and time.monotonic() < deadline:
+    while not (home / name).exists() and time.monotonic() < deadline:
       time.sleep(0.05)
-    time.sleep(0.1)  # The status is written in full once the file exists.
-    ended = on_worker(status)
-    assert ended.stdout.endswith(f': research.train exited with status {code}\n'), ended.stdout
-    assert (ended.returncode == 0) == (code == 0)
+    assert (home / name).exists()
+
+  def says(result, state, succeeds):
+    assert result.stdout.endswith(f': research.train {state}\n'), result.stdout
+    assert (result.returncode == 0) == succeeds
+
+  says(on_worker(status), 'has not run here', False)
+  for code in (3, 0):
+    (home / 'release').unlink(missing_ok=True)
+    assert on_worker(run, FAKE_EXIT=str(code)).returncode == 0  # Started in the background.
+    wait_for('train.pid')
+    says(on_worker(status), 'is running', True)
+    # A SIGTERM to the job's shell (a preempted VM sends one to every process) leaves it to
+    # record the trainer's status.
+    os.kill(int((home / 'train.pid').read_text()), signal.SIGTERM)
+    (home / 'release').touch()
+    wait_for('train.exit')
+    says(on_worker(status), f'exited with status {code}', code == 0)
     assert (home / 'train.log').read_text().startswith('trained -m research.train --config')
+  # A job whose shell was killed outright records nothing: not taken for a running one.
+  (home / 'release').unlink()
+  on_worker(run, FAKE_EXIT='0')
+  wait_for('train.pid')
+  os.kill(int((home / 'train.pid').read_text()), signal.SIGKILL)
+  deadline = time.monotonic() + 30
+  while 'is running' in on_worker(status).stdout and time.monotonic() < deadline:
+    time.sleep(0.05)  # The signal is delivered a moment later.
+  says(on_worker(status), 'ended without an exit status (killed)', False)
+  (home / 'release').touch()  # Ends the orphaned trainer.
 
 
 @pytest.mark.parametrize('args, message', [
