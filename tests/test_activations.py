@@ -60,8 +60,8 @@ def test_gelu_computes_a_bfloat16_input_in_bfloat16_to_its_precision(name, formu
 
 @pytest.mark.parametrize('name', ['gelu', 'gelu_tanh'])
 def test_the_backward_pass_keeps_only_the_input(name):
-  """What the hand-written gradient is for: the forward pass stores x alone for the backward pass
-  (automatic differentiation stores the erf or tanh term as well)."""
+  """What jax.checkpoint is there for: the forward pass stores x alone for the backward pass
+  (differentiated as written, the GELU stores the erf or tanh term as well)."""
   x = jnp.linspace(-3.0, 3.0, 64)
   _, residuals = jax.vjp(activations.ACTIVATIONS[name], x)
   stored = [leaf for leaf in jax.tree.leaves(residuals) if getattr(leaf, 'shape', ()) == x.shape]
