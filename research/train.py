@@ -12,12 +12,13 @@ optimizer, step 0); else initialise afresh.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import numpy as np
@@ -49,20 +50,29 @@ from research.data import pipeline as pipeline_lib
 from research.data import tokenizer as tokenizer_lib
 
 
-class Trainer(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Trainer:
   mesh: Mesh
   pipeline: pipeline_lib.Pipeline
   family: object  # The model family's module (research/models).
   objective: object  # The configured objective (research/objectives).
   model: object  # The family's linen module.
-  state: train_state.TrainState
+  abstract_state: train_state.TrainState  # ShapeDtypeStructs with their shardings.
   state_shardings: train_state.TrainState
+  initialise: Callable  # rng -> the fresh state (see `state`).
+  init_rng: jax.Array
   train_step: Callable  # (state, batch, rng) -> (state, metrics), jitted, state donated.
   eval_step: Callable  # (params, batch) -> the objective's totals, jitted.
   batch_shapes: dict
   batch_shardings: dict
   dropout_rng: jax.Array
   frozen: object = None  # Arrays the objective reads but never trains (bound into the steps).
+
+  @functools.cached_property
+  def state(self):
+    """The freshly initialised state, made on first use: a resumed run restores into
+    `abstract_state` instead, and never compiles or runs the initialisation."""
+    return self.initialise(self.init_rng)
 
 
 def setup(config, mesh, pipeline=None):
@@ -82,8 +92,8 @@ def setup(config, mesh, pipeline=None):
   model = family.build(config.model, partitioning.ActivationSharding(mesh))
   tx, schedule = optim.make_optimizer(config.optim, t.num_steps)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  state, state_shardings = train_state.create(objectives.init_model(objective, model), tx, mesh,
-                                              family.init_inputs(t.seq_len), init_rng)
+  initialise, abstract_state, state_shardings = train_state.initializer(
+      objectives.init_model(objective, model), tx, mesh, family.init_inputs(t.seq_len))
   frozen, frozen_shardings = objectives.frozen(objective, mesh)
   frozen_in = () if frozen is None else (frozen_shardings,)
 
@@ -96,7 +106,8 @@ def setup(config, mesh, pipeline=None):
   eval_step = jax.jit(step_lib.make_eval_step(model, objective),
                       in_shardings=(state_shardings.params, batch_shardings) + frozen_in,
                       out_shardings=replicated)
-  return Trainer(mesh, pipeline, family, objective, model, state, state_shardings,
+  return Trainer(mesh, pipeline, family, objective, model, abstract_state, state_shardings,
+                 initialise, init_rng,
                  _bind(train_step, frozen), _bind(eval_step, frozen), batch_shapes,
                  batch_shardings, dropout_rng, frozen)
 
@@ -185,15 +196,13 @@ def _evaluate(trainer, params, num_batches):
   return {f'eval_{k}': v for k, v in trainer.objective.metrics(totals).items()}
 
 
-def _released(state):
-  """The shapes, dtypes and shardings of `state`, whose arrays are freed: a resumed run's fresh
-  state only shows the restore what to read, and kept (the trainer holds it for the whole run)
-  it would double the memory the state takes."""
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
-  for x in jax.tree.leaves(state):
-    x.delete()
-  return template
+def _free_replaced(fresh, state):
+  """Frees the arrays of the fresh state that a warm start replaced: the trainer keeps its fresh
+  state for the whole run, and with them it would hold the loaded parameters twice."""
+  kept = {id(x) for x in jax.tree.leaves(state)}
+  for x in jax.tree.leaves(fresh):
+    if id(x) not in kept:
+      x.delete()
 
 
 # Data settings that say where data is kept or how it is fetched, not what it is.
@@ -221,7 +230,7 @@ def _start_up(config, trainer, checkpointer):
   A resumed run continues the data from the row its checkpoint recorded.
   """
   if checkpointer.latest_step() is not None:
-    state, record = checkpointer.restore(_released(trainer.state), trainer.state_shardings,
+    state, record = checkpointer.restore(trainer.abstract_state, trainer.state_shardings,
                                          checkpoint_lib.settings(config))
     trainer.pipeline.check_position(record['data'],
                                     _changed_data_settings(checkpointer.directory, config))
@@ -235,6 +244,7 @@ def _start_up(config, trainer, checkpointer):
     state, _, description = checkpoint_lib.restore_params(
         config.checkpoint.init_from, trainer.state, trainer.state_shardings,
         checkpoint_lib.settings(config))
+    _free_replaced(trainer.state, state)
     return state, trainer.dropout_rng, description
   return trainer.state, trainer.dropout_rng, 'fresh initialisation'
 

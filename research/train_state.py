@@ -66,20 +66,29 @@ def abstract(model, tx, mesh, init_inputs):
   return _plan(model, tx, mesh, init_inputs)[1:]
 
 
-def create(model, tx, mesh, init_inputs, rng):
-  """Initialises params and optimizer state directly into their shardings.
+def initializer(model, tx, mesh, init_inputs):
+  """(initialise, abstract state, state shardings), nothing allocated: `initialise(rng)` creates
+  params and optimizer state directly into their shardings. A resumed run restores into the
+  abstract state and never calls it, so it neither compiles nor runs the initialisation.
 
   `init_inputs`: keyword arguments of the model's `initialize` method, which creates every
-  parameter (see research/models). Returns (state, state_shardings); `state_shardings` is what
-  the train step is jitted with. A state larger than the memory of the devices that would hold
-  it raises device_memory.MemoryShortage first.
+  parameter (see research/models). `state_shardings` is what the train step is jitted with. A
+  state larger than the memory of the devices that would hold it raises
+  device_memory.MemoryShortage here, before anything is allocated.
   """
   init_params, abstract_state, state_shardings = _plan(model, tx, mesh, init_inputs)
-  device_memory.check_state(abstract_state)  # Before the init: see research/device_memory.py.
+  device_memory.check_state(abstract_state)  # See research/device_memory.py.
 
   def init_state(key):
     params = nn.meta.unbox(init_params(key))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  state = jax.jit(init_state, out_shardings=state_shardings)(rng)
-  return state, state_shardings
+  initialise = jax.jit(init_state, out_shardings=state_shardings)
+  return initialise, abstract_state, state_shardings
+
+
+def create(model, tx, mesh, init_inputs, rng):
+  """Initialises params and optimizer state directly into their shardings (see initializer);
+  returns (state, state_shardings)."""
+  initialise, _, state_shardings = initializer(model, tx, mesh, init_inputs)
+  return initialise(rng), state_shardings

@@ -98,3 +98,23 @@ def test_warm_start_from_another_family_or_layer_layout_is_one_sentence(tmp_path
       checkpoint_lib.restore_params(str(tmp_path / 'source'), target.state,
                                     target.state_shardings, settings)
     assert f'was trained with model.{key}=' in str(error.value)
+
+
+def test_a_warm_started_run_frees_the_fresh_parameters_it_replaced(tmp_path):
+  source_config = _config('none', seed=1)
+  source = _trainer(source_config)
+  _save(source, source_config, str(tmp_path / 'source'))
+  config = _config('nsp', seed=2)
+  config.checkpoint.init_from = str(tmp_path / 'source')
+  target = _trainer(config)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / 'run' / 'checkpoints'), keep=1)
+  state, _, description = train._start_up(config, target, checkpointer)
+  checkpointer.close()
+  assert description.startswith('warm start from the parameters of step 7'), description
+  # The trainer keeps its fresh state for the whole run: the loaded names' fresh arrays are freed
+  # there, and the fresh head and optimizer state, which the run goes on with, are not.
+  loaded = set(_flat(source.state.params))
+  for path, fresh in jax.tree_util.tree_leaves_with_path(target.state.params):
+    assert fresh.is_deleted() == (jax.tree_util.keystr(path) in loaded), path
+  assert not any(x.is_deleted() for x in jax.tree.leaves(target.state.opt_state))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(state))
