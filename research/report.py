@@ -19,7 +19,8 @@ a number the registry records of every run (RECORD_AXES: parameters, tokens, FLO
 The table has one row per variant (the runs of one config but for the seed), best first; its
 numbers are the registry's `final` values (mean and std over the finished seeds, std with
 ddof=1; a single seed shows `± -`, since its spread is unknown, not zero). Runs that failed, have
-not finished, or lack the metric are listed in a second table. matplotlib is imported only when
+not finished, or lack the metric are listed in a second table (before any run has finished, the
+only one). matplotlib is imported only when
 plotting, so that importing this module stays light.
 """
 
@@ -439,21 +440,26 @@ def plot_axis(path, axis, sweeps, metric, fit=False):
 # Reports.
 
 class _Sweep:
-  """A sweep directory read once: its records, rows and swept axes for one metric."""
+  """A sweep directory read once: its records, the metrics its finished runs logged, its swept
+  axes, and (once `rank` has run) its table's rows."""
 
-  def __init__(self, path, metric, mode, name=''):
+  def __init__(self, path, name=''):
     self.path, self.name = path, name
     self.records = load_registry(path)
     if not self.records:
       raise ValueError(f'{os.path.join(path, REGISTRY)} holds no runs yet; report it once a run '
                        'has been registered.')
-    present = metrics_present(self.records)
-    if not set(metric.split(',')) & set(present):
-      raise ValueError(f'No finished run of {path} has the metric {metric}; pass --metric with '
-                       f'one of: {", ".join(present)}.' if present else
-                       f'No run of {path} has finished yet; report it once one has.')
-    self.rows = summarize(self.records, metric, mode)
+    self.present = metrics_present(self.records)
     self.axes = swept_axes(self.records)
+    self.rows = []
+
+  def rank(self, metric, mode):
+    # Before any run has finished the report still lists every run's status (a failed sweep's
+    # errors, a running one's progress), with an empty table.
+    if self.present and not set(metric.split(',')) & set(self.present):
+      raise ValueError(f'No finished run of {self.path} has the metric {metric}; pass --metric '
+                       f'with one of: {", ".join(self.present)}.')
+    self.rows = summarize(self.records, metric, mode)
 
   def curves(self, label_prefix, style):
     """(label, color key, style, curves of each seed) per variant of the table."""
@@ -477,7 +483,14 @@ def _names(paths):
 def sweep_report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
   """Writes the report of one sweep, or of two side by side; returns the report's path."""
   names = _names(paths) if len(paths) > 1 else ['']
-  sweeps = [_Sweep(p, metric, mode, n) for p, n in zip(paths, names)]
+  sweeps = [_Sweep(p, n) for p, n in zip(paths, names)]
+  logged = {name for sweep in sweeps for name in sweep.present}
+  unlogged = [name for name in metric.split(',') if name not in logged]
+  if ',' in metric and logged and unlogged:  # An alternative no run logged is a misspelling.
+    raise ValueError(f'No finished run logged {", ".join(unlogged)} (of --metric {metric}); '
+                     f'correct or drop it: the runs logged {", ".join(sorted(logged))}.')
+  for sweep in sweeps:
+    sweep.rank(metric, mode)
   mode = _mode(metric, mode)
   axes = sorted({a for s in sweeps for a in s.axes})
   if fit_axis in RECORD_AXES:  # A recorded number, plotted and fitted like a swept axis.
@@ -490,6 +503,9 @@ def sweep_report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
     if fit_axis not in axes:
       raise ValueError(f'--fit_power_law={fit_axis} is not a swept axis; pass one of: '
                        f'{", ".join(axes + list(RECORD_AXES))}.')
+    if not any(sweep.rows for sweep in sweeps):
+      raise ValueError('No run has finished yet, so there is nothing to fit; drop '
+                       '--fit_power_law, or report once runs have finished.')
     values = [row['overrides'].get(fit_axis) for s in sweeps for row in s.rows]
     means = [row['mean'] for s in sweeps for row in s.rows]
     if not _numeric(values) or min(values) <= 0 or min(means) <= 0:
@@ -510,11 +526,24 @@ def sweep_report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
     heading = f'## {sweep.name}' if sweep.name else '## Results'
     lines += [heading, '', f'`{sweep.path}`: {len(sweep.records)} runs, '
               f'{finished} finished; swept axes: {", ".join(sweep.axes) or "none"}.', '']
-    lines += _results_table(sweep.rows, sweep.axes, metric) + ['']
+    lines += (_results_table(sweep.rows, sweep.axes, metric) if sweep.rows else
+              ['No run has finished yet.']) + ['']
     others = _others_table(sweep.records, sweep.rows, metric)
     if others:
       lines += ['Not in the table (failed, unfinished, or without the metric):', ''] + others
       lines += ['']
+  if any(sweep.rows for sweep in sweeps):
+    lines += _plots(sweeps, axes, metric, fit_axis, out)
+  path = os.path.join(out, 'report.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))
+  return path
+
+
+def _plots(sweeps, axes, metric, fit_axis, out):
+  """The report's curves and its plots against each swept axis, written to `out`; returns their
+  Markdown lines."""
+  lines = []
   styles = ('-', '--')
   series = [s for i, sweep in enumerate(sweeps)
             for s in sweep.curves(f'{sweep.name}: ' if sweep.name else '', styles[i])]
@@ -536,10 +565,7 @@ def sweep_report(paths, metric='eval_loss', mode=None, out=None, fit_axis=None):
       lines += [f'Power-law fits {metric} = a · {axis}^b (least squares in log space):', '']
       lines += _table(['line', 'a', 'b (exponent)'],
                       [[label, _number(a), _number(b)] for label, a, b in fits]) + ['']
-  path = os.path.join(out, 'report.md')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
-  return path
+  return lines
 
 
 def run_report(workdir, metric='eval_loss', mode=None, out=None):

@@ -309,3 +309,42 @@ def test_a_counted_run_with_only_a_final_evaluation_reports_without_warnings(tmp
     path = report.report([str(workdir)])
   assert os.path.exists(path)
   _check_png(workdir / 'report' / 'curves.png')
+
+
+def test_a_misspelt_alternative_metric_is_one_sentence(tmp_path):
+  sweep = make_sweep(tmp_path)
+  runs.assert_error(
+      runs.in_process('research.report', str(sweep), '--metric', 'eval_acuracy,eval_loss'),
+      'No finished run logged eval_acuracy (of --metric eval_acuracy,eval_loss); correct or drop '
+      'it: the runs logged eval_accuracy, eval_loss,')
+  # An alternative that some run of the sweeps logged is taken where a run has it.
+  other = make_sweep(tmp_path, 'other', final=lambda lr, n, seed: {
+      k: v for k, v in _final(lr, n, seed).items() if k != 'eval_accuracy'})
+  for lines in ([], ['--metric', 'eval_accuracy,eval_loss']):
+    runs.ok(runs.in_process('research.report', str(sweep), str(other), '--out',
+                            str(tmp_path / f'out{len(lines)}'), *lines))
+
+
+def _unfinished_sweep(root):
+  """A sweep of one failed run and one still running, neither finished."""
+  sweep = root / 'unfinished'
+  sweep.mkdir(parents=True)
+  lines = [_record(sweep, 'lr1_s0', 'lr1', {'optim.lr': 1.0}, 0, 'failed',
+                   error='FloatingPointError: loss=nan at step 12'),
+           _record(sweep, 'lr0.1_s0', 'lr0.1', {'optim.lr': 0.1}, 0, 'running')]
+  (sweep / 'registry.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+  return sweep
+
+
+def test_a_sweep_with_no_finished_run_reports_every_run_status(tmp_path):
+  sweep = _unfinished_sweep(tmp_path)
+  out = tmp_path / 'out'
+  text = open(report.report([str(sweep)], out=str(out))).read()
+  assert '2 runs, 0 finished' in text and 'No run has finished yet.' in text
+  (others,) = tables(text)
+  assert {row['run']: (row['status'], row['step'], row['error']) for row in others} == {
+      'lr1_s0': ('failed', '12/30', 'FloatingPointError: loss=nan at step 12'),
+      'lr0.1_s0': ('running', '12/30', '')}
+  assert not list(out.glob('*.png'))  # Nothing to plot yet.
+  runs.assert_error(runs.in_process('research.report', str(sweep), '--fit_power_law',
+                                    'optim.lr'), 'No run has finished yet, so there is nothing')
