@@ -22,15 +22,12 @@ from research.config import load_config_file  # noqa: E402
 host_memory.reuse_freed_memory()
 
 
-def pytest_configure(config):
-  """The fast tier's tests (-m "not slow") compile far more than they run: LLVM's cheapest level
+def pytest_configure():
+  """Tests that run in this process compile far more than they run: LLVM's cheapest level
   halves their compile time. XLA reads XLA_FLAGS once, when the backend starts, so the flag is set
   for that moment only; the command lines under test, which train for many steps, still inherit
   the optimising flags. The persistent cache keys on the XLA_FLAGS of the moment of compilation,
-  so this process keeps its unoptimised programs in a cache of their own. The slow tier's
-  in-process tests train for longer, and compile optimised programs."""
-  if config.option.markexpr.replace(' ', '') != 'notslow':
-    return
+  so this process keeps its unoptimised programs in a cache of their own."""
   flags = os.environ['XLA_FLAGS']
   os.environ['XLA_FLAGS'] = flags + ' --xla_backend_optimization_level=0'
   jax.devices()
