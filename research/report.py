@@ -20,8 +20,7 @@ The table has one row per variant (the runs of one config but for the seed), bes
 numbers are the registry's `final` values (mean and std over the finished seeds, std with
 ddof=1; a single seed shows `± -`, since its spread is unknown, not zero). Runs that failed, have
 not finished, or lack the metric are listed in a second table (before any run has finished, the
-only one). matplotlib is imported only when
-plotting, so that importing this module stays light.
+only one). matplotlib is imported only when plotting, so that importing this module stays light.
 """
 
 import json
